@@ -1,0 +1,52 @@
+"""pytorch2jax: call PyTorch models and functions from JAX, with gradients.
+
+Out of process, a worker (``pytorch2jax-server``) runs the torch models; this package,
+which never imports torch, turns them into JAX functions::
+
+    import pytorch2jax
+
+    with pytorch2jax.connect("localhost:50051") as worker:
+        apply_fn, params = worker.convert_pytnn_to_jax("mlp")
+        grads = jax.jit(jax.grad(lambda p, x: apply_fn(p, x).sum()))(params, x)
+"""
+
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("pytorch2jax")
+except PackageNotFoundError:  # running from a source tree
+    __version__ = "0+unknown"
+
+from pytorch2jax._client import Client, connect
+from pytorch2jax._exceptions import (
+    AuthenticationError,
+    CallCancelledError,
+    InvalidArgumentError,
+    ModelNotFoundError,
+    Pytorch2JaxError,
+    ResidualLostError,
+    ResourceExhaustedError,
+    UnsupportedError,
+    WorkerInternalError,
+    WorkerTimeoutError,
+    WorkerUnavailableError,
+)
+from pytorch2jax._models import ModelInfo
+
+__all__ = [
+    "AuthenticationError",
+    "CallCancelledError",
+    "Client",
+    "InvalidArgumentError",
+    "ModelInfo",
+    "ModelNotFoundError",
+    "Pytorch2JaxError",
+    "ResidualLostError",
+    "ResourceExhaustedError",
+    "UnsupportedError",
+    "WorkerInternalError",
+    "WorkerTimeoutError",
+    "WorkerUnavailableError",
+    "__version__",
+    "connect",
+]

@@ -1,0 +1,262 @@
+"""The JAX side of every bridged call: a ``jax.custom_vjp`` whose forward and backward run
+torch through a Backend, usable under ``jit``, ``grad``, ``vmap``, ``lax.scan`` and
+``jax.checkpoint``.
+
+How a call runs:
+
+- With concrete arrays (no transformation, or eager ``jax.grad``), the backend is called
+  directly: no compilation, and its exceptions reach the caller as they are.
+- Under tracing, output shapes come from ``Backend.infer`` (cached per input signature, or
+  declared with ``out_shapes=``) and the call becomes a host callback: on CPU
+  ``jax.experimental.buffer_callback``, which hands over XLA's buffers without copies;
+  elsewhere ``jax.pure_callback``. Under ``vmap`` the callback loops over the batch.
+- The forward of a differentiated call asks the backend to keep torch's autograd state and
+  carries its handle (16 bytes) as a residual, so the backward need not re-run the forward;
+  the inputs are kept too, so it can when the handle is gone.
+
+The key differences to a hand-written ``jax.custom_vjp`` around ``pure_callback``: shapes
+need no example inputs, the forward is not recomputed for the backward, and integer inputs
+and outputs are handled (they get no gradient).
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pytorch2jax._backend import HANDLE_BYTES, Backend
+from pytorch2jax._exceptions import InvalidArgumentError
+
+try:
+    from jax.experimental.buffer_callback import buffer_callback as _buffer_callback
+except ImportError:  # older jax: pure_callback everywhere
+    _buffer_callback = None
+
+_HANDLE = jax.ShapeDtypeStruct((HANDLE_BYTES,), jnp.uint8)
+_NO_HANDLE = np.zeros(HANDLE_BYTES, np.uint8)
+_ARRAY_TYPES = (jax.Array, np.ndarray, np.generic, jax.core.Tracer)
+_STATIC_TYPES = (bool, int, float, str, type(None))
+
+OutShapes = Any  # a pytree of jax.ShapeDtypeStruct, or a callable from input specs to one
+
+
+def _differentiable(dtype: Any) -> bool:
+    return jnp.issubdtype(dtype, jnp.inexact)
+
+
+def _canonical(struct: jax.ShapeDtypeStruct) -> jax.ShapeDtypeStruct:
+    # With jax_enable_x64 off, a torch float64/int64 output arrives as float32/int32.
+    return jax.ShapeDtypeStruct(struct.shape, jax.dtypes.canonicalize_dtype(struct.dtype))
+
+
+def _spec(x: Any) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(np.shape(x), jax.dtypes.canonicalize_dtype(x.dtype))
+
+
+@dataclass(frozen=True)
+class _Signature:
+    """Everything about a call except the array data: hashable, static under jit."""
+
+    treedef: Any  # of (args, kwargs), array and static leaves alike
+    statics: tuple  # (position, value) of each static leaf
+    param_names: tuple[str, ...]
+
+    def rebuild(self, arrays: list[Any]) -> tuple[tuple, dict]:
+        leaves: list[Any] = [None] * self.treedef.num_leaves
+        static = dict(self.statics)
+        it = iter(arrays)
+        for i in range(len(leaves)):
+            leaves[i] = static[i] if i in static else next(it)
+        return jax.tree_util.tree_unflatten(self.treedef, leaves)
+
+
+def _check_containers(tree: Any, where: str) -> None:
+    # The wire order of leaves is JAX's flattening order only for these containers.
+    if isinstance(tree, collections.OrderedDict):
+        raise InvalidArgumentError(
+            f"{where}: OrderedDict cannot cross the bridge (its order differs from a dict's); "
+            "pass a plain dict"
+        )
+    if isinstance(tree, (tuple, list)):
+        for x in tree:
+            _check_containers(x, where)
+    elif isinstance(tree, dict):
+        for x in tree.values():
+            _check_containers(x, where)
+
+
+class TorchFunction:
+    """A torch model or function, run by ``backend``, as a differentiable JAX function.
+
+    Call it as ``fn(params, *args, **kwargs)`` (``params`` a dict of arrays by parameter
+    name, possibly empty) through the wrappers ``_client``/``_inprocess`` build on it.
+    """
+
+    def __init__(self, backend: Backend, *, out_shapes: OutShapes = None) -> None:
+        self.backend = backend
+        self._out_shapes = out_shapes
+        self._infer_cache: dict[Any, Any] = {}
+        self._lock = threading.Lock()
+        call = jax.custom_vjp(self._primal, nondiff_argnums=(0,))
+        call.defvjp(self._fwd, self._bwd)
+        self._call = call
+
+    # -- the public entry ---------------------------------------------------------------
+
+    def __call__(self, params: dict[str, Any], args: tuple, kwargs: dict) -> Any:
+        if not isinstance(params, dict):
+            raise InvalidArgumentError(
+                f"{self.backend.description}: params must be a dict of arrays by parameter "
+                f"name, as returned by convert_pytnn_to_jax; got {type(params).__name__}"
+            )
+        _check_containers((args, kwargs), self.backend.description)
+        leaves, treedef = jax.tree_util.tree_flatten((args, kwargs))
+        arrays, statics = [], []
+        for i, leaf in enumerate(leaves):
+            if isinstance(leaf, _ARRAY_TYPES):
+                # numpy inputs become JAX arrays first, so their dtype is canonical
+                # (float64 -> float32 without x64) on every path alike.
+                arrays.append(leaf if isinstance(leaf, (jax.Array, jax.core.Tracer)) else jnp.asarray(leaf))
+            elif isinstance(leaf, _STATIC_TYPES):
+                statics.append((i, leaf))
+            else:
+                raise InvalidArgumentError(
+                    f"{self.backend.description}: cannot pass a {type(leaf).__name__} to torch; "
+                    "arguments must be JAX or numpy arrays, Python scalars or strings, in "
+                    "tuples, lists and dicts"
+                )
+        names = tuple(sorted(params))
+        sig = _Signature(treedef, tuple(statics), names)
+        return self._call(sig, tuple(params[n] for n in names), tuple(arrays))
+
+    # -- custom_vjp rules ---------------------------------------------------------------
+
+    def _primal(self, sig: _Signature, p: tuple, a: tuple) -> Any:
+        return self._forward(sig, p, a, keep=False)[0]
+
+    def _fwd(self, sig: _Signature, p: tuple, a: tuple):
+        outputs, handle = self._forward(sig, p, a, keep=True)
+        return outputs, (handle, p, a)
+
+    def _bwd(self, sig: _Signature, residuals, cotangents):
+        handle, p, a = residuals
+        out_leaves = jax.tree_util.tree_leaves(self._output_structs(sig, p, a))
+        diff_out = [i for i, s in enumerate(out_leaves) if _differentiable(s.dtype)]
+        ct_leaves = jax.tree_util.tree_leaves(cotangents)
+        cts = [ct_leaves[i] for i in diff_out]
+        inputs = list(p) + list(a)
+        diff_in = [i for i, x in enumerate(inputs) if _differentiable(x.dtype)]
+        grad_structs = [_spec(inputs[i]) for i in diff_in]
+
+        def host(handle_np, *arrays):
+            n = len(inputs)
+            p_np, a_np, ct_np = arrays[: len(p)], arrays[len(p) : n], arrays[n:]
+            full_cts: list[np.ndarray | None] = [None] * len(out_leaves)
+            for i, ct in zip(diff_out, ct_np):
+                full_cts[i] = ct
+            args, kwargs = sig.rebuild(list(a_np))
+            p_grads, a_grads = self.backend.vjp(
+                bytes(np.asarray(handle_np)),
+                dict(zip(sig.param_names, p_np)),
+                args,
+                kwargs,
+                full_cts,
+            )
+            grads = [p_grads[name] for name in sig.param_names] + list(a_grads)
+            return [grads[i] for i in diff_in]
+
+        flat = iter(_run(host, grad_structs, [handle, *inputs, *cts]))
+        diff = set(diff_in)
+        grads = [next(flat) if i in diff else None for i in range(len(inputs))]
+        return tuple(grads[: len(p)]), tuple(grads[len(p) :])
+
+    # -- helpers ------------------------------------------------------------------------
+
+    def _forward(self, sig: _Signature, p: tuple, a: tuple, *, keep: bool):
+        structs = self._output_structs(sig, p, a)
+        out_leaves, out_def = jax.tree_util.tree_flatten(structs)
+        results = list(out_leaves) + ([_HANDLE] if keep else [])
+
+        def host(*arrays):
+            args, kwargs = sig.rebuild(list(arrays[len(p) :]))
+            outputs, handle = self.backend.forward(
+                dict(zip(sig.param_names, arrays[: len(p)])), args, kwargs, keep_residual=keep
+            )
+            leaves, got_def = jax.tree_util.tree_flatten(outputs)
+            if got_def != out_def or any(
+                np.shape(x) != s.shape for x, s in zip(leaves, out_leaves)
+            ):
+                raise InvalidArgumentError(
+                    f"{self.backend.description} returned {_describe(outputs)} but "
+                    f"{_describe(structs)} was expected; if you declared out_shapes=, fix them"
+                )
+            if keep:
+                leaves.append(np.frombuffer(handle, np.uint8) if handle else _NO_HANDLE)
+            return leaves
+
+        flat = _run(host, results, [*p, *a])
+        if keep:
+            return jax.tree_util.tree_unflatten(out_def, flat[:-1]), flat[-1]
+        return jax.tree_util.tree_unflatten(out_def, flat), None
+
+    def _output_structs(self, sig: _Signature, p: tuple, a: tuple) -> Any:
+        p_specs = tuple(_spec(x) for x in p)
+        a_specs = tuple(_spec(x) for x in a)
+        key = (sig, p_specs, a_specs)
+        with self._lock:
+            cached = self._infer_cache.get(key)
+        if cached is not None:
+            return cached
+        args, kwargs = sig.rebuild(list(a_specs))
+        if self._out_shapes is None:
+            structs = self.backend.infer(dict(zip(sig.param_names, p_specs)), args, kwargs)
+        elif callable(self._out_shapes):
+            structs = self._out_shapes(*args, **kwargs)
+        else:
+            structs = self._out_shapes
+        structs = jax.tree_util.tree_map(_canonical, structs)
+        with self._lock:
+            self._infer_cache[key] = structs
+        return structs
+
+
+def _describe(tree: Any) -> str:
+    return str(jax.tree_util.tree_map(lambda x: f"{np.dtype(x.dtype).name}{list(np.shape(x))}", tree))
+
+
+def _is_concrete(values: list[Any]) -> bool:
+    return not any(isinstance(v, jax.core.Tracer) for v in values)
+
+
+def _run(host: Callable[..., list[np.ndarray]], results: list[jax.ShapeDtypeStruct], inputs: list):
+    """Runs ``host`` (numpy in, list of numpy out) on ``inputs``: directly when they are
+    concrete, otherwise as a callback inside the computation being traced."""
+    if _is_concrete(inputs):
+        outs = host(*(np.asarray(x) for x in inputs))
+        return [jnp.asarray(np.asarray(o, dtype=s.dtype)) for o, s in zip(outs, results)]
+    if _buffer_callback is not None and jax.default_backend() == "cpu":
+        return _buffer_callback(
+            functools.partial(_into_buffers, host), results, vmap_method="sequential"
+        )(*inputs)
+    return jax.pure_callback(
+        functools.partial(_as_results, host, results), results, *inputs, vmap_method="sequential"
+    )
+
+
+def _into_buffers(host, ctx, out, *inputs) -> None:
+    # np.asarray of a CPU Buffer is a zero-copy view; the only copy is into XLA's output.
+    results = host(*(np.asarray(b) for b in inputs))
+    for buf, value in zip(out, results):
+        np.asarray(buf)[...] = value
+
+
+def _as_results(host, results, *inputs) -> list[np.ndarray]:
+    return [np.asarray(v, dtype=s.dtype) for v, s in zip(host(*inputs), results)]

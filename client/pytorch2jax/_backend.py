@@ -1,0 +1,51 @@
+"""What the JAX wrapper (``_ad``) needs from whatever runs torch: the Backend interface.
+
+Two backends implement it: a worker over gRPC (``_remote``) and torch in this process.
+Arrays cross this interface as numpy arrays (on CPU, zero-copy views of XLA's buffers);
+pytrees of arguments and outputs are made of tuples, lists, dicts with string keys, None,
+array leaves, and static Python scalars and strings.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any
+
+import jax
+import numpy as np
+
+#: Byte length of a residual handle; an all-zero handle means "none kept".
+HANDLE_BYTES = 16
+
+
+class Backend(abc.ABC):
+    """Runs one torch model or function for the JAX wrapper."""
+
+    #: How error messages name the model, e.g. "model 'mlp' at localhost:50051".
+    description: str
+
+    @abc.abstractmethod
+    def infer(self, params: dict[str, jax.ShapeDtypeStruct], args: tuple, kwargs: dict) -> Any:
+        """The output pytree, leaves as ShapeDtypeStruct, for inputs of these shapes and dtypes."""
+
+    @abc.abstractmethod
+    def forward(
+        self, params: dict[str, np.ndarray], args: tuple, kwargs: dict, *, keep_residual: bool
+    ) -> tuple[Any, bytes]:
+        """The output pytree (numpy leaves), and a residual handle (b"" if none was kept)."""
+
+    @abc.abstractmethod
+    def vjp(
+        self,
+        residual: bytes,
+        params: dict[str, np.ndarray],
+        args: tuple,
+        kwargs: dict,
+        cotangents: list[np.ndarray | None],
+    ) -> tuple[dict[str, np.ndarray], list[np.ndarray | None]]:
+        """Gradients for every parameter, and for every array leaf of ``(args, kwargs)``.
+
+        ``cotangents`` holds one entry per output leaf, None where the output is not
+        differentiable. The residual may be gone; the backend then recomputes from the
+        inputs. Argument leaves that are not differentiable get None.
+        """

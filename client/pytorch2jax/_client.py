@@ -1,0 +1,211 @@
+"""The connection to a worker: channel, deadlines, error mapping, and the served models
+as JAX functions."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pytorch2jax._ad import OutShapes, TorchFunction
+from pytorch2jax._exceptions import (
+    InvalidArgumentError,
+    ModelNotFoundError,
+    WorkerUnavailableError,
+    from_rpc_error,
+)
+from pytorch2jax._models import ModelInfo
+from pytorch2jax._remote import RemoteModel
+from pytorch2jax_protocol import DEFAULT_MAX_MESSAGE_BYTES, channel_options, dtypes, pb, pb_grpc
+from pytorch2jax_protocol.tensors import checked_nbytes
+
+DEFAULT_CONNECT_TIMEOUT_S = 10.0
+DEFAULT_CALL_TIMEOUT_S = 300.0
+
+
+def connect(
+    target: str,
+    *,
+    timeout: float = DEFAULT_CONNECT_TIMEOUT_S,
+    call_timeout: float = DEFAULT_CALL_TIMEOUT_S,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+) -> Client:
+    """Connects to the worker at ``target`` and waits until it answers.
+
+    Args:
+        target: ``host:port`` or ``unix:///path/to/socket``, as the worker printed it.
+        timeout: seconds to wait for the worker before raising WorkerUnavailableError.
+        call_timeout: deadline of each call, in seconds.
+        max_message_bytes: largest message sent or received (tensors travel inline).
+
+    Example::
+
+        with pytorch2jax.connect("localhost:50051") as worker:
+            apply_fn, params = worker.convert_pytnn_to_jax("mlp")
+            loss = lambda p, x: apply_fn(p, x).sum()
+            grads = jax.jit(jax.grad(loss))(params, x)
+    """
+    client = Client(target, call_timeout=call_timeout, max_message_bytes=max_message_bytes)
+    try:
+        client.wait_ready(timeout)
+    except BaseException:
+        client.close()
+        raise
+    return client
+
+
+class Client:
+    """A connection to one worker. Use ``connect()`` to make one; close it when done."""
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        call_timeout: float = DEFAULT_CALL_TIMEOUT_S,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    ) -> None:
+        self.target = target
+        self.call_timeout = call_timeout
+        self._channel = grpc.insecure_channel(target, options=channel_options(max_message_bytes))
+        self._stub = pb_grpc.BridgeStub(self._channel)
+        self._infos: dict[str, ModelInfo] | None = None
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    def wait_ready(self, timeout: float = DEFAULT_CONNECT_TIMEOUT_S) -> None:
+        """Blocks until the worker answers; WorkerUnavailableError after ``timeout`` s."""
+        try:
+            grpc.channel_ready_future(self._channel).result(timeout=timeout)
+        except grpc.FutureTimeoutError:
+            raise WorkerUnavailableError(
+                f"no worker answers at {self.target} after {timeout:g} s; is it running? Start "
+                "one with `pytorch2jax-server --listen ADDRESS --model NAME=package.module:attr`"
+            ) from None
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<pytorch2jax.Client {self.target}>"
+
+    # -- what the worker serves ---------------------------------------------------------
+
+    def list_models(self) -> list[ModelInfo]:
+        """The models the worker serves."""
+        reply = self._unary("ListModels", pb.ListModelsRequest())
+        self._infos = {m.name: ModelInfo.from_proto(m) for m in reply.models}
+        return list(self._infos.values())
+
+    def describe(self, name: str) -> ModelInfo:
+        """One served model's kind, parameters, buffers and signature."""
+        if self._infos is None or name not in self._infos:
+            self.list_models()  # the worker may have been restarted with other models
+        assert self._infos is not None
+        if name not in self._infos:
+            raise ModelNotFoundError(
+                f"model {name!r} is not served by {self.target}; served models: "
+                f"{', '.join(sorted(self._infos)) or 'none'}"
+            )
+        return self._infos[name]
+
+    def get_parameters(self, name: str, *, include_buffers: bool = False) -> dict[str, jax.Array]:
+        """The model's parameters (and, if asked, its buffers) as JAX arrays, by name.
+
+        They are streamed in chunks, so models larger than one message work.
+        """
+        request = pb.GetParametersRequest(model=name, include_buffers=include_buffers)
+        parts: dict[str, tuple[pb.TensorChunk, bytearray]] = {}
+        try:
+            for chunk in self._stub.GetParameters(request, timeout=self.call_timeout):
+                if chunk.name not in parts:
+                    nbytes = checked_nbytes(chunk.dtype, chunk.shape)
+                    parts[chunk.name] = (chunk, bytearray(nbytes))
+                data = parts[chunk.name][1]
+                if chunk.offset + len(chunk.data) > len(data):
+                    raise InvalidArgumentError(f"worker sent too many bytes for {chunk.name!r}")
+                data[chunk.offset : chunk.offset + len(chunk.data)] = chunk.data
+        except grpc.RpcError as e:
+            raise from_rpc_error(e, self.target) from None
+        return {
+            n: jnp.asarray(
+                np.frombuffer(data, dtypes.to_numpy(head.dtype)).reshape(tuple(head.shape))
+            )
+            for n, (head, data) in parts.items()
+        }
+
+    # -- served models as JAX functions -------------------------------------------------
+
+    def convert_pytnn_to_jax(
+        self, name: str, *, out_shapes: OutShapes = None
+    ) -> tuple[Callable[..., Any], dict[str, jax.Array]]:
+        """A served ``nn.Module`` as ``(apply_fn, params)``.
+
+        ``apply_fn(params, *args, **kwargs)`` runs the module on the worker with the given
+        parameters (a dict by name, like ``params``; a subset uses the worker's own values
+        for the rest) and returns its output pytree. Gradients with respect to ``params``
+        and floating arguments come from the worker's VJP. Works under ``jit``, ``grad``,
+        ``vmap``, ``lax.scan`` and ``jax.checkpoint``.
+
+        ``out_shapes`` declares the output (a pytree of ``jax.ShapeDtypeStruct``, or a
+        function of the arguments' ShapeDtypeStructs) for models whose shapes the worker
+        cannot infer.
+
+        Example::
+
+            apply_fn, params = worker.convert_pytnn_to_jax("mlp")
+            y = jax.jit(apply_fn)(params, jnp.ones((4, 8)))
+        """
+        info = self.describe(name)
+        if info.kind != "module":
+            raise InvalidArgumentError(
+                f"model {name!r} at {self.target} is a function, not a module; "
+                f"use py_to_jax_wrapper({name!r})"
+            )
+        fn = TorchFunction(RemoteModel(self, info), out_shapes=out_shapes)
+
+        def apply_fn(params: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+            return fn(params, args, kwargs)
+
+        apply_fn.__name__ = apply_fn.__qualname__ = name
+        apply_fn.__doc__ = f"{info.doc}\n\napply_fn(params, ...) calls {name}{info.signature} at {self.target}"
+        return apply_fn, self.get_parameters(name)
+
+    def py_to_jax_wrapper(self, name: str, *, out_shapes: OutShapes = None) -> Callable[..., Any]:
+        """A served torch function as a differentiable JAX function ``fn(*args, **kwargs)``.
+
+        For a served module, it is called with the worker's own parameters, which stay
+        fixed (gradients flow to the arguments only): useful for a frozen encoder or a
+        perceptual loss. ``out_shapes`` as in ``convert_pytnn_to_jax``.
+
+        Example::
+
+            scale_shift = worker.py_to_jax_wrapper("scale_shift")
+            g = jax.grad(lambda x: scale_shift(x, x).sum())(jnp.ones(3))
+        """
+        info = self.describe(name)
+        fn = TorchFunction(RemoteModel(self, info), out_shapes=out_shapes)
+
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            return fn({}, args, kwargs)
+
+        wrapped.__name__ = wrapped.__qualname__ = name
+        wrapped.__doc__ = f"{info.doc}\n\nCalls {name}{info.signature} at {self.target}"
+        return wrapped
+
+    # -- the one place calls go out and errors come back --------------------------------
+
+    def _unary(self, method: str, request: Any) -> Any:
+        try:
+            return getattr(self._stub, method)(request, timeout=self.call_timeout)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e, self.target) from None

@@ -1,0 +1,116 @@
+"""The exceptions pytorch2jax raises, and the one place gRPC errors become them.
+
+::
+
+    Pytorch2JaxError
+    ├── WorkerUnavailableError   no worker answers: not started, killed, or shutting down
+    ├── WorkerTimeoutError       a call ran past its deadline (also a TimeoutError)
+    ├── CallCancelledError       the call was cancelled
+    ├── ModelNotFoundError       the worker serves no model of that name (also a LookupError)
+    ├── InvalidArgumentError     wrong arity, shape or dtype, or the model rejected its
+    │                            inputs (also a ValueError)
+    ├── ResourceExhaustedError   over a size, memory or concurrency limit of the worker
+    ├── ResidualLostError        the worker dropped a forward's autograd state
+    ├── UnsupportedError         the worker cannot do what was asked (e.g. infer the output
+    │                            shapes of a data-dependent model)
+    ├── AuthenticationError      missing or wrong credentials
+    └── WorkerInternalError      a bug or crash inside the worker
+
+Inside a ``jax.jit``-compiled program, JAX reports an exception raised by a callback as a
+``JaxRuntimeError`` whose message holds the original class name and message. Errors found
+while tracing (unknown model, arity, shape, dtype) are raised as the classes above.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+
+class Pytorch2JaxError(Exception):
+    """Base class of every error pytorch2jax raises."""
+
+
+class WorkerUnavailableError(Pytorch2JaxError, ConnectionError):
+    """No worker answers at the target: it is not running, was killed, or is shutting down."""
+
+
+class WorkerTimeoutError(Pytorch2JaxError, TimeoutError):
+    """A call did not finish within its deadline."""
+
+
+class CallCancelledError(Pytorch2JaxError):
+    """The call was cancelled before it finished."""
+
+
+class ModelNotFoundError(Pytorch2JaxError, LookupError):
+    """The worker serves no model of the requested name."""
+
+
+class InvalidArgumentError(Pytorch2JaxError, ValueError):
+    """The call's arguments do not fit the model: arity, shape or dtype."""
+
+
+class ResourceExhaustedError(Pytorch2JaxError):
+    """The worker refused the call: over a size, memory or concurrency limit."""
+
+
+class ResidualLostError(Pytorch2JaxError):
+    """The worker no longer holds the autograd state of a forward."""
+
+
+class UnsupportedError(Pytorch2JaxError):
+    """The worker cannot do what was asked."""
+
+
+class AuthenticationError(Pytorch2JaxError):
+    """The worker refused the client's credentials."""
+
+
+class WorkerInternalError(Pytorch2JaxError):
+    """The worker failed for a reason of its own (a bug, or a crash mid-call)."""
+
+
+#: Every gRPC status code, and the class it is raised as. OK never reaches here.
+_BY_CODE: dict[grpc.StatusCode, type[Pytorch2JaxError]] = {
+    grpc.StatusCode.CANCELLED: CallCancelledError,
+    grpc.StatusCode.UNKNOWN: WorkerInternalError,
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgumentError,
+    grpc.StatusCode.DEADLINE_EXCEEDED: WorkerTimeoutError,
+    grpc.StatusCode.NOT_FOUND: ModelNotFoundError,
+    grpc.StatusCode.ALREADY_EXISTS: WorkerInternalError,
+    grpc.StatusCode.PERMISSION_DENIED: AuthenticationError,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhaustedError,
+    grpc.StatusCode.FAILED_PRECONDITION: ResidualLostError,
+    grpc.StatusCode.ABORTED: WorkerInternalError,
+    grpc.StatusCode.OUT_OF_RANGE: InvalidArgumentError,
+    grpc.StatusCode.UNIMPLEMENTED: UnsupportedError,
+    grpc.StatusCode.INTERNAL: WorkerInternalError,
+    grpc.StatusCode.UNAVAILABLE: WorkerUnavailableError,
+    grpc.StatusCode.DATA_LOSS: WorkerInternalError,
+    grpc.StatusCode.UNAUTHENTICATED: AuthenticationError,
+}
+
+# What to do about each class, said once here rather than at every call site.
+_HINTS: dict[type[Pytorch2JaxError], str] = {
+    WorkerUnavailableError: "is the worker running? Start it with "
+    "`pytorch2jax-server --listen ADDRESS --model NAME=package.module:attr`",
+    WorkerTimeoutError: "raise call_timeout= in pytorch2jax.connect() if the model needs longer",
+    ResourceExhaustedError: "send smaller batches, or raise the worker's limits "
+    "(pytorch2jax-server --help)",
+    WorkerInternalError: "the worker's log has the traceback",
+    AuthenticationError: "pass the worker's token and TLS settings to pytorch2jax.connect()",
+}
+
+
+def from_rpc_error(error: grpc.RpcError, target: str) -> Pytorch2JaxError:
+    """The exception to raise for a failed call to the worker at ``target``."""
+    code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
+    details = (error.details() if hasattr(error, "details") else None) or str(code)
+    cls = _BY_CODE.get(code, WorkerInternalError)
+    if code == grpc.StatusCode.UNAVAILABLE:
+        details = f"no answer ({details})"
+    message = f"worker at {target}: {details}"
+    hint = _HINTS.get(cls)
+    if hint:
+        message += f"; {hint}"
+    return cls(message)

@@ -1,0 +1,36 @@
+"""The wire contract shared by the pytorch2jax client and worker.
+
+Holds the generated protobuf/gRPC stubs (``bridge.v1``) and the small numpy-only code both
+sides need: the dtype table (``dtypes``), the tensor codec with its validation (``tensors``)
+and the pytree <-> ``Value`` encoding (``values``). It imports neither torch nor jax.
+"""
+
+from pytorch2jax_protocol.bridge.v1 import bridge_pb2 as pb
+from pytorch2jax_protocol.bridge.v1 import bridge_pb2_grpc as pb_grpc
+
+#: gRPC's default 4 MiB receive limit is far too small for tensors; both ends raise it to
+#: this unless told otherwise. Protobuf itself cannot serialize a message of 2 GiB or more.
+DEFAULT_MAX_MESSAGE_BYTES = 1 << 30
+
+#: Size of one streamed chunk of parameter bytes (GetParameters).
+PARAMETER_CHUNK_BYTES = 4 << 20
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Bridge"].full_name
+
+
+def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    """gRPC channel/server options that lift the message size limits to ``max_message_bytes``."""
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+    ]
+
+
+__all__ = [
+    "DEFAULT_MAX_MESSAGE_BYTES",
+    "PARAMETER_CHUNK_BYTES",
+    "SERVICE_NAME",
+    "channel_options",
+    "pb",
+    "pb_grpc",
+]

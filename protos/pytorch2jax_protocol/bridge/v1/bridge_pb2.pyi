@@ -1,0 +1,247 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DTYPE_UNSPECIFIED: _ClassVar[DType]
+    BOOL: _ClassVar[DType]
+    UINT8: _ClassVar[DType]
+    INT8: _ClassVar[DType]
+    INT16: _ClassVar[DType]
+    INT32: _ClassVar[DType]
+    INT64: _ClassVar[DType]
+    FLOAT16: _ClassVar[DType]
+    BFLOAT16: _ClassVar[DType]
+    FLOAT32: _ClassVar[DType]
+    FLOAT64: _ClassVar[DType]
+    COMPLEX64: _ClassVar[DType]
+    COMPLEX128: _ClassVar[DType]
+DTYPE_UNSPECIFIED: DType
+BOOL: DType
+UINT8: DType
+INT8: DType
+INT16: DType
+INT32: DType
+INT64: DType
+FLOAT16: DType
+BFLOAT16: DType
+FLOAT32: DType
+FLOAT64: DType
+COMPLEX64: DType
+COMPLEX128: DType
+
+class Tensor(_message.Message):
+    __slots__ = ("dtype", "shape", "inline_data")
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    INLINE_DATA_FIELD_NUMBER: _ClassVar[int]
+    dtype: DType
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    inline_data: bytes
+    def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., inline_data: _Optional[bytes] = ...) -> None: ...
+
+class TensorSpec(_message.Message):
+    __slots__ = ("dtype", "shape")
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    dtype: DType
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class Value(_message.Message):
+    __slots__ = ("tensor", "spec", "tuple", "list", "dict", "none", "bool_value", "int_value", "float_value", "string_value")
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    TUPLE_FIELD_NUMBER: _ClassVar[int]
+    LIST_FIELD_NUMBER: _ClassVar[int]
+    DICT_FIELD_NUMBER: _ClassVar[int]
+    NONE_FIELD_NUMBER: _ClassVar[int]
+    BOOL_VALUE_FIELD_NUMBER: _ClassVar[int]
+    INT_VALUE_FIELD_NUMBER: _ClassVar[int]
+    FLOAT_VALUE_FIELD_NUMBER: _ClassVar[int]
+    STRING_VALUE_FIELD_NUMBER: _ClassVar[int]
+    tensor: Tensor
+    spec: TensorSpec
+    tuple: Sequence
+    list: Sequence
+    dict: Mapping
+    none: bool
+    bool_value: bool
+    int_value: int
+    float_value: float
+    string_value: str
+    def __init__(self, tensor: _Optional[_Union[Tensor, _Mapping]] = ..., spec: _Optional[_Union[TensorSpec, _Mapping]] = ..., tuple: _Optional[_Union[Sequence, _Mapping]] = ..., list: _Optional[_Union[Sequence, _Mapping]] = ..., dict: _Optional[_Union[Mapping, _Mapping]] = ..., none: _Optional[bool] = ..., bool_value: _Optional[bool] = ..., int_value: _Optional[int] = ..., float_value: _Optional[float] = ..., string_value: _Optional[str] = ...) -> None: ...
+
+class Sequence(_message.Message):
+    __slots__ = ("items",)
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[Value]
+    def __init__(self, items: _Optional[_Iterable[_Union[Value, _Mapping]]] = ...) -> None: ...
+
+class Mapping(_message.Message):
+    __slots__ = ("keys", "values")
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    keys: _containers.RepeatedScalarFieldContainer[str]
+    values: _containers.RepeatedCompositeFieldContainer[Value]
+    def __init__(self, keys: _Optional[_Iterable[str]] = ..., values: _Optional[_Iterable[_Union[Value, _Mapping]]] = ...) -> None: ...
+
+class Arguments(_message.Message):
+    __slots__ = ("args", "kwargs")
+    ARGS_FIELD_NUMBER: _ClassVar[int]
+    KWARGS_FIELD_NUMBER: _ClassVar[int]
+    args: _containers.RepeatedCompositeFieldContainer[Value]
+    kwargs: Mapping
+    def __init__(self, args: _Optional[_Iterable[_Union[Value, _Mapping]]] = ..., kwargs: _Optional[_Union[Mapping, _Mapping]] = ...) -> None: ...
+
+class NamedTensor(_message.Message):
+    __slots__ = ("name", "tensor")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    tensor: Tensor
+    def __init__(self, name: _Optional[str] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class NamedSpec(_message.Message):
+    __slots__ = ("name", "spec")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    spec: TensorSpec
+    def __init__(self, name: _Optional[str] = ..., spec: _Optional[_Union[TensorSpec, _Mapping]] = ...) -> None: ...
+
+class ListModelsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListModelsResponse(_message.Message):
+    __slots__ = ("models", "server_version")
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
+    server_version: str
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., server_version: _Optional[str] = ...) -> None: ...
+
+class ModelInfo(_message.Message):
+    __slots__ = ("name", "kind", "parameters", "buffers", "signature", "doc")
+    class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        KIND_UNSPECIFIED: _ClassVar[ModelInfo.Kind]
+        MODULE: _ClassVar[ModelInfo.Kind]
+        FUNCTION: _ClassVar[ModelInfo.Kind]
+    KIND_UNSPECIFIED: ModelInfo.Kind
+    MODULE: ModelInfo.Kind
+    FUNCTION: ModelInfo.Kind
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    BUFFERS_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    DOC_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    kind: ModelInfo.Kind
+    parameters: _containers.RepeatedCompositeFieldContainer[NamedSpec]
+    buffers: _containers.RepeatedCompositeFieldContainer[NamedSpec]
+    signature: str
+    doc: str
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[ModelInfo.Kind, str]] = ..., parameters: _Optional[_Iterable[_Union[NamedSpec, _Mapping]]] = ..., buffers: _Optional[_Iterable[_Union[NamedSpec, _Mapping]]] = ..., signature: _Optional[str] = ..., doc: _Optional[str] = ...) -> None: ...
+
+class GetParametersRequest(_message.Message):
+    __slots__ = ("model", "include_buffers")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_BUFFERS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    include_buffers: bool
+    def __init__(self, model: _Optional[str] = ..., include_buffers: _Optional[bool] = ...) -> None: ...
+
+class TensorChunk(_message.Message):
+    __slots__ = ("name", "dtype", "shape", "offset", "data", "is_buffer")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    IS_BUFFER_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    dtype: DType
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    offset: int
+    data: bytes
+    is_buffer: bool
+    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., is_buffer: _Optional[bool] = ...) -> None: ...
+
+class InferShapesRequest(_message.Message):
+    __slots__ = ("model", "arguments")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    ARGUMENTS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    arguments: Arguments
+    def __init__(self, model: _Optional[str] = ..., arguments: _Optional[_Union[Arguments, _Mapping]] = ...) -> None: ...
+
+class InferShapesResponse(_message.Message):
+    __slots__ = ("outputs",)
+    OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    outputs: Value
+    def __init__(self, outputs: _Optional[_Union[Value, _Mapping]] = ...) -> None: ...
+
+class ForwardRequest(_message.Message):
+    __slots__ = ("model", "arguments", "parameters", "keep_residual")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    ARGUMENTS_FIELD_NUMBER: _ClassVar[int]
+    PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    KEEP_RESIDUAL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    arguments: Arguments
+    parameters: _containers.RepeatedCompositeFieldContainer[NamedTensor]
+    keep_residual: bool
+    def __init__(self, model: _Optional[str] = ..., arguments: _Optional[_Union[Arguments, _Mapping]] = ..., parameters: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., keep_residual: _Optional[bool] = ...) -> None: ...
+
+class ForwardResponse(_message.Message):
+    __slots__ = ("outputs", "residual")
+    OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    RESIDUAL_FIELD_NUMBER: _ClassVar[int]
+    outputs: Value
+    residual: bytes
+    def __init__(self, outputs: _Optional[_Union[Value, _Mapping]] = ..., residual: _Optional[bytes] = ...) -> None: ...
+
+class VjpRequest(_message.Message):
+    __slots__ = ("model", "residual", "arguments", "parameters", "cotangents", "retain_residual")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    RESIDUAL_FIELD_NUMBER: _ClassVar[int]
+    ARGUMENTS_FIELD_NUMBER: _ClassVar[int]
+    PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    COTANGENTS_FIELD_NUMBER: _ClassVar[int]
+    RETAIN_RESIDUAL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    residual: bytes
+    arguments: Arguments
+    parameters: _containers.RepeatedCompositeFieldContainer[NamedTensor]
+    cotangents: _containers.RepeatedCompositeFieldContainer[Tensor]
+    retain_residual: bool
+    def __init__(self, model: _Optional[str] = ..., residual: _Optional[bytes] = ..., arguments: _Optional[_Union[Arguments, _Mapping]] = ..., parameters: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., cotangents: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., retain_residual: _Optional[bool] = ...) -> None: ...
+
+class VjpResponse(_message.Message):
+    __slots__ = ("argument_grads", "parameter_grads")
+    ARGUMENT_GRADS_FIELD_NUMBER: _ClassVar[int]
+    PARAMETER_GRADS_FIELD_NUMBER: _ClassVar[int]
+    argument_grads: _containers.RepeatedCompositeFieldContainer[Tensor]
+    parameter_grads: _containers.RepeatedCompositeFieldContainer[NamedTensor]
+    def __init__(self, argument_grads: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., parameter_grads: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ...) -> None: ...
+
+class ReleaseResidualsRequest(_message.Message):
+    __slots__ = ("residuals",)
+    RESIDUALS_FIELD_NUMBER: _ClassVar[int]
+    residuals: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, residuals: _Optional[_Iterable[bytes]] = ...) -> None: ...
+
+class ReleaseResidualsResponse(_message.Message):
+    __slots__ = ("released",)
+    RELEASED_FIELD_NUMBER: _ClassVar[int]
+    released: int
+    def __init__(self, released: _Optional[int] = ...) -> None: ...

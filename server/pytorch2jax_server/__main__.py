@@ -1,0 +1,5 @@
+import sys
+
+from pytorch2jax_server._cli import main
+
+sys.exit(main())

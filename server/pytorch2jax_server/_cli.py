@@ -1,0 +1,136 @@
+"""``pytorch2jax-server``: load models, listen, print the bound addresses, serve."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+
+from pytorch2jax_protocol import DEFAULT_MAX_MESSAGE_BYTES
+from pytorch2jax_server import _loading
+from pytorch2jax_server._models import Registry
+from pytorch2jax_server._residuals import (
+    DEFAULT_MAX_BYTES,
+    DEFAULT_MAX_ENTRIES,
+    DEFAULT_TTL_S,
+    ResidualCache,
+)
+from pytorch2jax_server._server import (
+    DEFAULT_LISTEN,
+    DEFAULT_MAX_CONCURRENT_CALLS,
+    DEFAULT_MAX_WORKERS,
+    create_server,
+)
+
+#: Printed first on the line that names the bound addresses, so scripts can wait for it.
+READY_PREFIX = "pytorch2jax-server listening on"
+DEFAULT_GRACE_S = 30.0
+_MB = 1 << 20
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="pytorch2jax-server",
+        description="Serve PyTorch models to JAX programs over gRPC (forward and VJP).",
+        epilog="example: pytorch2jax-server --model mlp='pytorch2jax_server.examples:mlp()' "
+        "--listen localhost:50051 --listen unix:///tmp/p2j.sock",
+    )
+    p.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        metavar="NAME=package.module:attr",
+        help="serve attr (an nn.Module, an nn.Module class, or a torch function; a trailing "
+        "'()' calls a factory) under NAME; repeatable",
+    )
+    p.add_argument("--config", help="TOML file with [models] (and [server]) tables")
+    p.add_argument(
+        "--listen",
+        action="append",
+        metavar="ADDRESS",
+        help="host:port (port 0 picks a free one) or unix:///path; repeatable "
+        f"(default: {DEFAULT_LISTEN[0]})",
+    )
+    p.add_argument("--max-workers", type=int, default=None, help="threads serving calls")
+    p.add_argument(
+        "--max-concurrent-calls",
+        type=int,
+        default=None,
+        help="calls past this many at once get RESOURCE_EXHAUSTED",
+    )
+    p.add_argument("--max-message-mb", type=int, default=None, help="largest gRPC message")
+    p.add_argument("--residual-cache-mb", type=int, default=None)
+    p.add_argument("--residual-cache-entries", type=int, default=None)
+    p.add_argument("--residual-ttl", type=float, default=None, metavar="SECONDS")
+    p.add_argument("--torch-threads", type=int, default=None, help="torch intra-op threads")
+    p.add_argument("--log-level", default="WARNING")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(name)s: %(message)s")
+    settings: dict = {}
+    try:
+        specs = [_loading.parse_model_option(m) for m in args.model]
+        if args.config:
+            config_specs, settings = _loading.read_config(args.config)
+            specs = config_specs + specs
+        if not specs:
+            raise _loading.ConfigError(
+                "no models to serve; give --model NAME=package.module:attr or --config FILE"
+            )
+        names = [s.name for s in specs]
+        if len(set(names)) != len(names):
+            raise _loading.ConfigError(f"model names must be unique; got {names}")
+        models = {s.name: _loading.load(s) for s in specs}
+    except _loading.ConfigError as e:
+        print(f"pytorch2jax-server: {e}", file=sys.stderr)
+        return 2
+
+    def setting(key: str, cli_value, default):
+        # The command line wins over the config's [server] table, in the same units.
+        return cli_value if cli_value is not None else settings.get(key, default)
+
+    torch_threads = setting("torch_threads", args.torch_threads, None)
+    if torch_threads:
+        import torch
+
+        torch.set_num_threads(torch_threads)
+    residuals = ResidualCache(
+        max_entries=setting(
+            "residual_cache_entries", args.residual_cache_entries, DEFAULT_MAX_ENTRIES
+        ),
+        max_bytes=setting("residual_cache_mb", args.residual_cache_mb, DEFAULT_MAX_BYTES // _MB)
+        * _MB,
+        ttl_s=setting("residual_ttl", args.residual_ttl, DEFAULT_TTL_S),
+    )
+    listen = args.listen or settings.get("listen") or list(DEFAULT_LISTEN)
+    try:
+        worker = create_server(
+            Registry(models),
+            listen,
+            residuals=residuals,
+            max_workers=setting("max_workers", args.max_workers, DEFAULT_MAX_WORKERS),
+            max_concurrent_calls=setting(
+                "max_concurrent_calls", args.max_concurrent_calls, DEFAULT_MAX_CONCURRENT_CALLS
+            ),
+            max_message_bytes=setting(
+                "max_message_mb", args.max_message_mb, DEFAULT_MAX_MESSAGE_BYTES // _MB
+            )
+            * _MB,
+        )
+    except (OSError, RuntimeError) as e:
+        print(f"pytorch2jax-server: {e}", file=sys.stderr)
+        return 1
+
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    print(READY_PREFIX, " ".join(worker.addresses), flush=True)
+    print(f"serving models: {', '.join(models)}", file=sys.stderr, flush=True)
+    stop.wait()
+    worker.stop(grace=DEFAULT_GRACE_S)
+    return 0

@@ -1,0 +1,109 @@
+"""A bounded cache of autograd state kept between a Forward and its Vjp.
+
+Bounded by entry count and by bytes (least recently used first out) and by age (TTL).
+Correctness never depends on it: a Vjp whose handle is gone gets FAILED_PRECONDITION and
+the client re-sends the inputs, so the worker re-runs the forward.
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+HANDLE_BYTES = 16
+
+DEFAULT_MAX_ENTRIES = 1024
+DEFAULT_MAX_BYTES = 2 << 30
+DEFAULT_TTL_S = 300.0
+
+
+@dataclass
+class Residual:
+    """What a Vjp needs from its forward: outputs with their graph, and the leaves it needs grads of."""
+
+    model: str
+    outputs: list[Any]  # torch tensors, in wire order
+    argument_leaves: list[Any]  # torch tensors, in wire order
+    parameters: dict[str, Any]
+    nbytes: int
+    created: float = field(default_factory=time.monotonic)
+
+
+class ResidualCache:
+    def __init__(
+        self,
+        *,
+        max_entries: int = DEFAULT_MAX_ENTRIES,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        ttl_s: float = DEFAULT_TTL_S,
+    ) -> None:
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self.ttl_s = ttl_s
+        self._entries: OrderedDict[bytes, Residual] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._entries)
+
+    @property
+    def nbytes(self) -> int:
+        with self._lock:
+            return self._bytes
+
+    def put(self, residual: Residual) -> bytes:
+        """Stores ``residual``; returns its handle, or b"" when it can never fit."""
+        if self.max_entries <= 0 or residual.nbytes > self.max_bytes:
+            return b""
+        handle = secrets.token_bytes(HANDLE_BYTES)
+        with self._lock:
+            self._expire(time.monotonic())
+            while self._entries and (
+                len(self._entries) >= self.max_entries
+                or self._bytes + residual.nbytes > self.max_bytes
+            ):
+                self._pop_oldest()
+            self._entries[handle] = residual
+            self._bytes += residual.nbytes
+        return handle
+
+    def take(self, handle: bytes, *, keep: bool = False) -> Residual | None:
+        """The residual of ``handle``, removed unless ``keep``; None if it is gone."""
+        with self._lock:
+            self._expire(time.monotonic())
+            if keep:
+                residual = self._entries.get(handle)
+                if residual is not None:
+                    self._entries.move_to_end(handle)
+                return residual
+            residual = self._entries.pop(handle, None)
+            if residual is not None:
+                self._bytes -= residual.nbytes
+            return residual
+
+    def release(self, handles: list[bytes]) -> int:
+        return sum(self.take(h) is not None for h in handles)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self._bytes = 0
+
+    def _expire(self, now: float) -> None:
+        while self._entries:
+            oldest = next(iter(self._entries.values()))
+            if now - oldest.created <= self.ttl_s:
+                # Entries are in LRU order, not creation order, so an old entry behind a
+                # recent one waits for its turn or for eviction; bytes stay bounded either way.
+                break
+            self._pop_oldest()
+
+    def _pop_oldest(self) -> None:
+        _, residual = self._entries.popitem(last=False)
+        self._bytes -= residual.nbytes

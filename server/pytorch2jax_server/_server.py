@@ -1,0 +1,105 @@
+"""Building the gRPC server: the Bridge service, health, reflection, and bound addresses."""
+
+from __future__ import annotations
+
+import os
+import re
+from concurrent import futures
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from pytorch2jax_protocol import DEFAULT_MAX_MESSAGE_BYTES, SERVICE_NAME, channel_options, pb_grpc
+from pytorch2jax_server._models import Registry
+from pytorch2jax_server._residuals import ResidualCache
+from pytorch2jax_server._servicer import BridgeServicer
+
+DEFAULT_LISTEN = ("localhost:50051",)
+DEFAULT_MAX_WORKERS = 16
+#: Calls past this many at once are refused with RESOURCE_EXHAUSTED instead of queueing.
+DEFAULT_MAX_CONCURRENT_CALLS = 64
+
+_PORT = re.compile(r":(\d+)$")
+
+
+@dataclass
+class Worker:
+    """A running gRPC server and what it serves; ``stop()`` shuts it down gracefully."""
+
+    server: grpc.Server
+    addresses: list[str]
+    health: health.HealthServicer
+    residuals: ResidualCache
+    _unix_paths: list[str] = field(default_factory=list)
+
+    def stop(self, grace: float | None = 30.0) -> None:
+        """Refuses new calls (health NOT_SERVING), finishes in-flight ones, removes sockets."""
+        self.health.enter_graceful_shutdown()
+        self.server.stop(grace).wait()
+        self.residuals.clear()
+        for path in self._unix_paths:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+
+
+def _unix_path(address: str) -> str | None:
+    if address.startswith("unix://"):
+        return address[len("unix://") :]
+    if address.startswith("unix:"):
+        return address[len("unix:") :]
+    return None
+
+
+def create_server(
+    registry: Registry,
+    listen: list[str] | tuple[str, ...] = DEFAULT_LISTEN,
+    *,
+    residuals: ResidualCache | None = None,
+    max_workers: int = DEFAULT_MAX_WORKERS,
+    max_concurrent_calls: int = DEFAULT_MAX_CONCURRENT_CALLS,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+) -> Worker:
+    """Binds a server that serves ``registry`` on every address of ``listen``, and starts it.
+
+    TCP addresses may use port 0; the returned ``Worker.addresses`` hold the bound ports.
+    Unix sockets (``unix:///path``) are created with mode 0600.
+    """
+    residuals = residuals or ResidualCache()
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="p2j-worker"),
+        options=channel_options(max_message_bytes),
+        maximum_concurrent_rpcs=max_concurrent_calls,
+    )
+    pb_grpc.add_BridgeServicer_to_server(BridgeServicer(registry, residuals), server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    bound, unix_paths = [], []
+    for address in listen:
+        path = _unix_path(address)
+        if path is not None:
+            if os.path.exists(path):
+                raise OSError(f"cannot listen on {address}: {path} already exists; remove it")
+            # A socket file takes its mode from the umask at bind time: 0600 from the start.
+            old = os.umask(0o177)
+            try:
+                ok = server.add_insecure_port(address)
+            finally:
+                os.umask(old)
+            unix_paths.append(path)
+            bound.append(address)
+        else:
+            ok = server.add_insecure_port(address)
+            bound.append(_PORT.sub(f":{ok}", address))
+        if not ok:
+            raise OSError(f"cannot listen on {address}")
+    server.start()
+    for name in ("", SERVICE_NAME):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return Worker(server, bound, health_servicer, residuals, unix_paths)

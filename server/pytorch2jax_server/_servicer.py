@@ -1,0 +1,178 @@
+"""The Bridge gRPC service: decode the request, run the model, encode the reply.
+
+Torch maths lives in ``_models``; this module only moves between wire and torch objects
+and reports failures. Every exception becomes a status code at one place (``_reporting``):
+the worker's own errors carry theirs, malformed messages are INVALID_ARGUMENT, anything
+unexpected is INTERNAL and logged; a bad request never takes the worker down.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+import torch
+
+from pytorch2jax_protocol import PARAMETER_CHUNK_BYTES, dtypes, pb, pb_grpc, values
+from pytorch2jax_protocol.tensors import WireFormatError
+from pytorch2jax_server import __version__
+from pytorch2jax_server._errors import InvalidRequest, ResidualLost, WorkerError
+from pytorch2jax_server._models import Registry, ServedModel, vjp
+from pytorch2jax_server._residuals import ResidualCache
+from pytorch2jax_server._tensors import empty_from_spec, from_wire, to_spec, to_wire, wire_dtype
+
+_log = logging.getLogger("pytorch2jax_server")
+
+_MALFORMED = (WireFormatError, values.TreeFormatError, dtypes.UnsupportedDTypeError)
+
+
+def _status_of(e: BaseException) -> tuple[grpc.StatusCode, str]:
+    if isinstance(e, WorkerError):
+        return e.code, str(e)
+    if isinstance(e, _MALFORMED):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(e)
+    if isinstance(e, (MemoryError, torch.OutOfMemoryError)):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, f"the worker ran out of memory: {e}"
+    _log.exception("internal error while serving a request")
+    return grpc.StatusCode.INTERNAL, f"internal error in the worker: {type(e).__name__}: {e}"
+
+
+def _reporting(method):
+    """Turns any exception of a unary handler into its status code (see ``_status_of``)."""
+
+    @functools.wraps(method)
+    def handler(self, request, context: grpc.ServicerContext):
+        try:
+            return method(self, request, context)
+        except Exception as e:  # noqa: BLE001 - the one boundary where all of them are mapped
+            code, details = _status_of(e)
+        context.abort(code, details)
+
+    return handler
+
+
+class _Decoded:
+    """A request's arguments and parameters as torch tensors, leaves kept in wire order."""
+
+    def __init__(self, arguments: pb.Arguments, parameters: list[pb.NamedTensor]) -> None:
+        self.leaves: list[torch.Tensor] = []
+        self.args, self.kwargs = values.decode_arguments(arguments, self._leaf)
+        self.params: dict[str, torch.Tensor] = {}
+        for named in parameters:
+            if named.name in self.params:
+                raise InvalidRequest(f"parameter {named.name!r} is sent twice")
+            self.params[named.name] = from_wire(named.tensor)
+
+    def _leaf(self, msg: pb.Tensor) -> torch.Tensor:
+        t = from_wire(msg)
+        self.leaves.append(t)
+        return t
+
+
+def _encode_outputs(model: ServedModel, outputs: Any, leaf) -> pb.Value:
+    def checked(obj: Any):
+        if isinstance(obj, torch.Tensor):
+            return leaf(obj)
+        raise InvalidRequest(
+            f"model {model.name!r} returned a {type(obj).__name__}; served models must return "
+            "tensors, or tuples, lists and dicts of them"
+        )
+
+    return values.encode(outputs, checked, static=False)
+
+
+class BridgeServicer(pb_grpc.BridgeServicer):
+    def __init__(self, registry: Registry, residuals: ResidualCache) -> None:
+        self._registry = registry
+        self._residuals = residuals
+
+    @_reporting
+    def ListModels(self, request, context):
+        return pb.ListModelsResponse(
+            models=[m.info() for m in self._registry], server_version=__version__
+        )
+
+    def GetParameters(self, request, context) -> Iterator[pb.TensorChunk]:
+        # A streaming handler cannot be wrapped like the unary ones: look everything up
+        # before the first chunk, so that errors come out as a status, not mid-stream.
+        try:
+            model = self._registry.get(request.model)
+            tensors = [(n, p, False) for n, p in model.parameters.items()]
+            if request.include_buffers:
+                tensors += [(n, b, True) for n, b in model.buffers.items()]
+            for _, t, _ in tensors:
+                wire_dtype(t.dtype)
+        except Exception as e:  # noqa: BLE001 - mapped at the boundary
+            context.abort(*_status_of(e))
+        for name, t, is_buffer in tensors:
+            data = to_wire(t).inline_data
+            first = pb.TensorChunk(
+                name=name, dtype=wire_dtype(t.dtype), shape=t.shape, is_buffer=is_buffer
+            )
+            if not data:
+                yield first
+            for offset in range(0, len(data), PARAMETER_CHUNK_BYTES):
+                chunk = first if offset == 0 else pb.TensorChunk(name=name, offset=offset)
+                chunk.data = data[offset : offset + PARAMETER_CHUNK_BYTES]
+                yield chunk
+
+    @_reporting
+    def InferShapes(self, request, context):
+        model = self._registry.get(request.model)
+
+        def build():
+            def from_tensor(msg: pb.Tensor) -> torch.Tensor:
+                return empty_from_spec(pb.TensorSpec(dtype=msg.dtype, shape=msg.shape))
+
+            return values.decode_arguments(request.arguments, from_tensor, empty_from_spec)
+
+        outputs = model.infer(build)
+        return pb.InferShapesResponse(outputs=_encode_outputs(model, outputs, to_spec))
+
+    @_reporting
+    def Forward(self, request, context):
+        model = self._registry.get(request.model)
+        call = _Decoded(request.arguments, request.parameters)
+        outcome = model.run(
+            call.args, call.kwargs, call.leaves, call.params, keep_autograd=request.keep_residual
+        )
+        outputs = _encode_outputs(model, outcome.outputs, to_wire)
+        handle = self._residuals.put(outcome.residual) if outcome.residual else b""
+        return pb.ForwardResponse(outputs=outputs, residual=handle)
+
+    @_reporting
+    def Vjp(self, request, context):
+        model = self._registry.get(request.model)
+        cotangents = [
+            None if ct.dtype == pb.DTYPE_UNSPECIFIED else from_wire(ct)
+            for ct in request.cotangents
+        ]
+        residual = None
+        if request.residual:
+            residual = self._residuals.take(request.residual, keep=request.retain_residual)
+            if residual is not None and residual.model != model.name:
+                residual = None
+        if residual is None:
+            if not request.HasField("arguments"):
+                raise ResidualLost(
+                    f"the worker no longer holds the autograd state of this forward of model "
+                    f"{model.name!r} (evicted or expired); send the arguments again to recompute"
+                )
+            call = _Decoded(request.arguments, request.parameters)
+            residual = model.run(
+                call.args, call.kwargs, call.leaves, call.params, keep_autograd=True
+            ).residual
+        arg_grads, param_grads = vjp(residual, cotangents, retain_graph=request.retain_residual)
+        return pb.VjpResponse(
+            argument_grads=[pb.Tensor() if g is None else to_wire(g) for g in arg_grads],
+            parameter_grads=[
+                pb.NamedTensor(name=n, tensor=to_wire(g)) for n, g in param_grads.items()
+            ],
+        )
+
+    @_reporting
+    def ReleaseResiduals(self, request, context):
+        return pb.ReleaseResidualsResponse(released=self._residuals.release(list(request.residuals)))

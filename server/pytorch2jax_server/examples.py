@@ -1,0 +1,130 @@
+"""Example models served by the demo and the tests.
+
+Serve one with ``pytorch2jax-server --model mlp='pytorch2jax_server.examples:mlp()'``.
+Factories seed torch's generator so that a worker and an in-process reference built from
+the same factory hold the same weights.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = [
+    "MLP",
+    "ConvNet",
+    "DictOutput",
+    "EmbeddingRegressor",
+    "bf16_mlp",
+    "convnet",
+    "dict_output",
+    "embedding",
+    "linear10",
+    "masked_select",
+    "mlp",
+    "noisy_scale",
+    "scale_shift",
+]
+
+
+class MLP(nn.Module):
+    """A multilayer perceptron with tanh activations."""
+
+    def __init__(self, in_features: int = 8, hidden: int = 64, out_features: int = 1, depth: int = 3):
+        super().__init__()
+        layers: list[nn.Module] = []
+        width = in_features
+        for _ in range(depth - 1):
+            layers += [nn.Linear(width, hidden), nn.Tanh()]
+            width = hidden
+        layers.append(nn.Linear(width, out_features))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class ConvNet(nn.Module):
+    """A small image classifier: two convolutions, pooling, a linear head (NCHW inputs)."""
+
+    def __init__(self, channels: int = 3, width: int = 8, classes: int = 10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, width, 3, padding=1)
+        self.conv2 = nn.Conv2d(width, width, 3, stride=2)
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv1(images))
+        h = torch.relu(self.conv2(h))
+        return self.head(h.mean(dim=(2, 3)))
+
+
+class DictOutput(nn.Module):
+    """Two inputs in, a dict of two outputs out."""
+
+    def __init__(self, features: int = 4):
+        super().__init__()
+        self.proj = nn.Linear(features, features)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, *, scale: float = 1.0):
+        h = self.proj(x)
+        return {"sum": (h + y) * scale, "prod": h * y}
+
+
+class EmbeddingRegressor(nn.Module):
+    """Integer token ids in, one score per sequence out."""
+
+    def __init__(self, vocab: int = 50, dim: int = 8):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.out = nn.Linear(dim, 1)
+
+    def forward(self, tokens: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        e = self.embed(tokens) * weights[..., None]
+        return self.out(e.mean(dim=-2)).squeeze(-1)
+
+
+def mlp(in_features: int = 8, hidden: int = 64, out_features: int = 1, depth: int = 3) -> MLP:
+    torch.manual_seed(0)
+    return MLP(in_features, hidden, out_features, depth)
+
+
+def convnet() -> ConvNet:
+    torch.manual_seed(1)
+    return ConvNet()
+
+
+def dict_output() -> DictOutput:
+    torch.manual_seed(2)
+    return DictOutput()
+
+
+def embedding() -> EmbeddingRegressor:
+    torch.manual_seed(3)
+    return EmbeddingRegressor()
+
+
+def bf16_mlp() -> MLP:
+    torch.manual_seed(4)
+    return MLP(4, 16, 2, depth=2).to(torch.bfloat16)
+
+
+def linear10() -> nn.Linear:
+    """The 10x10 Linear of the original pytorch2jax README, used by the benchmarks."""
+    torch.manual_seed(5)
+    return nn.Linear(10, 10)
+
+
+def scale_shift(x: torch.Tensor, shift: torch.Tensor, *, scale: float = 2.0) -> torch.Tensor:
+    """A plain function: ``x * scale + sin(shift)``."""
+    return x * scale + torch.sin(shift)
+
+
+def noisy_scale(x: torch.Tensor) -> torch.Tensor:
+    """The original README's function: uniform noise times ``x``."""
+    return torch.rand(x.shape) * x
+
+
+def masked_select(x: torch.Tensor) -> torch.Tensor:
+    """Positive entries of ``x``: its output shape depends on the data."""
+    return x[x > 0]
