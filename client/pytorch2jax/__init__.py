@@ -10,11 +10,12 @@ which never imports torch, turns them into JAX functions::
         grads = jax.jit(jax.grad(lambda p, x: apply_fn(p, x).sum()))(params, x)
 """
 
-from importlib.metadata import PackageNotFoundError, version
+from importlib.metadata import PackageNotFoundError as _PackageNotFoundError
+from importlib.metadata import version as _version
 
 try:
-    __version__ = version("pytorch2jax")
-except PackageNotFoundError:  # running from a source tree
+    __version__ = _version("pytorch2jax")
+except _PackageNotFoundError:  # running from a source tree
     __version__ = "0+unknown"
 
 from pytorch2jax._client import Client, connect

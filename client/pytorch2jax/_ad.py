@@ -148,9 +148,9 @@ class TorchFunction:
 
     def _bwd(self, sig: _Signature, residuals, cotangents):
         handle, p, a = residuals
-        out_leaves = jax.tree_util.tree_leaves(self._output_structs(sig, p, a))
-        diff_out = [i for i, s in enumerate(out_leaves) if _differentiable(s.dtype)]
         ct_leaves = jax.tree_util.tree_leaves(cotangents)
+        # Integer and boolean outputs have float0 cotangents: nothing to send for them.
+        diff_out = [i for i, ct in enumerate(ct_leaves) if ct.dtype != jax.dtypes.float0]
         cts = [ct_leaves[i] for i in diff_out]
         inputs = list(p) + list(a)
         diff_in = [i for i, x in enumerate(inputs) if _differentiable(x.dtype)]
@@ -159,7 +159,7 @@ class TorchFunction:
         def host(handle_np, *arrays):
             n = len(inputs)
             p_np, a_np, ct_np = arrays[: len(p)], arrays[len(p) : n], arrays[n:]
-            full_cts: list[np.ndarray | None] = [None] * len(out_leaves)
+            full_cts: list[np.ndarray | None] = [None] * len(ct_leaves)
             for i, ct in zip(diff_out, ct_np):
                 full_cts[i] = ct
             args, kwargs = sig.rebuild(list(a_np))
@@ -181,15 +181,24 @@ class TorchFunction:
     # -- helpers ------------------------------------------------------------------------
 
     def _forward(self, sig: _Signature, p: tuple, a: tuple, *, keep: bool):
-        structs = self._output_structs(sig, p, a)
-        out_leaves, out_def = jax.tree_util.tree_flatten(structs)
-        results = list(out_leaves) + ([_HANDLE] if keep else [])
+        n_params = len(p)
 
         def host(*arrays):
-            args, kwargs = sig.rebuild(list(arrays[len(p) :]))
-            outputs, handle = self.backend.forward(
-                dict(zip(sig.param_names, arrays[: len(p)])), args, kwargs, keep_residual=keep
-            )
+            args, kwargs = sig.rebuild(list(arrays[n_params:]))
+            params = dict(zip(sig.param_names, arrays[:n_params]))
+            return self.backend.forward(params, args, kwargs, keep_residual=keep)
+
+        if _is_concrete([*p, *a]):
+            # No tracing: no shapes needed (data-dependent outputs work), no callback.
+            outputs, handle = host(*(np.asarray(x) for x in (*p, *a)))
+            outputs = jax.tree_util.tree_map(jnp.asarray, outputs)
+            return outputs, (jnp.asarray(_handle_array(handle)) if keep else None)
+
+        structs = self._output_structs(sig, p, a)
+        out_leaves, out_def = jax.tree_util.tree_flatten(structs)
+
+        def host_flat(*arrays):
+            outputs, handle = host(*arrays)
             leaves, got_def = jax.tree_util.tree_flatten(outputs)
             if got_def != out_def or any(
                 np.shape(x) != s.shape for x, s in zip(leaves, out_leaves)
@@ -198,11 +207,9 @@ class TorchFunction:
                     f"{self.backend.description} returned {_describe(outputs)} but "
                     f"{_describe(structs)} was expected; if you declared out_shapes=, fix them"
                 )
-            if keep:
-                leaves.append(np.frombuffer(handle, np.uint8) if handle else _NO_HANDLE)
-            return leaves
+            return leaves + ([_handle_array(handle)] if keep else [])
 
-        flat = _run(host, results, [*p, *a])
+        flat = _run(host_flat, list(out_leaves) + ([_HANDLE] if keep else []), [*p, *a])
         if keep:
             return jax.tree_util.tree_unflatten(out_def, flat[:-1]), flat[-1]
         return jax.tree_util.tree_unflatten(out_def, flat), None
@@ -226,6 +233,10 @@ class TorchFunction:
         with self._lock:
             self._infer_cache[key] = structs
         return structs
+
+
+def _handle_array(handle: bytes) -> np.ndarray:
+    return np.frombuffer(handle, np.uint8) if handle else _NO_HANDLE
 
 
 def _describe(tree: Any) -> str:

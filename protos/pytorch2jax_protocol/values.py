@@ -14,8 +14,9 @@ from typing import Any
 
 from pytorch2jax_protocol import pb
 
-#: Deepest nesting accepted from a peer, so a hostile message cannot exhaust the stack.
-MAX_DEPTH = 64
+#: Deepest nesting of containers. Protobuf itself refuses messages nested deeper than 100
+#: (each container level here is two messages), so this is the bound a peer meets first.
+MAX_DEPTH = 32
 
 LeafEncoder = Callable[[Any], "pb.Tensor | pb.TensorSpec"]
 LeafDecoder = Callable[[Any], Any]

@@ -12,11 +12,12 @@ Run it with ``pytorch2jax-server --model NAME=package.module:attr``, or embed it
 It never imports jax.
 """
 
-from importlib.metadata import PackageNotFoundError, version
+from importlib.metadata import PackageNotFoundError as _PackageNotFoundError
+from importlib.metadata import version as _version
 
 try:
-    __version__ = version("pytorch2jax")
-except PackageNotFoundError:  # running from a source tree
+    __version__ = _version("pytorch2jax")
+except _PackageNotFoundError:  # running from a source tree
     __version__ = "0+unknown"
 
 from pytorch2jax_server._cli import main

@@ -39,6 +39,15 @@ _CANNOT_TRACE = (
 )
 
 
+def _plain(signature: inspect.Signature | None) -> str:
+    """A signature without annotations, e.g. ``(x, *, scale=1.0)``, for messages."""
+    if signature is None:
+        return "(...)"
+    empty = inspect.Parameter.empty
+    params = [p.replace(annotation=empty) for p in signature.parameters.values()]
+    return str(signature.replace(parameters=params, return_annotation=empty))
+
+
 def _first_line(doc: str | None) -> str:
     return (doc or "").strip().split("\n", 1)[0]
 
@@ -63,6 +72,7 @@ class ServedModel:
             self.signature: inspect.Signature | None = inspect.signature(fn)
         except (TypeError, ValueError):  # some builtins have no signature
             self.signature = None
+        self.plain_signature = _plain(self.signature)
         self.doc = _first_line(inspect.getdoc(obj))
         if self.is_module:
             self.parameters = dict(obj.named_parameters())
@@ -80,7 +90,7 @@ class ServedModel:
             kind=kind,
             parameters=[pb.NamedSpec(name=n, spec=to_spec(p)) for n, p in self.parameters.items()],
             buffers=[pb.NamedSpec(name=n, spec=to_spec(b)) for n, b in self.buffers.items()],
-            signature=str(self.signature) if self.signature is not None else "(...)",
+            signature=self.plain_signature,
             doc=self.doc,
         )
 
@@ -91,7 +101,7 @@ class ServedModel:
             self.signature.bind(*args, **kwargs)
         except TypeError as e:
             raise InvalidRequest(
-                f"model {self.name!r} takes {self.signature}; it cannot be called with "
+                f"model {self.name!r} takes {self.plain_signature}; it cannot be called with "
                 f"{len(args)} positional argument(s) and keywords {sorted(kwargs)}: {e}"
             ) from None
 

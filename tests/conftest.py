@@ -1,0 +1,131 @@
+"""Shared fixtures: real worker subprocesses, and helpers to compare with torch."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import jax
+import numpy as np
+import pytest
+
+jax.config.update("jax_numpy_rank_promotion", "raise")
+
+READY_PREFIX = "pytorch2jax-server listening on"
+STARTUP_TIMEOUT_S = 60.0
+
+#: The example models every test worker serves, by name.
+EXAMPLE_MODELS = {
+    "mlp": "pytorch2jax_server.examples:mlp()",
+    "convnet": "pytorch2jax_server.examples:convnet()",
+    "dict_output": "pytorch2jax_server.examples:dict_output()",
+    "embedding": "pytorch2jax_server.examples:embedding()",
+    "bf16_mlp": "pytorch2jax_server.examples:bf16_mlp()",
+    "linear10": "pytorch2jax_server.examples:linear10()",
+    "scale_shift": "pytorch2jax_server.examples:scale_shift",
+    "noisy_scale": "pytorch2jax_server.examples:noisy_scale",
+    "masked_select": "pytorch2jax_server.examples:masked_select",
+}
+
+
+@dataclass
+class WorkerProcess:
+    process: subprocess.Popen
+    addresses: list[str]
+    stderr_path: str
+
+    @property
+    def unix(self) -> str:
+        return next(a for a in self.addresses if a.startswith("unix:"))
+
+    @property
+    def tcp(self) -> str:
+        return next(a for a in self.addresses if not a.startswith("unix:"))
+
+    def stderr(self) -> str:
+        with open(self.stderr_path) as f:
+            return f.read()
+
+
+def _wait_ready(process: subprocess.Popen, stderr_path: str) -> list[str]:
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    assert process.stdout is not None
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([process.stdout], [], [], 0.2)
+        if ready:
+            line = process.stdout.readline()
+            if line.startswith(READY_PREFIX):
+                return line[len(READY_PREFIX) :].split()
+        if process.poll() is not None:
+            break
+    process.kill()
+    with open(stderr_path) as f:
+        raise RuntimeError(f"worker did not start:\n{f.read()}")
+
+
+@contextlib.contextmanager
+def start_worker(
+    *extra: str, models: dict[str, str] | None = None, listen: list[str] | None = None
+) -> Iterator[WorkerProcess]:
+    """Runs ``pytorch2jax-server`` as a subprocess; yields once it printed its addresses."""
+    models = EXAMPLE_MODELS if models is None else models
+    with tempfile.TemporaryDirectory(prefix="p2j-test-") as tmp:
+        if listen is None:
+            listen = [f"unix://{tmp}/worker.sock", "127.0.0.1:0"]
+        cmd = [sys.executable, "-m", "pytorch2jax_server", "--torch-threads", "1"]
+        for address in listen:
+            cmd += ["--listen", address]
+        for name, target in models.items():
+            cmd += ["--model", f"{name}={target}"]
+        cmd += list(extra)
+        stderr_path = os.path.join(tmp, "stderr.log")
+        with open(stderr_path, "w") as err:
+            process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True)
+        try:
+            yield WorkerProcess(process, _wait_ready(process, stderr_path), stderr_path)
+        finally:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+                try:
+                    process.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+            if process.stdout is not None:
+                process.stdout.close()
+
+
+@pytest.fixture(scope="session")
+def worker() -> Iterator[WorkerProcess]:
+    """One worker serving every example model, shared by the session."""
+    with start_worker() as w:
+        yield w
+
+
+@pytest.fixture(scope="session")
+def client(worker):
+    import pytorch2jax
+
+    with pytorch2jax.connect(worker.unix) as c:
+        yield c
+
+
+def tree_allclose(actual, expected, *, rtol: float = 1e-5, atol: float = 1e-6) -> None:
+    """Asserts two pytrees have the same structure and close leaves."""
+    a_leaves, a_def = jax.tree_util.tree_flatten(actual)
+    e_leaves, e_def = jax.tree_util.tree_flatten(expected)
+    assert a_def == e_def, f"structure {a_def} != {e_def}"
+    for a, e in zip(a_leaves, e_leaves):
+        a, e = np.asarray(a), np.asarray(e)
+        assert a.shape == e.shape, f"shape {a.shape} != {e.shape}"
+        np.testing.assert_allclose(
+            a.astype(np.float64), e.astype(np.float64), rtol=rtol, atol=atol
+        )

@@ -1,0 +1,99 @@
+"""The worker's command line: config files, bad specs, health, reflection, shutdown."""
+
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import subprocess
+import sys
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+import pytorch2jax
+from conftest import start_worker
+
+
+def _run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "pytorch2jax_server", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ((), r"no models to serve; give --model NAME=package.module:attr or --config FILE"),
+        (("--model", "mlp"), r"--model 'mlp' names no target"),
+        (("--model", "m=no_such_module_xyz:thing"), r"model 'm': cannot import 'no_such_module_xyz'"),
+        (("--model", "m=pytorch2jax_server.examples:nothing"), r"has no attribute 'nothing'"),
+        (("--model", "m=pytorch2jax_server.examples"), r"is not of the form package.module:attr"),
+        (("--config", "/nonexistent/p2j.toml"), r"cannot read config file"),
+    ],
+)
+def test_bad_model_specs_exit_with_a_fix(args, message):
+    import re
+
+    result = _run_cli(*args)
+    assert result.returncode == 2
+    assert re.search(message, result.stderr), result.stderr
+
+
+def test_config_file(tmp_path):
+    sock = tmp_path / "cfg.sock"
+    config = tmp_path / "worker.toml"
+    config.write_text(
+        f"""
+[server]
+listen = ["unix://{sock}"]
+residual_cache_mb = 64
+
+[models]
+fn = "pytorch2jax_server.examples:scale_shift"
+
+[models.wide]
+target = "pytorch2jax_server.examples:MLP"
+kwargs = {{ in_features = 3, hidden = 5 }}
+"""
+    )
+    with start_worker("--config", str(config), models={}, listen=[]) as w:
+        assert w.addresses == [f"unix://{sock}"]
+        with pytorch2jax.connect(w.unix) as client:
+            infos = {m.name: m for m in client.list_models()}
+            assert infos["fn"].kind == "function"
+            assert infos["wide"].kind == "module"
+            assert infos["wide"].parameters["net.0.weight"].shape == (5, 3)
+
+
+def test_unix_socket_is_private_and_removed_on_sigterm(tmp_path):
+    sock = tmp_path / "w.sock"
+    with start_worker(models={"fn": "pytorch2jax_server.examples:scale_shift"}, listen=[f"unix://{sock}"]) as w:
+        assert stat.S_IMODE(os.stat(sock).st_mode) == 0o600
+        w.process.send_signal(signal.SIGTERM)
+        assert w.process.wait(timeout=30) == 0
+        assert not sock.exists()
+
+
+def test_health_and_reflection(worker):
+    with grpc.insecure_channel(worker.tcp) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "pytorch2jax.bridge.v1.Bridge"):
+            reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        refl = reflection_pb2_grpc.ServerReflectionStub(channel)
+        replies = refl.ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10
+        )
+        names = {s.name for r in replies for s in r.list_services_response.service}
+        assert {"pytorch2jax.bridge.v1.Bridge", "grpc.health.v1.Health"} <= names
+
+
+def test_port_zero_prints_the_bound_port(worker):
+    host, port = worker.tcp.rsplit(":", 1)
+    assert host == "127.0.0.1" and int(port) > 0

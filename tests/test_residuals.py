@@ -1,0 +1,98 @@
+"""The residual cache is bounded, and gradients never depend on it."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+import jax
+import jax.numpy as jnp
+import pytest
+import torch
+
+import pytorch2jax
+from conftest import start_worker, tree_allclose
+from pytorch2jax_protocol import pb, pb_grpc
+from pytorch2jax_server import ResidualCache
+from pytorch2jax_server._residuals import Residual
+
+
+def _residual(nbytes: int) -> Residual:
+    return Residual("m", [], [], {}, nbytes)
+
+
+def test_cache_evicts_least_recently_used_by_count():
+    cache = ResidualCache(max_entries=2, max_bytes=1 << 20, ttl_s=60)
+    a, b = cache.put(_residual(1)), cache.put(_residual(1))
+    assert cache.take(a, keep=True) is not None  # a is now the most recent
+    c = cache.put(_residual(1))
+    assert cache.take(b) is None and cache.take(a) is not None and cache.take(c) is not None
+    assert len(cache) == 0 and cache.nbytes == 0
+
+
+def test_cache_bounded_by_bytes_and_refuses_oversized():
+    cache = ResidualCache(max_entries=100, max_bytes=100, ttl_s=60)
+    handles = [cache.put(_residual(40)) for _ in range(3)]
+    assert cache.nbytes == 80 and cache.take(handles[0]) is None
+    assert cache.put(_residual(101)) == b""
+
+
+def test_cache_expires_after_ttl():
+    cache = ResidualCache(max_entries=10, max_bytes=100, ttl_s=0.05)
+    h = cache.put(_residual(1))
+    time.sleep(0.1)
+    assert cache.take(h) is None and cache.nbytes == 0
+
+
+def test_take_consumes_and_release_frees():
+    cache = ResidualCache()
+    h1, h2 = cache.put(_residual(8)), cache.put(_residual(8))
+    assert cache.take(h1) is not None and cache.take(h1) is None
+    assert cache.release([h2, b"unknown"]) == 1 and len(cache) == 0
+
+
+MODELS = {"mlp": "pytorch2jax_server.examples:mlp()"}
+
+
+def _reference_grad(params, x):
+    from pytorch2jax_server import examples
+
+    model = examples.mlp()
+    t_x = torch.tensor(x.tolist(), requires_grad=True)
+    model(t_x).sum().backward()
+    return {n: p.grad.numpy() for n, p in model.named_parameters()}, t_x.grad.numpy()
+
+
+def test_gradients_correct_when_residuals_are_evicted():
+    """A cache of one entry: the first forward's state is evicted by the second's, so its
+    backward gets FAILED_PRECONDITION and the client recomputes from the inputs."""
+    with start_worker("--residual-cache-entries", "1", models=MODELS) as w:
+        with pytorch2jax.connect(w.unix) as client:
+            apply_fn, params = client.convert_pytnn_to_jax("mlp")
+            f = lambda p, x: apply_fn(p, x).sum()  # noqa: E731
+            x1, x2 = jnp.ones((2, 8)), jnp.full((3, 8), 0.5)
+            _, vjp1 = jax.vjp(f, params, x1)
+            _, vjp2 = jax.vjp(f, params, x2)
+            for vjp_fn, x in ((vjp1, x1), (vjp2, x2), (vjp1, x1)):  # vjp1 twice: consumed too
+                p_grads, x_grads = vjp_fn(jnp.float32(1.0))
+                p_ref, x_ref = _reference_grad(params, x)
+                tree_allclose(p_grads, p_ref)
+                tree_allclose(x_grads, x_ref)
+
+
+def test_gradients_correct_without_any_cache():
+    with start_worker("--residual-cache-mb", "0", models=MODELS) as w:
+        with pytorch2jax.connect(w.unix) as client:
+            apply_fn, params = client.convert_pytnn_to_jax("mlp")
+            x = jnp.ones((2, 8))
+            p_grads = jax.jit(jax.grad(lambda p: apply_fn(p, x).sum()))(params)
+            tree_allclose(p_grads, _reference_grad(params, x)[0])
+
+
+def test_lost_handle_without_inputs_is_failed_precondition(worker):
+    with grpc.insecure_channel(worker.unix) as channel:
+        stub = pb_grpc.BridgeStub(channel)
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Vjp(pb.VjpRequest(model="mlp", residual=b"\0" * 15 + b"\1"), timeout=10)
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "send the arguments again to recompute" in info.value.details()
