@@ -8,6 +8,10 @@ which never imports torch, turns them into JAX functions::
     with pytorch2jax.connect("localhost:50051") as worker:
         apply_fn, params = worker.convert_pytnn_to_jax("mlp")
         grads = jax.jit(jax.grad(lambda p, x: apply_fn(p, x).sum()))(params, x)
+
+In process, the original API (``py_to_jax_wrapper``, ``convert_pytnn_to_jax``,
+``convert_pytnn_to_flax``, and ``convert_pytnn_to_nnx``) runs torch here; it imports torch
+when first called.
 """
 
 from importlib.metadata import PackageNotFoundError as _PackageNotFoundError
@@ -32,6 +36,13 @@ from pytorch2jax._exceptions import (
     WorkerTimeoutError,
     WorkerUnavailableError,
 )
+from pytorch2jax._flax import TorchModule
+from pytorch2jax._inprocess import (
+    convert_pytnn_to_flax,
+    convert_pytnn_to_jax,
+    convert_pytnn_to_nnx,
+    py_to_jax_wrapper,
+)
 from pytorch2jax._models import ModelInfo
 
 __all__ = [
@@ -44,10 +55,15 @@ __all__ = [
     "Pytorch2JaxError",
     "ResidualLostError",
     "ResourceExhaustedError",
+    "TorchModule",
     "UnsupportedError",
     "WorkerInternalError",
     "WorkerTimeoutError",
     "WorkerUnavailableError",
     "__version__",
     "connect",
+    "convert_pytnn_to_flax",
+    "convert_pytnn_to_jax",
+    "convert_pytnn_to_nnx",
+    "py_to_jax_wrapper",
 ]

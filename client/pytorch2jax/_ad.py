@@ -170,7 +170,7 @@ class TorchFunction:
                 kwargs,
                 full_cts,
             )
-            grads = [p_grads[name] for name in sig.param_names] + list(a_grads)
+            grads = [p_grads.get(name) for name in sig.param_names] + list(a_grads)
             return [grads[i] for i in diff_in]
 
         flat = iter(_run(host, grad_structs, [handle, *inputs, *cts]))

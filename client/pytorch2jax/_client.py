@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pytorch2jax._ad import OutShapes, TorchFunction
+from pytorch2jax._flax import TorchModule, linen_module
 from pytorch2jax._exceptions import (
     InvalidArgumentError,
     ModelNotFoundError,
@@ -179,6 +180,34 @@ class Client:
         apply_fn.__name__ = apply_fn.__qualname__ = name
         apply_fn.__doc__ = f"{info.doc}\n\napply_fn(params, ...) calls {name}{info.signature} at {self.target}"
         return apply_fn, self.get_parameters(name)
+
+    def convert_pytnn_to_flax(self, name: str, *, out_shapes: OutShapes = None):
+        """A served ``nn.Module`` as ``(LinenModuleClass, variables)``.
+
+        As ``pytorch2jax.convert_pytnn_to_flax``, with torch running on the worker.
+
+        Example::
+
+            TorchMLP, variables = worker.convert_pytnn_to_flax("mlp")
+            y = TorchMLP().apply(variables, jnp.ones((4, 8)))
+        """
+        apply_fn, params = self.convert_pytnn_to_jax(name, out_shapes=out_shapes)
+        return linen_module(apply_fn, params, name), {"params": params}
+
+    def convert_pytnn_to_nnx(self, name: str, *, out_shapes: OutShapes = None) -> TorchModule:
+        """A served ``nn.Module`` as an NNX module: ``nnx.Param`` weights, ``nnx.BatchStat``
+        floating buffers, calls run on the worker.
+
+        Example::
+
+            model = worker.convert_pytnn_to_nnx("mlp")
+            optimizer = nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.Param)
+        """
+        apply_fn, params = self.convert_pytnn_to_jax(name, out_shapes=out_shapes)
+        info = self.describe(name)
+        floating = [n for n, s in info.buffers.items() if jnp.issubdtype(s.dtype, jnp.floating)]
+        everything = self.get_parameters(name, include_buffers=True) if floating else {}
+        return TorchModule(apply_fn, params, {n: everything[n] for n in floating})
 
     def py_to_jax_wrapper(self, name: str, *, out_shapes: OutShapes = None) -> Callable[..., Any]:
         """A served torch function as a differentiable JAX function ``fn(*args, **kwargs)``.

@@ -102,15 +102,17 @@ _HINTS: dict[type[Pytorch2JaxError], str] = {
 }
 
 
+def from_status(code: grpc.StatusCode, message: str) -> Pytorch2JaxError:
+    """The exception for a failure with status ``code``, its message ending in a hint."""
+    cls = _BY_CODE.get(code, WorkerInternalError)
+    hint = _HINTS.get(cls)
+    return cls(f"{message}; {hint}" if hint else message)
+
+
 def from_rpc_error(error: grpc.RpcError, target: str) -> Pytorch2JaxError:
     """The exception to raise for a failed call to the worker at ``target``."""
     code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
     details = (error.details() if hasattr(error, "details") else None) or str(code)
-    cls = _BY_CODE.get(code, WorkerInternalError)
     if code == grpc.StatusCode.UNAVAILABLE:
         details = f"no answer ({details})"
-    message = f"worker at {target}: {details}"
-    hint = _HINTS.get(cls)
-    if hint:
-        message += f"; {hint}"
-    return cls(message)
+    return from_status(code, f"worker at {target}: {details}")

@@ -37,7 +37,7 @@ class RemoteModel(Backend):
     def _check_parameters(self, params: dict[str, jax.ShapeDtypeStruct]) -> None:
         own = self.info.parameters
         for name, got in params.items():
-            want = own.get(name)
+            want = own.get(name, self.info.buffers.get(name))
             if want is None:
                 raise InvalidArgumentError(
                     f"{self.description} has no parameter {name!r}; its parameters: "

@@ -109,7 +109,8 @@ class ServedModel:
         if params and not self.is_module:
             raise InvalidRequest(f"model {self.name!r} is a function; it takes no parameters")
         for name, value in params.items():
-            own = self.parameters.get(name)
+            # Buffers may be given too (e.g. BatchNorm statistics kept by the client).
+            own = self.parameters.get(name, self.buffers.get(name))
             if own is None:
                 known = ", ".join(self.parameters) or "none"
                 raise InvalidRequest(
@@ -167,7 +168,8 @@ class ServedModel:
             if is_differentiable(t.dtype):
                 t.requires_grad_(True)
         for p in params.values():
-            p.requires_grad_(True)
+            if is_differentiable(p.dtype):
+                p.requires_grad_(True)
         saved = _SavedBytes()
         with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(saved.pack, _unpack):
             outputs = self._call(args, kwargs, params)
@@ -203,7 +205,7 @@ def vjp(
 
     ``cotangents`` has one entry per output tensor leaf (None where the output has none).
     Returns one gradient per argument leaf (None for integer/boolean leaves) and one per
-    parameter. Complex tensors follow JAX's convention: JAX's VJP of a cotangent c is
+    floating parameter or buffer. Complex tensors follow JAX's convention: JAX's VJP of a cotangent c is
     conj(torch's VJP of conj(c)).
     """
     outputs = residual.outputs
@@ -225,7 +227,7 @@ def vjp(
         roots.append(out)
         seeds.append(ct.conj() if ct.is_complex() else ct)
     wrt = [t for t in residual.argument_leaves if t.requires_grad]
-    wrt += list(residual.parameters.values())
+    wrt += [p for p in residual.parameters.values() if p.requires_grad]
     grads: Iterable[torch.Tensor | None] = [None] * len(wrt)
     if roots and wrt:
         grads = torch.autograd.grad(
@@ -236,7 +238,7 @@ def vjp(
         for w, g in zip(wrt, grads)
     )
     arg_grads = [next(filled) if t.requires_grad else None for t in residual.argument_leaves]
-    param_grads = {name: next(filled) for name in residual.parameters}
+    param_grads = {n: next(filled) for n, p in residual.parameters.items() if p.requires_grad}
     return arg_grads, param_grads
 
 

@@ -1,0 +1,295 @@
+"""The original pytorch2jax API: torch runs in this process.
+
+``py_to_jax_wrapper``, ``convert_pytnn_to_jax`` and ``convert_pytnn_to_flax`` behave as in
+pytorch2jax 0.1.0, and also work under ``jit``, ``vmap``, ``lax.scan`` and
+``jax.checkpoint``. They share the autodiff wrapper (``_ad``) with the remote client and
+run torch with the worker's own engine (``pytorch2jax_server._models``), so a model behaves
+the same in process and served. torch is imported when one of them is first called, never
+by ``import pytorch2jax``.
+
+Inputs reach torch without copies: under ``jit`` on CPU, torch tensors alias XLA's buffers
+(``buffer_callback``); eagerly, they alias the JAX arrays. Outputs are copied once, into
+XLA's output buffers (or into new arrays when eager), so that no JAX array aliases memory
+that torch may still change.
+
+JAX arrays are immutable, torch tensors are not. The first call for each input signature
+runs torch on copies and watches their version counters; an input it writes to in place
+is copied before every later call, so JAX arrays are never changed. A function that writes
+into an input only for some data (not on its first call) is caught by the same counters
+and raises InvalidArgumentError, saying to copy the input in torch first (``x = x.clone()``).
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+from pytorch2jax._ad import OutShapes, TorchFunction
+from pytorch2jax._backend import Backend
+from pytorch2jax._exceptions import InvalidArgumentError, from_status
+
+
+def _torch():
+    import torch  # deferred: `import pytorch2jax` must not import torch
+
+    return torch
+
+
+# -- numpy <-> torch, zero-copy -----------------------------------------------------------
+
+
+def _np_to_torch(a: np.ndarray):
+    torch = _torch()
+    with warnings.catch_warnings():
+        # XLA's and JAX's buffers come as read-only numpy views; writes are guarded by the
+        # version-counter check (module docstring), not by numpy's flag.
+        warnings.simplefilter("ignore", UserWarning)
+        if a.dtype == ml_dtypes.bfloat16:
+            return torch.from_numpy(np.asarray(a).view(np.uint16)).view(torch.bfloat16)
+        return torch.from_numpy(np.asarray(a))
+
+
+def _torch_to_np(t) -> np.ndarray:
+    torch = _torch()
+    t = t.detach()
+    if t.is_conj():
+        t = t.resolve_conj()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).cpu().numpy().view(ml_dtypes.bfloat16)
+    return t.cpu().numpy()
+
+
+def _map_tree(tree: Any, leaf: Callable[[Any], Any]) -> Any:
+    """Maps the array leaves of an argument/output pytree, visiting them in wire order
+    (dicts by sorted key, as JAX flattens them); static leaves stay as they are."""
+    if isinstance(tree, (tuple, list)):
+        return type(tree)(_map_tree(x, leaf) for x in tree)
+    if isinstance(tree, dict):
+        return {k: _map_tree(tree[k], leaf) for k in sorted(tree)}
+    if isinstance(tree, (np.ndarray, np.generic)) or _is_tensor(tree):
+        return leaf(tree)
+    return tree
+
+
+def _is_tensor(x: Any) -> bool:
+    return type(x).__module__.startswith("torch") and hasattr(x, "data_ptr")
+
+
+class _Unwrap:
+    """Runs the worker engine and turns its errors into pytorch2jax's exceptions."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        from pytorch2jax_server._errors import WorkerError
+
+        if isinstance(exc, WorkerError):
+            raise from_status(exc.code, str(exc)) from None
+        return False
+
+
+class LocalModel(Backend):
+    """Runs a torch module or function in this process."""
+
+    def __init__(self, obj: Any, name: str) -> None:
+        from pytorch2jax_server._models import ServedModel
+        from pytorch2jax_server._residuals import ResidualCache
+
+        self._model = ServedModel(name, obj)
+        self._residuals = ResidualCache()
+        kind = "module" if self._model.is_module else "function"
+        self.description = f"torch {kind} {name!r}"
+        # Per input signature: indices of the leaves (params first) torch writes into.
+        self._writes: dict[Any, frozenset[int]] = {}
+        self._lock = threading.Lock()
+
+    def infer(self, params, args, kwargs):
+        torch = _torch()
+        with _Unwrap():
+            self._model.check_parameters(
+                {n: torch.empty(s.shape, dtype=_torch_dtype(s.dtype), device="meta") for n, s in params.items()}
+            )
+
+            def build():
+                return _map_tree((args, kwargs), lambda s: torch.empty(s.shape, dtype=_torch_dtype(s.dtype)))
+
+            outputs = self._model.infer(build)
+        return _map_tree(outputs, lambda t: jax.ShapeDtypeStruct(tuple(t.shape), _np_dtype(t.dtype)))
+
+    def _run(self, params: dict, args: tuple, kwargs: dict, *, keep_autograd: bool):
+        names = list(params)
+        arrays: list[np.ndarray] = []
+        _map_tree((args, kwargs), arrays.append)
+        shared = [_np_to_torch(params[n]) for n in names] + [_np_to_torch(a) for a in arrays]
+        key = (
+            tuple(names),
+            tuple((tuple(t.shape), t.dtype) for t in shared),
+            repr(_map_tree((args, kwargs), lambda _: None)),  # structure and static values
+        )
+        with self._lock:
+            writes = self._writes.get(key)
+        first = writes is None
+        copied = {i: t.clone() for i, t in enumerate(shared) if first or i in writes}
+        used = [copied.get(i, t) for i, t in enumerate(shared)]
+        before = [t._version for t in used]
+        it = iter(used[len(names) :])
+        t_args, t_kwargs = _map_tree((args, kwargs), lambda _: next(it))
+        with _Unwrap():
+            outcome = self._model.run(
+                t_args,
+                t_kwargs,
+                used[len(names) :],
+                dict(zip(names, used[: len(names)])),
+                keep_autograd=keep_autograd,
+            )
+        written = frozenset(i for i, t in enumerate(used) if t._version != before[i])
+        if first:
+            with self._lock:
+                self._writes[key] = written
+        elif written - set(copied):
+            raise InvalidArgumentError(
+                f"{self.description} wrote in place into input {min(written - set(copied))} "
+                "(counting parameters first), which it did not do on its first call with "
+                "these shapes; JAX arrays must not change: copy it in torch first "
+                "(x = x.clone())"
+            )
+        return outcome
+
+    def forward(self, params, args, kwargs, *, keep_residual):
+        outcome = self._run(params, args, kwargs, keep_autograd=keep_residual)
+        handle = self._residuals.put(outcome.residual) if outcome.residual else b""
+        return _map_tree(outcome.outputs, _torch_to_np), handle
+
+    def vjp(self, residual, params, args, kwargs, cotangents):
+        from pytorch2jax_server._models import vjp
+
+        found = self._residuals.take(residual) if any(residual) else None
+        if found is None:
+            found = self._run(params, args, kwargs, keep_autograd=True).residual
+        cts = [None if c is None else _np_to_torch(c) for c in cotangents]
+        with _Unwrap():
+            arg_grads, param_grads = vjp(found, cts)
+        return (
+            {n: _torch_to_np(g) for n, g in param_grads.items()},
+            [None if g is None else _torch_to_np(g) for g in arg_grads],
+        )
+
+
+def _torch_dtype(dtype: Any):
+    torch = _torch()
+    return getattr(torch, np.dtype(dtype).name)
+
+
+def _np_dtype(dtype: Any) -> np.dtype:
+    name = str(dtype).removeprefix("torch.")
+    return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
+
+
+def _module_name(obj: Any) -> str:
+    return getattr(obj, "__name__", None) or type(obj).__name__
+
+
+# -- the original API -----------------------------------------------------------------------
+
+
+def py_to_jax_wrapper(fn: Callable | None = None, *, out_shapes: OutShapes = None):
+    """Wraps a torch function as a differentiable JAX function.
+
+    Use it as a decorator, as in pytorch2jax 0.1.0. The function takes and returns torch
+    tensors (or tuples, lists and dicts of them); the wrapper takes and returns JAX arrays,
+    and works eagerly and under ``jit``, ``grad``, ``vmap`` and ``lax.scan``. Under ``jit``
+    the output shapes are inferred with fake tensors; for outputs whose shape depends on
+    the data, declare them with ``out_shapes=`` (a pytree of ``jax.ShapeDtypeStruct``, or
+    a function of the arguments' ShapeDtypeStructs).
+
+    Example::
+
+        @py_to_jax_wrapper
+        def fn(x):
+            return torch.sin(x) * 2
+
+        jax.jit(jax.grad(lambda x: fn(x).sum()))(jnp.ones(3))
+    """
+    if fn is None:
+        return lambda f: py_to_jax_wrapper(f, out_shapes=out_shapes)
+    call = TorchFunction(LocalModel(fn, _module_name(fn)), out_shapes=out_shapes)
+
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        return call({}, args, kwargs)
+
+    wrapped.__name__ = wrapped.__qualname__ = _module_name(fn)
+    wrapped.__doc__ = getattr(fn, "__doc__", None)
+    wrapped.__wrapped__ = fn
+    return wrapped
+
+
+def convert_pytnn_to_jax(module: Any, *, out_shapes: OutShapes = None):
+    """A torch ``nn.Module`` as ``(apply_fn, params)``, torch running in this process.
+
+    ``params`` holds the module's trainable parameters as JAX arrays (copies: later
+    changes to the torch module do not reach them), by ``named_parameters()`` name.
+    ``apply_fn(params, *args, **kwargs)`` runs the module functionally with them; buffers
+    (e.g. BatchNorm statistics) come from the module unless given in ``params`` too.
+
+    Example::
+
+        apply_fn, params = convert_pytnn_to_jax(torch.nn.Linear(10, 10))
+        grads = jax.grad(lambda p, x: apply_fn(p, x).sum())(params, jnp.ones(10))
+    """
+    torch = _torch()
+    if not isinstance(module, torch.nn.Module):
+        raise InvalidArgumentError(
+            f"convert_pytnn_to_jax takes a torch.nn.Module; got {type(module).__name__} "
+            "(wrap plain functions with py_to_jax_wrapper)"
+        )
+    call = TorchFunction(LocalModel(module, type(module).__name__), out_shapes=out_shapes)
+
+    def apply_fn(params: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        return call(params, args, kwargs)
+
+    apply_fn.__name__ = apply_fn.__qualname__ = type(module).__name__
+    params = {n: jnp.asarray(_torch_to_np(p)) for n, p in module.named_parameters()}
+    return apply_fn, params
+
+
+def convert_pytnn_to_flax(module: Any, *, out_shapes: OutShapes = None):
+    """A torch ``nn.Module`` as ``(LinenModuleClass, variables)``, as in pytorch2jax 0.1.0.
+
+    Instances of the class take the module's arguments; their parameters start at the
+    torch module's values and train like any linen parameters. ``variables`` is
+    ``{"params": {...}}``, ready for ``LinenModuleClass().apply(variables, x)``.
+
+    Example::
+
+        TorchLinear, variables = convert_pytnn_to_flax(torch.nn.Linear(10, 10))
+        y = TorchLinear().apply(variables, jnp.ones((4, 10)))
+    """
+    from pytorch2jax._flax import linen_module
+
+    apply_fn, params = convert_pytnn_to_jax(module, out_shapes=out_shapes)
+    return linen_module(apply_fn, params, type(module).__name__), {"params": params}
+
+
+def convert_pytnn_to_nnx(module: Any, *, out_shapes: OutShapes = None):
+    """A torch ``nn.Module`` as a ``flax.nnx`` module (see ``TorchModule``).
+
+    Example::
+
+        model = convert_pytnn_to_nnx(torch.nn.Linear(10, 10))
+        y = model(jnp.ones((4, 10)))
+    """
+    from pytorch2jax._flax import TorchModule
+
+    apply_fn, params = convert_pytnn_to_jax(module, out_shapes=out_shapes)
+    buffers = {
+        n: jnp.asarray(_torch_to_np(b)) for n, b in module.named_buffers() if b.is_floating_point()
+    }
+    return TorchModule(apply_fn, params, buffers)
