@@ -10,7 +10,9 @@ by ``import pytorch2jax``.
 Inputs reach torch without copies: under ``jit`` on CPU, torch tensors alias XLA's buffers
 (``buffer_callback``); eagerly, they alias the JAX arrays. Outputs are copied once, into
 XLA's output buffers (or into new arrays when eager), so that no JAX array aliases memory
-that torch may still change.
+that torch may still change. The forward of a differentiated call is the exception: the
+autograd graph it keeps for the backward outlives the callback, and XLA lends its buffers
+only for the callback's duration, so that forward runs on copies of its inputs.
 
 JAX arrays are immutable, torch tensors are not. The first call for each input signature
 runs torch on copies and watches their version counters; an input it writes to in place
@@ -73,13 +75,9 @@ def _map_tree(tree: Any, leaf: Callable[[Any], Any]) -> Any:
         return type(tree)(_map_tree(x, leaf) for x in tree)
     if isinstance(tree, dict):
         return {k: _map_tree(tree[k], leaf) for k in sorted(tree)}
-    if isinstance(tree, (np.ndarray, np.generic)) or _is_tensor(tree):
-        return leaf(tree)
-    return tree
-
-
-def _is_tensor(x: Any) -> bool:
-    return type(x).__module__.startswith("torch") and hasattr(x, "data_ptr")
+    if tree is None or isinstance(tree, (bool, int, float, str)):
+        return tree
+    return leaf(tree)
 
 
 class _Unwrap:
@@ -137,7 +135,10 @@ class LocalModel(Backend):
         with self._lock:
             writes = self._writes.get(key)
         first = writes is None
-        copied = {i: t.clone() for i, t in enumerate(shared) if first or i in writes}
+        # A kept autograd graph outlives this call, but XLA's buffers are lent only for its
+        # duration: the tensors it saves must own their memory, so that path copies.
+        copy_all = first or keep_autograd
+        copied = {i: t.clone() for i, t in enumerate(shared) if copy_all or i in writes}
         used = [copied.get(i, t) for i, t in enumerate(shared)]
         before = [t._version for t in used]
         it = iter(used[len(names) :])

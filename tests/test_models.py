@@ -1,7 +1,8 @@
-"""Values and gradients through a real worker equal torch run in this process.
+"""Values and gradients equal torch run directly, for both backends.
 
-Every example model, eagerly and under jit(value_and_grad), vmap, lax.scan and
-jax.checkpoint; gradients with respect to parameters and to floating inputs.
+Every example model, through a real worker ("remote") and through the in-process API
+("inprocess"), eagerly and under jit(value_and_grad), vmap, lax.scan and jax.checkpoint;
+gradients with respect to parameters and to floating inputs.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import pytest
 import torch
 from torch.func import functional_call
 
+import pytorch2jax
 from conftest import tree_allclose
 from pytorch2jax_server import examples
 
@@ -117,11 +119,14 @@ def _split(args: tuple):
     return tuple(args[i] for i in idx), rebuild
 
 
-@pytest.fixture(params=sorted(CASES))
-def case(request, client):
-    name = request.param
+@pytest.fixture(params=[(b, n) for b in ("remote", "inprocess") for n in sorted(CASES)], ids="-".join)
+def case(request):
+    backend, name = request.param
     case = CASES[name]
-    apply_fn, params = client.convert_pytnn_to_jax(name)
+    if backend == "remote":
+        apply_fn, params = request.getfixturevalue("client").convert_pytnn_to_jax(name)
+    else:
+        apply_fn, params = pytorch2jax.convert_pytnn_to_jax(case.factory())
     args = case.make_args(np.random.default_rng(0))
     return case, apply_fn, params, args
 
