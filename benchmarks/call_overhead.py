@@ -5,8 +5,8 @@ Prints one table, all rows measured in this run (medians of repeated calls):
 - floors: a bare gRPC echo of the same request bytes (a Python gRPC server with the
   worker's settings, same transport), a jitted ``buffer_callback`` identity, and the same
   torch Linear called in process;
-- the 10x10 Linear of the original README through the worker under ``jax.jit``: forward,
-  and forward + VJP (``value_and_grad``), over a unix socket and over TCP.
+- the 10x10 Linear of the original README under ``jax.jit``: forward, and forward + VJP
+  (``value_and_grad``), through the worker over a unix socket and over TCP, and in process.
 
     python benchmarks/call_overhead.py [--calls 500]
 """
@@ -109,13 +109,19 @@ def main() -> None:
         rows.append(("jit buffer_callback identity", _time(lambda: ident(x).block_until_ready(), args.calls), None))
         try:
             import torch
-        except ImportError:
+        except ImportError:  # a client-only environment: no in-process rows
             pass
         else:
             torch.set_num_threads(1)
             lin, tx = torch.nn.Linear(10, 10), torch.ones(10, 10)
             with torch.no_grad():
                 rows.append(("torch Linear in process", _time(lambda: lin(tx), args.calls), None))
+            local_fn, local_params = pytorch2jax.convert_pytnn_to_jax(lin)
+            floor = "jit buffer_callback identity"
+            local = jax.jit(local_fn)
+            rows.append(("jit forward, in process", _time(lambda: local(local_params, x).block_until_ready(), args.calls), floor))
+            local_vg = jax.jit(jax.value_and_grad(lambda p, x: local_fn(p, x).sum(), argnums=(0, 1)))
+            rows.append(("jit forward+VJP, in process", _time(lambda: jax.block_until_ready(local_vg(local_params, x)), args.calls), floor))
     finally:
         for proc in (worker, echo):
             proc.terminate()

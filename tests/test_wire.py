@@ -14,7 +14,9 @@ def test_checked_nbytes():
     with pytest.raises(tensors.WireFormatError, match="negative dimension"):
         tensors.checked_nbytes(pb.FLOAT32, [2, -3])
     with pytest.raises(tensors.WireFormatError, match="over the limit"):
-        tensors.checked_nbytes(pb.FLOAT64, [2**40, 2**40], max_bytes=2**62)
+        tensors.checked_nbytes(pb.FLOAT64, [2**20, 2**20], max_bytes=2**30)
+    with pytest.raises(tensors.WireFormatError, match="too large to index"):
+        tensors.checked_nbytes(pb.FLOAT32, [0, 2**62, 2**62])  # 0 bytes, overflowing strides
     with pytest.raises(tensors.WireFormatError, match="unknown wire dtype 99"):
         tensors.checked_nbytes(99, [1])
     with pytest.raises(tensors.WireFormatError, match="rank"):

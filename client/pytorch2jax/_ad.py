@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pytorch2jax._backend import HANDLE_BYTES, Backend
-from pytorch2jax._exceptions import InvalidArgumentError
+from pytorch2jax._exceptions import InvalidArgumentError, UnsupportedError
 
 try:
     from jax.experimental.buffer_callback import buffer_callback as _buffer_callback
@@ -46,6 +46,7 @@ _ARRAY_TYPES = (jax.Array, np.ndarray, np.generic, jax.core.Tracer)
 _STATIC_TYPES = (bool, int, float, str, type(None))
 
 OutShapes = Any  # a pytree of jax.ShapeDtypeStruct, or a callable from input specs to one
+_MAX_SIGNATURES = 4096
 
 
 def _differentiable(dtype: Any) -> bool:
@@ -66,12 +67,14 @@ class _Signature:
     """Everything about a call except the array data: hashable, static under jit."""
 
     treedef: Any  # of (args, kwargs), array and static leaves alike
-    statics: tuple  # (position, value) of each static leaf
+    # (position, type, value) of each static leaf: the type too, because 2 == 2.0 == True
+    # hash alike but can give the model different output dtypes.
+    statics: tuple
     param_names: tuple[str, ...]
 
     def rebuild(self, arrays: list[Any]) -> tuple[tuple, dict]:
         leaves: list[Any] = [None] * self.treedef.num_leaves
-        static = dict(self.statics)
+        static = {i: v for i, _, v in self.statics}
         it = iter(arrays)
         for i in range(len(leaves)):
             leaves[i] = static[i] if i in static else next(it)
@@ -79,16 +82,25 @@ class _Signature:
 
 
 def _check_containers(tree: Any, where: str) -> None:
-    # The wire order of leaves is JAX's flattening order only for these containers.
-    if isinstance(tree, collections.OrderedDict):
+    # Torch receives tuples, lists, dicts with string keys and None; in those, the order
+    # of leaves on the wire is JAX's flattening order. Other pytree nodes are refused.
+    if isinstance(tree, collections.OrderedDict) or (
+        not isinstance(tree, (tuple, list, dict))
+        and tree is not None
+        and not jax.tree_util.treedef_is_leaf(jax.tree_util.tree_structure(tree))
+    ):
         raise InvalidArgumentError(
-            f"{where}: OrderedDict cannot cross the bridge (its order differs from a dict's); "
-            "pass a plain dict"
+            f"{where}: a {type(tree).__name__} cannot be passed to torch; use tuples, lists "
+            "and dicts with string keys (e.g. dict(x) for a FrozenDict or OrderedDict)"
         )
     if isinstance(tree, (tuple, list)):
         for x in tree:
             _check_containers(x, where)
     elif isinstance(tree, dict):
+        if not all(isinstance(k, str) for k in tree):
+            raise InvalidArgumentError(
+                f"{where}: dict keys must be strings to reach torch; got {sorted(map(repr, tree))}"
+            )
         for x in tree.values():
             _check_containers(x, where)
 
@@ -126,7 +138,7 @@ class TorchFunction:
                 # (float64 -> float32 without x64) on every path alike.
                 arrays.append(leaf if isinstance(leaf, (jax.Array, jax.core.Tracer)) else jnp.asarray(leaf))
             elif isinstance(leaf, _STATIC_TYPES):
-                statics.append((i, leaf))
+                statics.append((i, type(leaf), leaf))
             else:
                 raise InvalidArgumentError(
                     f"{self.backend.description}: cannot pass a {type(leaf).__name__} to torch; "
@@ -173,7 +185,7 @@ class TorchFunction:
             grads = [p_grads.get(name) for name in sig.param_names] + list(a_grads)
             return [grads[i] for i in diff_in]
 
-        flat = iter(_run(host, grad_structs, [handle, *inputs, *cts]))
+        flat = iter(_run(host, grad_structs, [handle, *inputs, *cts], self.backend.description))
         diff = set(diff_in)
         grads = [next(flat) if i in diff else None for i in range(len(inputs))]
         return tuple(grads[: len(p)]), tuple(grads[len(p) :])
@@ -201,7 +213,8 @@ class TorchFunction:
             outputs, handle = host(*arrays)
             leaves, got_def = jax.tree_util.tree_flatten(outputs)
             if got_def != out_def or any(
-                np.shape(x) != s.shape for x, s in zip(leaves, out_leaves)
+                np.shape(x) != s.shape or jax.dtypes.canonicalize_dtype(x.dtype) != s.dtype
+                for x, s in zip(leaves, out_leaves)
             ):
                 raise InvalidArgumentError(
                     f"{self.backend.description} returned {_describe(outputs)} but "
@@ -209,7 +222,8 @@ class TorchFunction:
                 )
             return leaves + ([_handle_array(handle)] if keep else [])
 
-        flat = _run(host_flat, list(out_leaves) + ([_HANDLE] if keep else []), [*p, *a])
+        results = list(out_leaves) + ([_HANDLE] if keep else [])
+        flat = _run(host_flat, results, [*p, *a], self.backend.description)
         if keep:
             return jax.tree_util.tree_unflatten(out_def, flat[:-1]), flat[-1]
         return jax.tree_util.tree_unflatten(out_def, flat), None
@@ -231,8 +245,33 @@ class TorchFunction:
             structs = self._out_shapes
         structs = jax.tree_util.tree_map(_canonical, structs)
         with self._lock:
+            if len(self._infer_cache) >= _MAX_SIGNATURES:
+                self._infer_cache.clear()  # a new shape every call: keep memory bounded
             self._infer_cache[key] = structs
         return structs
+
+
+@functools.lru_cache(maxsize=None)
+def _refuse_higher_order(description: str):
+    @jax.custom_jvp
+    def first_order_only(xs):
+        return xs
+
+    @first_order_only.defjvp
+    def _(primals, tangents):
+        raise UnsupportedError(
+            f"{description}: only first-order gradients of a torch model are supported "
+            "(grad, vjp, value_and_grad); differentiating its backward (hessian, grad of "
+            "grad, jvp of a gradient) is not"
+        )
+
+    return first_order_only
+
+
+def _first_order_only(values: list[Any], description: str) -> list[Any]:
+    """``values`` unchanged; differentiating through them raises a clear UnsupportedError
+    (instead of JAX's complaint that callbacks have no JVP rule)."""
+    return _refuse_higher_order(description)(values)
 
 
 def _handle_array(handle: bytes) -> np.ndarray:
@@ -247,12 +286,18 @@ def _is_concrete(values: list[Any]) -> bool:
     return not any(isinstance(v, jax.core.Tracer) for v in values)
 
 
-def _run(host: Callable[..., list[np.ndarray]], results: list[jax.ShapeDtypeStruct], inputs: list):
+def _run(
+    host: Callable[..., list[np.ndarray]],
+    results: list[jax.ShapeDtypeStruct],
+    inputs: list,
+    description: str,
+):
     """Runs ``host`` (numpy in, list of numpy out) on ``inputs``: directly when they are
     concrete, otherwise as a callback inside the computation being traced."""
     if _is_concrete(inputs):
         outs = host(*(np.asarray(x) for x in inputs))
         return [jnp.asarray(np.asarray(o, dtype=s.dtype)) for o, s in zip(outs, results)]
+    inputs = _first_order_only(inputs, description)
     if _buffer_callback is not None and jax.default_backend() == "cpu":
         return _buffer_callback(
             functools.partial(_into_buffers, host), results, vmap_method="sequential"

@@ -14,8 +14,9 @@ from typing import Any
 import jax
 import numpy as np
 
-#: Byte length of a residual handle; an all-zero handle means "none kept".
-HANDLE_BYTES = 16
+from pytorch2jax_protocol import HANDLE_BYTES
+
+__all__ = ["HANDLE_BYTES", "Backend"]
 
 
 class Backend(abc.ABC):

@@ -16,13 +16,14 @@ from pytorch2jax._flax import TorchModule, linen_module
 from pytorch2jax._exceptions import (
     InvalidArgumentError,
     ModelNotFoundError,
+    WorkerInternalError,
     WorkerUnavailableError,
     from_rpc_error,
 )
 from pytorch2jax._models import ModelInfo
 from pytorch2jax._remote import RemoteModel
 from pytorch2jax_protocol import DEFAULT_MAX_MESSAGE_BYTES, channel_options, dtypes, pb, pb_grpc
-from pytorch2jax_protocol.tensors import checked_nbytes
+from pytorch2jax_protocol.tensors import WireFormatError, checked_nbytes
 
 DEFAULT_CONNECT_TIMEOUT_S = 10.0
 DEFAULT_CALL_TIMEOUT_S = 300.0
@@ -71,6 +72,7 @@ class Client:
     ) -> None:
         self.target = target
         self.call_timeout = call_timeout
+        self.max_bytes = max_message_bytes
         self._channel = grpc.insecure_channel(target, options=channel_options(max_message_bytes))
         self._stub = pb_grpc.BridgeStub(self._channel)
         self._infos: dict[str, ModelInfo] | None = None
@@ -129,19 +131,25 @@ class Client:
         try:
             for chunk in self._stub.GetParameters(request, timeout=self.call_timeout):
                 if chunk.name not in parts:
-                    nbytes = checked_nbytes(chunk.dtype, chunk.shape)
-                    parts[chunk.name] = (chunk, bytearray(nbytes))
-                data = parts[chunk.name][1]
-                if chunk.offset + len(chunk.data) > len(data):
-                    raise InvalidArgumentError(f"worker sent too many bytes for {chunk.name!r}")
+                    nbytes = checked_nbytes(chunk.dtype, chunk.shape, max_bytes=self.max_bytes)
+                    parts[chunk.name] = (chunk, bytearray(nbytes), [0])
+                _, data, received = parts[chunk.name]
+                if chunk.offset != received[0] or chunk.offset + len(chunk.data) > len(data):
+                    raise WorkerInternalError(f"worker sent malformed chunks of {chunk.name!r}")
                 data[chunk.offset : chunk.offset + len(chunk.data)] = chunk.data
+                received[0] += len(chunk.data)
         except grpc.RpcError as e:
             raise from_rpc_error(e, self.target) from None
+        except WireFormatError as e:
+            raise WorkerInternalError(f"worker sent a malformed tensor: {e}") from None
+        short = [n for n, (_, data, received) in parts.items() if received[0] != len(data)]
+        if short:
+            raise WorkerInternalError(f"worker sent incomplete parameters: {', '.join(short)}")
         return {
             n: jnp.asarray(
                 np.frombuffer(data, dtypes.to_numpy(head.dtype)).reshape(tuple(head.shape))
             )
-            for n, (head, data) in parts.items()
+            for n, (head, data, _) in parts.items()
         }
 
     # -- served models as JAX functions -------------------------------------------------

@@ -49,13 +49,18 @@ def _torch():
 
 def _np_to_torch(a: np.ndarray):
     torch = _torch()
-    with warnings.catch_warnings():
-        # XLA's and JAX's buffers come as read-only numpy views; writes are guarded by the
-        # version-counter check (module docstring), not by numpy's flag.
-        warnings.simplefilter("ignore", UserWarning)
-        if a.dtype == ml_dtypes.bfloat16:
-            return torch.from_numpy(np.asarray(a).view(np.uint16)).view(torch.bfloat16)
-        return torch.from_numpy(np.asarray(a))
+    bf16 = a.dtype == ml_dtypes.bfloat16
+    if bf16:  # torch does not know numpy's bfloat16: go through its bits
+        a = a.view(np.uint16)
+    if a.flags.writeable:  # XLA's buffers inside a callback
+        t = torch.from_numpy(a)
+    else:
+        with warnings.catch_warnings():
+            # A JAX array's numpy view is read-only; writes are guarded by the
+            # version-counter check (module docstring), not by numpy's flag.
+            warnings.simplefilter("ignore", UserWarning)
+            t = torch.from_numpy(a)
+    return t.view(torch.bfloat16) if bf16 else t
 
 
 def _torch_to_np(t) -> np.ndarray:

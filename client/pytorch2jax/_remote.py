@@ -12,6 +12,9 @@ from pytorch2jax._exceptions import InvalidArgumentError, ResidualLostError
 from pytorch2jax._models import ModelInfo
 from pytorch2jax_protocol import dtypes, pb, tensors, values
 
+# The wire code's own errors, for values that cannot be encoded (e.g. a string array).
+_UNENCODABLE = (dtypes.UnsupportedDTypeError, tensors.WireFormatError, values.TreeFormatError)
+
 if TYPE_CHECKING:
     from pytorch2jax._client import Client
 
@@ -21,11 +24,28 @@ def _spec_to_struct(msg: pb.TensorSpec) -> jax.ShapeDtypeStruct:
 
 
 def _struct_to_spec(s: jax.ShapeDtypeStruct) -> pb.TensorSpec:
-    return tensors.spec_of(s.dtype, s.shape)
+    try:
+        return tensors.spec_of(s.dtype, s.shape)
+    except _UNENCODABLE as e:
+        raise InvalidArgumentError(str(e)) from None
 
 
 def _named(params: dict[str, np.ndarray]) -> list[pb.NamedTensor]:
-    return [pb.NamedTensor(name=n, tensor=tensors.to_wire(v)) for n, v in params.items()]
+    return [pb.NamedTensor(name=n, tensor=_to_wire(v)) for n, v in params.items()]
+
+
+def _to_wire(array: np.ndarray) -> pb.Tensor:
+    try:
+        return tensors.to_wire(array)
+    except _UNENCODABLE as e:
+        raise InvalidArgumentError(str(e)) from None
+
+
+def _encode_arguments(args: tuple, kwargs: dict, leaf) -> pb.Arguments:
+    try:
+        return values.encode_arguments(args, kwargs, leaf)
+    except _UNENCODABLE as e:
+        raise InvalidArgumentError(str(e)) from None
 
 
 class RemoteModel(Backend):
@@ -55,7 +75,7 @@ class RemoteModel(Backend):
         self._check_parameters(params)
         request = pb.InferShapesRequest(
             model=self.info.name,
-            arguments=values.encode_arguments(args, kwargs, _struct_to_spec),
+            arguments=_encode_arguments(args, kwargs, _struct_to_spec),
         )
         reply = self._client._unary("InferShapes", request)
         return values.decode(reply.outputs, tensors.from_wire, _spec_to_struct)
@@ -63,7 +83,7 @@ class RemoteModel(Backend):
     def forward(self, params, args, kwargs, *, keep_residual):
         request = pb.ForwardRequest(
             model=self.info.name,
-            arguments=values.encode_arguments(args, kwargs, tensors.to_wire),
+            arguments=_encode_arguments(args, kwargs, _to_wire),
             parameters=_named(params),
             keep_residual=keep_residual,
         )
@@ -73,7 +93,7 @@ class RemoteModel(Backend):
     def vjp(self, residual, params, args, kwargs, cotangents):
         request = pb.VjpRequest(
             model=self.info.name,
-            cotangents=[pb.Tensor() if c is None else tensors.to_wire(c) for c in cotangents],
+            cotangents=[pb.Tensor() if c is None else _to_wire(c) for c in cotangents],
         )
         reply = None
         if any(residual):
@@ -83,7 +103,7 @@ class RemoteModel(Backend):
             except ResidualLostError:
                 request.residual = b""  # evicted or expired: recompute from the inputs
         if reply is None:
-            request.arguments.CopyFrom(values.encode_arguments(args, kwargs, tensors.to_wire))
+            request.arguments.CopyFrom(_encode_arguments(args, kwargs, _to_wire))
             request.parameters.extend(_named(params))
             reply = self._client._unary("Vjp", request)
         param_grads = {g.name: tensors.from_wire(g.tensor) for g in reply.parameter_grads}

@@ -15,6 +15,10 @@ DEFAULT_MAX_MESSAGE_BYTES = 1 << 30
 #: Size of one streamed chunk of parameter bytes (GetParameters).
 PARAMETER_CHUNK_BYTES = 4 << 20
 
+#: Byte length of a residual handle. The client carries it as a uint8 array inside JAX
+#: computations, where all zeros means that no residual was kept.
+HANDLE_BYTES = 16
+
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Bridge"].full_name
 
 
@@ -28,6 +32,7 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
 
 __all__ = [
     "DEFAULT_MAX_MESSAGE_BYTES",
+    "HANDLE_BYTES",
     "PARAMETER_CHUNK_BYTES",
     "SERVICE_NAME",
     "channel_options",

@@ -15,6 +15,7 @@ import numpy as np
 from pytorch2jax_protocol import dtypes, pb
 
 MAX_RANK = 64
+MAX_ELEMENTS = 1 << 62
 
 
 class WireFormatError(ValueError):
@@ -31,6 +32,9 @@ def checked_nbytes(dtype: int, shape: Sequence[int], *, max_bytes: int | None = 
         raise WireFormatError(f"tensor has rank {len(shape)}; at most {MAX_RANK} is supported")
     if any(d < 0 for d in shape):
         raise WireFormatError(f"tensor shape {tuple(shape)} has a negative dimension")
+    if math.prod(d for d in shape if d) > MAX_ELEMENTS:
+        # Even with a zero dimension (0 bytes), strides of such a shape overflow 64 bits.
+        raise WireFormatError(f"tensor shape {tuple(shape)} is too large to index")
     nbytes = size * math.prod(shape)  # Python ints: no overflow, compare before allocating
     if max_bytes is not None and nbytes > max_bytes:
         raise WireFormatError(

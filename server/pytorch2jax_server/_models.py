@@ -32,6 +32,12 @@ from pytorch2jax_server._errors import (
 from pytorch2jax_server._residuals import Residual
 from pytorch2jax_server._tensors import is_differentiable, shape_str, to_spec
 
+_X64_NARROWED = {
+    torch.float64: torch.float32,
+    torch.int64: torch.int32,
+    torch.complex128: torch.complex64,
+}
+
 _CANNOT_TRACE = (
     DataDependentOutputException,
     DynamicOutputShapeException,
@@ -105,9 +111,15 @@ class ServedModel:
                 f"{len(args)} positional argument(s) and keywords {sorted(kwargs)}: {e}"
             ) from None
 
-    def check_parameters(self, params: dict[str, torch.Tensor]) -> None:
+    def check_parameters(self, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``params`` checked against the module's own, by name, shape and dtype.
+
+        A JAX client without ``jax_enable_x64`` holds a float64 (int64, complex128) weight
+        as float32 (int32, complex64); such values are widened back to the module's dtype.
+        """
         if params and not self.is_module:
             raise InvalidRequest(f"model {self.name!r} is a function; it takes no parameters")
+        checked = {}
         for name, value in params.items():
             # Buffers may be given too (e.g. BatchNorm statistics kept by the client).
             own = self.parameters.get(name, self.buffers.get(name))
@@ -116,12 +128,16 @@ class ServedModel:
                 raise InvalidRequest(
                     f"model {self.name!r} has no parameter {name!r}; its parameters: {known}"
                 )
+            if value.dtype != own.dtype and _X64_NARROWED.get(own.dtype) == value.dtype:
+                value = value.to(own.dtype)
             if value.shape != own.shape or value.dtype != own.dtype:
                 raise InvalidRequest(
                     f"parameter {name!r} of model {self.name!r} is "
                     f"{str(own.dtype).removeprefix('torch.')}{shape_str(own.shape)}; got "
                     f"{str(value.dtype).removeprefix('torch.')}{shape_str(value.shape)}"
                 )
+            checked[name] = value
+        return checked
 
     def infer(self, build_arguments: Callable[[], tuple[tuple, dict]]) -> Any:
         """The output pytree as fake tensors (shape and dtype, no data).
@@ -130,10 +146,17 @@ class ServedModel:
         empty tensors it creates are fake too and nothing is allocated or computed.
         """
         try:
-            with FakeTensorMode(allow_non_fake_inputs=True):
+            with FakeTensorMode(allow_non_fake_inputs=True) as mode:
                 args, kwargs = build_arguments()
                 self.check_arity(args, kwargs)
-                return self._obj(*args, **kwargs)
+                if not self.is_module:
+                    return self._obj(*args, **kwargs)
+                # Over fake copies of the weights and buffers, so that a module which
+                # updates its buffers (BatchNorm in training mode) leaves the real ones be.
+                state = {n: mode.from_tensor(t) for n, t in self.parameters.items()}
+                state.update((n, mode.from_tensor(t)) for n, t in self.buffers.items())
+                with self._lock:
+                    return functional_call(self._obj, state, args, kwargs, tie_weights=True)
         except _CANNOT_TRACE as e:
             raise CannotInferShapes(
                 f"the output shapes of model {self.name!r} depend on its input data ({e}), "
@@ -160,7 +183,7 @@ class ServedModel:
         replaces the module's own parameters by name (they stay untouched).
         """
         self.check_arity(args, kwargs)
-        self.check_parameters(params)
+        params = self.check_parameters(params)
         if not keep_autograd:
             with torch.no_grad():
                 return Outcome(self._call(args, kwargs, params))

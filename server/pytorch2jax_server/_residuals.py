@@ -14,11 +14,13 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
-HANDLE_BYTES = 16
+from pytorch2jax_protocol import HANDLE_BYTES
 
 DEFAULT_MAX_ENTRIES = 1024
 DEFAULT_MAX_BYTES = 2 << 30
-DEFAULT_TTL_S = 300.0
+#: A forward whose backward never comes (``jax.vjp`` left unused, ``has_aux`` outputs)
+#: holds its graph until evicted or this old; a later backward then recomputes.
+DEFAULT_TTL_S = 120.0
 
 
 @dataclass
@@ -73,17 +75,18 @@ class ResidualCache:
             self._bytes += residual.nbytes
         return handle
 
-    def take(self, handle: bytes, *, keep: bool = False) -> Residual | None:
-        """The residual of ``handle``, removed unless ``keep``; None if it is gone."""
+    def take(self, handle: bytes, *, model: str | None = None, keep: bool = False) -> Residual | None:
+        """The residual of ``handle`` (of ``model``, if given), removed unless ``keep``;
+        None if it is gone or belongs to another model (which then keeps it)."""
         with self._lock:
             self._expire(time.monotonic())
+            residual = self._entries.get(handle)
+            if residual is None or (model is not None and residual.model != model):
+                return None
             if keep:
-                residual = self._entries.get(handle)
-                if residual is not None:
-                    self._entries.move_to_end(handle)
-                return residual
-            residual = self._entries.pop(handle, None)
-            if residual is not None:
+                self._entries.move_to_end(handle)
+            else:
+                del self._entries[handle]
                 self._bytes -= residual.nbytes
             return residual
 

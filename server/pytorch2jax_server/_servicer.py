@@ -152,9 +152,9 @@ class BridgeServicer(pb_grpc.BridgeServicer):
         ]
         residual = None
         if request.residual:
-            residual = self._residuals.take(request.residual, keep=request.retain_residual)
-            if residual is not None and residual.model != model.name:
-                residual = None
+            residual = self._residuals.take(
+                request.residual, model=model.name, keep=request.retain_residual
+            )
         if residual is None:
             if not request.HasField("arguments"):
                 raise ResidualLost(

@@ -66,6 +66,10 @@ def empty_from_spec(msg: pb.TensorSpec) -> torch.Tensor:
 
 
 def to_wire(t: torch.Tensor) -> pb.Tensor:
+    if t.layout != torch.strided:
+        raise InvalidRequest(
+            f"a {t.layout} tensor cannot cross the bridge; return dense tensors (.to_dense())"
+        )
     t = t.detach()
     if t.device.type != "cpu":
         t = t.cpu()
@@ -78,6 +82,10 @@ def to_wire(t: torch.Tensor) -> pb.Tensor:
 
 
 def to_spec(t: torch.Tensor) -> pb.TensorSpec:
+    if t.layout != torch.strided:
+        raise InvalidRequest(
+            f"a {t.layout} tensor cannot cross the bridge; return dense tensors (.to_dense())"
+        )
     return pb.TensorSpec(dtype=wire_dtype(t.dtype), shape=t.shape)
 
 
