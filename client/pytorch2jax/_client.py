@@ -128,28 +128,31 @@ class Client:
         """
         request = pb.GetParametersRequest(model=name, include_buffers=include_buffers)
         parts: dict[str, tuple[pb.TensorChunk, bytearray]] = {}
+        received: dict[str, int] = {}
         try:
             for chunk in self._stub.GetParameters(request, timeout=self.call_timeout):
                 if chunk.name not in parts:
                     nbytes = checked_nbytes(chunk.dtype, chunk.shape, max_bytes=self.max_bytes)
-                    parts[chunk.name] = (chunk, bytearray(nbytes), [0])
-                _, data, received = parts[chunk.name]
-                if chunk.offset != received[0] or chunk.offset + len(chunk.data) > len(data):
+                    parts[chunk.name] = (chunk, bytearray(nbytes))
+                    received[chunk.name] = 0
+                data = parts[chunk.name][1]
+                end = chunk.offset + len(chunk.data)
+                if chunk.offset != received[chunk.name] or end > len(data):
                     raise WorkerInternalError(f"worker sent malformed chunks of {chunk.name!r}")
-                data[chunk.offset : chunk.offset + len(chunk.data)] = chunk.data
-                received[0] += len(chunk.data)
+                data[chunk.offset : end] = chunk.data
+                received[chunk.name] = end
         except grpc.RpcError as e:
             raise from_rpc_error(e, self.target) from None
         except WireFormatError as e:
             raise WorkerInternalError(f"worker sent a malformed tensor: {e}") from None
-        short = [n for n, (_, data, received) in parts.items() if received[0] != len(data)]
+        short = [n for n, (_, data) in parts.items() if received[n] != len(data)]
         if short:
             raise WorkerInternalError(f"worker sent incomplete parameters: {', '.join(short)}")
         return {
             n: jnp.asarray(
                 np.frombuffer(data, dtypes.to_numpy(head.dtype)).reshape(tuple(head.shape))
             )
-            for n, (head, data, _) in parts.items()
+            for n, (head, data) in parts.items()
         }
 
     # -- served models as JAX functions -------------------------------------------------

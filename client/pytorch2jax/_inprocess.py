@@ -36,6 +36,7 @@ import numpy as np
 from pytorch2jax._ad import OutShapes, TorchFunction
 from pytorch2jax._backend import Backend
 from pytorch2jax._exceptions import InvalidArgumentError, from_status
+from pytorch2jax_protocol import dtypes
 
 
 def _torch():
@@ -190,13 +191,15 @@ class LocalModel(Backend):
 
 
 def _torch_dtype(dtype: Any):
-    torch = _torch()
-    return getattr(torch, np.dtype(dtype).name)
+    from pytorch2jax_server._tensors import torch_dtype
+
+    return torch_dtype(dtypes.from_numpy(dtype))
 
 
 def _np_dtype(dtype: Any) -> np.dtype:
-    name = str(dtype).removeprefix("torch.")
-    return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
+    from pytorch2jax_server._tensors import wire_dtype
+
+    return dtypes.to_numpy(wire_dtype(dtype))
 
 
 def _module_name(obj: Any) -> str:

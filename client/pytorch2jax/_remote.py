@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING, Any
 
 import jax
@@ -23,29 +24,30 @@ def _spec_to_struct(msg: pb.TensorSpec) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(tuple(msg.shape), dtypes.to_numpy(msg.dtype))
 
 
+def _refusing_unencodable(fn):
+    """``fn``, with the wire code's encoding errors raised as InvalidArgumentError."""
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except _UNENCODABLE as e:
+            raise InvalidArgumentError(str(e)) from None
+
+    return wrapped
+
+
+_to_wire = _refusing_unencodable(tensors.to_wire)
+_encode_arguments = _refusing_unencodable(values.encode_arguments)
+_spec_of = _refusing_unencodable(tensors.spec_of)
+
+
 def _struct_to_spec(s: jax.ShapeDtypeStruct) -> pb.TensorSpec:
-    try:
-        return tensors.spec_of(s.dtype, s.shape)
-    except _UNENCODABLE as e:
-        raise InvalidArgumentError(str(e)) from None
+    return _spec_of(s.dtype, s.shape)
 
 
 def _named(params: dict[str, np.ndarray]) -> list[pb.NamedTensor]:
     return [pb.NamedTensor(name=n, tensor=_to_wire(v)) for n, v in params.items()]
-
-
-def _to_wire(array: np.ndarray) -> pb.Tensor:
-    try:
-        return tensors.to_wire(array)
-    except _UNENCODABLE as e:
-        raise InvalidArgumentError(str(e)) from None
-
-
-def _encode_arguments(args: tuple, kwargs: dict, leaf) -> pb.Arguments:
-    try:
-        return values.encode_arguments(args, kwargs, leaf)
-    except _UNENCODABLE as e:
-        raise InvalidArgumentError(str(e)) from None
 
 
 class RemoteModel(Backend):

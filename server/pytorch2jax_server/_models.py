@@ -228,8 +228,8 @@ def vjp(
 
     ``cotangents`` has one entry per output tensor leaf (None where the output has none).
     Returns one gradient per argument leaf (None for integer/boolean leaves) and one per
-    floating parameter or buffer. Complex tensors follow JAX's convention: JAX's VJP of a cotangent c is
-    conj(torch's VJP of conj(c)).
+    floating parameter or buffer. Complex tensors follow JAX's convention: JAX's VJP of a
+    cotangent c is conj(torch's VJP of conj(c)).
     """
     outputs = residual.outputs
     if len(cotangents) != len(outputs):
