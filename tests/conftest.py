@@ -110,12 +110,29 @@ def worker() -> Iterator[WorkerProcess]:
         yield w
 
 
+#: The transports every worker test runs over ("cuda_ipc" needs a GPU build: not yet).
+TRANSPORTS = ("inline", "shm")
+
+
 @pytest.fixture(scope="session")
-def client(worker):
+def clients(worker) -> Iterator[dict]:
+    """One client per transport, to the shared worker, by transport name."""
     import pytorch2jax
 
-    with pytorch2jax.connect(worker.unix) as c:
-        yield c
+    opened = {t: pytorch2jax.connect(worker.unix, transport=t) for t in TRANSPORTS}
+    try:
+        yield opened
+    finally:
+        for c in opened.values():
+            c.close()
+
+
+@pytest.fixture(scope="session", params=TRANSPORTS)
+def client(request, clients):
+    """A client to the shared worker; tests that use it run once per transport."""
+    c = clients[request.param]
+    assert c.transport == request.param
+    return c
 
 
 def tree_allclose(actual, expected, *, rtol: float = 1e-5, atol: float = 1e-6) -> None:

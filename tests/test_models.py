@@ -119,12 +119,14 @@ def _split(args: tuple):
     return tuple(args[i] for i in idx), rebuild
 
 
-@pytest.fixture(params=[(b, n) for b in ("remote", "inprocess") for n in sorted(CASES)], ids="-".join)
+@pytest.fixture(
+    params=[(b, n) for b in ("inline", "shm", "inprocess") for n in sorted(CASES)], ids="-".join
+)
 def case(request):
     backend, name = request.param
     case = CASES[name]
-    if backend == "remote":
-        apply_fn, params = request.getfixturevalue("client").convert_pytnn_to_jax(name)
+    if backend != "inprocess":
+        apply_fn, params = request.getfixturevalue("clients")[backend].convert_pytnn_to_jax(name)
     else:
         apply_fn, params = pytorch2jax.convert_pytnn_to_jax(case.factory())
     args = case.make_args(np.random.default_rng(0))

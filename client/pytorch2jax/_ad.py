@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import math
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -195,22 +196,28 @@ class TorchFunction:
     def _forward(self, sig: _Signature, p: tuple, a: tuple, *, keep: bool):
         n_params = len(p)
 
-        def host(*arrays):
+        def host(*arrays, reply_bytes=None):
             args, kwargs = sig.rebuild(list(arrays[n_params:]))
             params = dict(zip(sig.param_names, arrays[:n_params]))
-            return self.backend.forward(params, args, kwargs, keep_residual=keep)
+            return self.backend.forward(
+                params, args, kwargs, keep_residual=keep, reply_bytes=reply_bytes
+            )
 
         if _is_concrete([*p, *a]):
             # No tracing: no shapes needed (data-dependent outputs work), no callback.
             outputs, handle = host(*(np.asarray(x) for x in (*p, *a)))
-            outputs = jax.tree_util.tree_map(jnp.asarray, outputs)
+            # Arrays the backend hands over for good can become JAX arrays without a copy
+            # (device_put wraps 64-byte aligned host memory on CPU); others are copied.
+            to_jax = jax.device_put if self.backend.owns_outputs else jnp.asarray
+            outputs = jax.tree_util.tree_map(to_jax, outputs)
             return outputs, (jnp.asarray(_handle_array(handle)) if keep else None)
 
         structs = self._output_structs(sig, p, a)
         out_leaves, out_def = jax.tree_util.tree_flatten(structs)
+        reply_bytes = sum(_nbytes(s) for s in out_leaves)
 
         def host_flat(*arrays):
-            outputs, handle = host(*arrays)
+            outputs, handle = host(*arrays, reply_bytes=reply_bytes)
             leaves, got_def = jax.tree_util.tree_flatten(outputs)
             if got_def != out_def or any(
                 np.shape(x) != s.shape or jax.dtypes.canonicalize_dtype(x.dtype) != s.dtype
@@ -272,6 +279,11 @@ def _first_order_only(values: list[Any], description: str) -> list[Any]:
     """``values`` unchanged; differentiating through them raises a clear UnsupportedError
     (instead of JAX's complaint that callbacks have no JVP rule)."""
     return _refuse_higher_order(description)(values)
+
+
+def _nbytes(struct: jax.ShapeDtypeStruct) -> int:
+    # Rounded up to the 64-byte slots that transports use.
+    return (math.prod(struct.shape) * np.dtype(struct.dtype).itemsize + 63) & ~63
 
 
 def _handle_array(handle: bytes) -> np.ndarray:

@@ -25,15 +25,28 @@ class Backend(abc.ABC):
     #: How error messages name the model, e.g. "model 'mlp' at localhost:50051".
     description: str
 
+    #: Whether the arrays ``forward`` returns are the caller's alone (no one else writes
+    #: them), so that JAX may wrap them without a copy.
+    owns_outputs: bool = False
+
     @abc.abstractmethod
     def infer(self, params: dict[str, jax.ShapeDtypeStruct], args: tuple, kwargs: dict) -> Any:
         """The output pytree, leaves as ShapeDtypeStruct, for inputs of these shapes and dtypes."""
 
     @abc.abstractmethod
     def forward(
-        self, params: dict[str, np.ndarray], args: tuple, kwargs: dict, *, keep_residual: bool
+        self,
+        params: dict[str, np.ndarray],
+        args: tuple,
+        kwargs: dict,
+        *,
+        keep_residual: bool,
+        reply_bytes: int | None = None,
     ) -> tuple[Any, bytes]:
-        """The output pytree (numpy leaves), and a residual handle (b"" if none was kept)."""
+        """The output pytree (numpy leaves), and a residual handle (b"" if none was kept).
+
+        ``reply_bytes``, when known, is the outputs' total size: room to prepare for them.
+        """
 
     @abc.abstractmethod
     def vjp(

@@ -22,6 +22,7 @@ from pytorch2jax._exceptions import (
 )
 from pytorch2jax._models import ModelInfo
 from pytorch2jax._remote import RemoteModel
+from pytorch2jax._transports import Transport, open_transport
 from pytorch2jax_protocol import DEFAULT_MAX_MESSAGE_BYTES, channel_options, dtypes, pb, pb_grpc
 from pytorch2jax_protocol.tensors import WireFormatError, checked_nbytes
 
@@ -35,14 +36,19 @@ def connect(
     timeout: float = DEFAULT_CONNECT_TIMEOUT_S,
     call_timeout: float = DEFAULT_CALL_TIMEOUT_S,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    transport: str = "auto",
 ) -> Client:
-    """Connects to the worker at ``target`` and waits until it answers.
+    """Connects to the worker at ``target``, waits until it answers, and agrees with it how
+    tensor bytes travel.
 
     Args:
         target: ``host:port`` or ``unix:///path/to/socket``, as the worker printed it.
         timeout: seconds to wait for the worker before raising WorkerUnavailableError.
         call_timeout: deadline of each call, in seconds.
-        max_message_bytes: largest message sent or received (tensors travel inline).
+        max_message_bytes: largest message sent or received (inline tensors included).
+        transport: ``"auto"`` (shared memory if the worker is on this host and allows it,
+            else inline), ``"shm"`` (shared memory or UnsupportedError), ``"inline"``
+            (bytes in the gRPC messages; any host), or ``"cuda_ipc"`` (not yet available).
 
     Example::
 
@@ -54,6 +60,7 @@ def connect(
     client = Client(target, call_timeout=call_timeout, max_message_bytes=max_message_bytes)
     try:
         client.wait_ready(timeout)
+        client._transport = open_transport(transport, client._channel, target)
     except BaseException:
         client.close()
         raise
@@ -76,6 +83,8 @@ class Client:
         self._channel = grpc.insecure_channel(target, options=channel_options(max_message_bytes))
         self._stub = pb_grpc.BridgeStub(self._channel)
         self._infos: dict[str, ModelInfo] | None = None
+        # connect() negotiates a better one; a bare Client sends tensors inline.
+        self._transport: Transport = open_transport("inline", self._channel, target)
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -89,7 +98,19 @@ class Client:
                 "one with `pytorch2jax-server --listen ADDRESS --model NAME=package.module:attr`"
             ) from None
 
+    @property
+    def transport(self) -> str:
+        """How tensor bytes travel to this worker: ``"shm"`` or ``"inline"``."""
+        return self._transport.name
+
+    def transport_info(self) -> dict[str, Any]:
+        """The transport's state, e.g. the shared memory it holds and uses."""
+        return self._transport.describe()
+
     def close(self) -> None:
+        """Ends the session (the worker drops its mappings of our memory) and the channel.
+        Arrays received earlier stay valid."""
+        self._transport.close()
         self._channel.close()
 
     def __enter__(self) -> Client:
@@ -99,7 +120,7 @@ class Client:
         self.close()
 
     def __repr__(self) -> str:
-        return f"<pytorch2jax.Client {self.target}>"
+        return f"<pytorch2jax.Client {self.target} transport={self.transport}>"
 
     # -- what the worker serves ---------------------------------------------------------
 
@@ -244,8 +265,10 @@ class Client:
 
     # -- the one place calls go out and errors come back --------------------------------
 
-    def _unary(self, method: str, request: Any) -> Any:
+    def _unary(self, method: str, request: Any, metadata: Any = ()) -> Any:
         try:
-            return getattr(self._stub, method)(request, timeout=self.call_timeout)
+            return getattr(self._stub, method)(
+                request, timeout=self.call_timeout, metadata=metadata
+            )
         except grpc.RpcError as e:
             raise from_rpc_error(e, self.target) from None

@@ -11,6 +11,8 @@
     │                            inputs (also a ValueError)
     ├── ResourceExhaustedError   over a size, memory or concurrency limit of the worker
     ├── ResidualLostError        the worker dropped a forward's autograd state
+    ├── SessionLostError         the worker no longer knows this client's session (it
+    │                            restarted); the client opens a new one and retries
     ├── UnsupportedError         the worker cannot do what was asked (e.g. infer the output
     │                            shapes of a data-dependent model)
     ├── AuthenticationError      missing or wrong credentials
@@ -58,6 +60,10 @@ class ResidualLostError(Pytorch2JaxError):
     """The worker no longer holds the autograd state of a forward."""
 
 
+class SessionLostError(Pytorch2JaxError):
+    """The worker no longer holds this client's transport session (restarted or closed)."""
+
+
 class UnsupportedError(Pytorch2JaxError):
     """The worker cannot do what was asked."""
 
@@ -81,7 +87,7 @@ _BY_CODE: dict[grpc.StatusCode, type[Pytorch2JaxError]] = {
     grpc.StatusCode.PERMISSION_DENIED: AuthenticationError,
     grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhaustedError,
     grpc.StatusCode.FAILED_PRECONDITION: ResidualLostError,
-    grpc.StatusCode.ABORTED: WorkerInternalError,
+    grpc.StatusCode.ABORTED: SessionLostError,
     grpc.StatusCode.OUT_OF_RANGE: InvalidArgumentError,
     grpc.StatusCode.UNIMPLEMENTED: UnsupportedError,
     grpc.StatusCode.INTERNAL: WorkerInternalError,

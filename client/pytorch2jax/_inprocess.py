@@ -170,7 +170,7 @@ class LocalModel(Backend):
             )
         return outcome
 
-    def forward(self, params, args, kwargs, *, keep_residual):
+    def forward(self, params, args, kwargs, *, keep_residual, reply_bytes=None):
         outcome = self._run(params, args, kwargs, keep_autograd=keep_residual)
         handle = self._residuals.put(outcome.residual) if outcome.residual else b""
         return _map_tree(outcome.outputs, _torch_to_np), handle

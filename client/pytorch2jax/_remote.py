@@ -6,12 +6,14 @@ import functools
 from typing import TYPE_CHECKING, Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from pytorch2jax._backend import Backend
-from pytorch2jax._exceptions import InvalidArgumentError, ResidualLostError
+from pytorch2jax._exceptions import InvalidArgumentError, ResidualLostError, SessionLostError
 from pytorch2jax._models import ModelInfo
-from pytorch2jax_protocol import dtypes, pb, tensors, values
+from pytorch2jax._transports import Call
+from pytorch2jax_protocol import dtypes, pb, shm, tensors, values
 
 # The wire code's own errors, for values that cannot be encoded (e.g. a string array).
 _UNENCODABLE = (dtypes.UnsupportedDTypeError, tensors.WireFormatError, values.TreeFormatError)
@@ -37,7 +39,6 @@ def _refusing_unencodable(fn):
     return wrapped
 
 
-_to_wire = _refusing_unencodable(tensors.to_wire)
 _encode_arguments = _refusing_unencodable(values.encode_arguments)
 _spec_of = _refusing_unencodable(tensors.spec_of)
 
@@ -46,15 +47,26 @@ def _struct_to_spec(s: jax.ShapeDtypeStruct) -> pb.TensorSpec:
     return _spec_of(s.dtype, s.shape)
 
 
-def _named(params: dict[str, np.ndarray]) -> list[pb.NamedTensor]:
-    return [pb.NamedTensor(name=n, tensor=_to_wire(v)) for n, v in params.items()]
+def _nbytes(tree: Any) -> int:
+    """Bytes the array leaves of ``tree`` take in a transport's slots, alignment included."""
+    return sum(shm.align(x.nbytes) for x in jax.tree_util.tree_leaves(tree) if isinstance(x, np.ndarray))
+
+
+#: Reply room to lend before a call with unknown output shapes has been seen; outputs
+#: that do not fit come back inline, and later calls lend what the largest reply needed.
+_FIRST_REPLY_BYTES = 1 << 20
 
 
 class RemoteModel(Backend):
+    # Reply arrays are views of a reply block that only they hold (shm), or of an
+    # immutable protobuf message (inline).
+    owns_outputs = True
+
     def __init__(self, client: Client, info: ModelInfo) -> None:
         self._client = client
         self.info = info
         self.description = f"model {info.name!r} at {client.target}"
+        self._reply_bytes = _FIRST_REPLY_BYTES
 
     def _check_parameters(self, params: dict[str, jax.ShapeDtypeStruct]) -> None:
         own = self.info.parameters
@@ -82,35 +94,87 @@ class RemoteModel(Backend):
         reply = self._client._unary("InferShapes", request)
         return values.decode(reply.outputs, tensors.from_wire, _spec_to_struct)
 
-    def forward(self, params, args, kwargs, *, keep_residual):
-        request = pb.ForwardRequest(
-            model=self.info.name,
-            arguments=_encode_arguments(args, kwargs, _to_wire),
-            parameters=_named(params),
-            keep_residual=keep_residual,
+    def _exchange(self, method: str, request_bytes: int, reply_bytes: int, build, decode):
+        """One RPC whose tensors travel by the client's transport: ``build(call)`` makes the
+        request, ``decode(reply, call)`` reads the reply. A worker that lost the transport's
+        session (it restarted) gets a new session and the call once more."""
+        transport = self._client._transport
+        for attempt in (0, 1):
+            with transport.call(request_bytes, reply_bytes) as call:
+                request = _refusing_unencodable(build)(call)
+                try:
+                    reply = self._client._unary(method, request, metadata=transport.metadata())
+                except SessionLostError:
+                    if attempt:
+                        raise
+                    transport.reset()
+                    continue
+                return decode(reply, call)
+        raise AssertionError("unreachable")
+
+    def forward(self, params, args, kwargs, *, keep_residual, reply_bytes=None):
+        def build(call: Call) -> pb.ForwardRequest:
+            return pb.ForwardRequest(
+                model=self.info.name,
+                arguments=values.encode_arguments(args, kwargs, call.put),
+                parameters=_named(params, call),
+                keep_residual=keep_residual,
+                reply_area=call.reply_area,
+            )
+
+        def decode(reply: pb.ForwardResponse, call: Call):
+            outputs = values.decode(reply.outputs, call.get)
+            self._reply_bytes = max(_nbytes(outputs), 64)  # next time, as much as this took
+            return outputs, reply.residual
+
+        request_bytes = _nbytes((params, args, kwargs))
+        return self._exchange(
+            "Forward", request_bytes, reply_bytes or self._reply_bytes, build, decode
         )
-        reply = self._client._unary("Forward", request)
-        return values.decode(reply.outputs, tensors.from_wire), reply.residual
 
     def vjp(self, residual, params, args, kwargs, cotangents):
-        request = pb.VjpRequest(
-            model=self.info.name,
-            cotangents=[pb.Tensor() if c is None else _to_wire(c) for c in cotangents],
-        )
-        reply = None
+        inputs = [*params.values(), *jax.tree_util.tree_leaves((args, kwargs))]
+        grads_bytes = _nbytes([x for x in inputs if isinstance(x, np.ndarray) and _inexact(x)])
+        cts_bytes = _nbytes([c for c in cotangents if c is not None])
+
+        def request(recompute: bool):
+            def build(call: Call) -> pb.VjpRequest:
+                msg = pb.VjpRequest(
+                    model=self.info.name,
+                    cotangents=[pb.Tensor() if c is None else call.put(c) for c in cotangents],
+                    reply_area=call.reply_area,
+                )
+                if recompute:
+                    msg.arguments.CopyFrom(
+                        values.encode_arguments(args, kwargs, call.put)
+                    )
+                    msg.parameters.extend(_named(params, call))
+                else:
+                    msg.residual = residual
+                return msg
+
+            return build
+
+        def decode(reply: pb.VjpResponse, call: Call):
+            param_grads = {g.name: call.get(g.tensor) for g in reply.parameter_grads}
+            arg_grads = [
+                None if g.dtype == pb.DTYPE_UNSPECIFIED else call.get(g)
+                for g in reply.argument_grads
+            ]
+            return param_grads, arg_grads
+
         if any(residual):
-            request.residual = residual
             try:
-                reply = self._client._unary("Vjp", request)
+                return self._exchange("Vjp", cts_bytes, grads_bytes, request(False), decode)
             except ResidualLostError:
-                request.residual = b""  # evicted or expired: recompute from the inputs
-        if reply is None:
-            request.arguments.CopyFrom(_encode_arguments(args, kwargs, _to_wire))
-            request.parameters.extend(_named(params))
-            reply = self._client._unary("Vjp", request)
-        param_grads = {g.name: tensors.from_wire(g.tensor) for g in reply.parameter_grads}
-        arg_grads = [
-            None if g.dtype == pb.DTYPE_UNSPECIFIED else tensors.from_wire(g)
-            for g in reply.argument_grads
-        ]
-        return param_grads, arg_grads
+                pass  # evicted or expired: recompute from the inputs
+        request_bytes = cts_bytes + _nbytes((params, args, kwargs))
+        return self._exchange("Vjp", request_bytes, grads_bytes, request(True), decode)
+
+
+def _inexact(x: np.ndarray) -> bool:
+    return jnp.issubdtype(x.dtype, jnp.inexact)
+
+
+def _named(params: dict[str, np.ndarray], call: Call) -> list[pb.NamedTensor]:
+    return [pb.NamedTensor(name=n, tensor=call.put(v)) for n, v in params.items()]

@@ -10,6 +10,8 @@ import threading
 
 from pytorch2jax_protocol import DEFAULT_MAX_MESSAGE_BYTES
 from pytorch2jax_server import _loading
+from pytorch2jax_server._dataplane import SHARED_MEMORY_POLICIES, Sessions
+from pytorch2jax_server._dataplane.shm import DEFAULT_MAX_SESSION_BYTES, DEFAULT_MAX_SESSIONS
 from pytorch2jax_server._models import Registry
 from pytorch2jax_server._residuals import (
     DEFAULT_MAX_BYTES,
@@ -64,6 +66,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--residual-cache-mb", type=int, default=None)
     p.add_argument("--residual-cache-entries", type=int, default=None)
     p.add_argument("--residual-ttl", type=float, default=None, metavar="SECONDS")
+    p.add_argument(
+        "--shared-memory",
+        choices=SHARED_MEMORY_POLICIES,
+        default=None,
+        help="which clients may pass tensors through shared memory: local ones (unix socket, "
+        "loopback; the default), any (containers sharing /dev/shm), or none",
+    )
+    p.add_argument("--max-sessions", type=int, default=None, help="clients connected at once")
+    p.add_argument(
+        "--shared-memory-mb", type=int, default=None, help="shared memory one client may register"
+    )
     p.add_argument("--torch-threads", type=int, default=None, help="torch intra-op threads")
     p.add_argument("--log-level", default="WARNING")
     return p
@@ -107,12 +120,21 @@ def main(argv: list[str] | None = None) -> int:
         * _MB,
         ttl_s=setting("residual_ttl", args.residual_ttl, DEFAULT_TTL_S),
     )
+    sessions = Sessions(
+        shared_memory=setting("shared_memory", args.shared_memory, "local"),
+        max_sessions=setting("max_sessions", args.max_sessions, DEFAULT_MAX_SESSIONS),
+        max_bytes=setting(
+            "shared_memory_mb", args.shared_memory_mb, DEFAULT_MAX_SESSION_BYTES // _MB
+        )
+        * _MB,
+    )
     listen = args.listen or settings.get("listen") or list(DEFAULT_LISTEN)
     try:
         worker = create_server(
             Registry(models),
             listen,
             residuals=residuals,
+            sessions=sessions,
             max_workers=setting("max_workers", args.max_workers, DEFAULT_MAX_WORKERS),
             max_concurrent_calls=setting(
                 "max_concurrent_calls", args.max_concurrent_calls, DEFAULT_MAX_CONCURRENT_CALLS

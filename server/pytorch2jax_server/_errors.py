@@ -7,7 +7,9 @@
     ├── InvalidRequest       INVALID_ARGUMENT    malformed request, or the model rejected its inputs
     ├── LimitExceeded        RESOURCE_EXHAUSTED  over a size or memory limit
     ├── ResidualLost         FAILED_PRECONDITION the residual handle is gone: re-send the inputs
-    └── CannotInferShapes    UNIMPLEMENTED       output shapes depend on data; declare them
+    ├── CannotInferShapes    UNIMPLEMENTED       output shapes depend on data; declare them
+    ├── Unsupported          UNIMPLEMENTED       a transport this worker or client cannot use
+    └── SessionLost          ABORTED             unknown or closed session: open a new one
 
 Anything else raised while serving is reported as INTERNAL by the servicer, at one place.
 """
@@ -51,3 +53,15 @@ class CannotInferShapes(WorkerError):
     """The model's output shapes cannot be computed without running it on real data."""
 
     code = grpc.StatusCode.UNIMPLEMENTED
+
+
+class Unsupported(WorkerError):
+    """A transport (or feature) this worker cannot offer to this client."""
+
+    code = grpc.StatusCode.UNIMPLEMENTED
+
+
+class SessionLost(WorkerError):
+    """The call names a session the worker does not hold (restarted, or closed)."""
+
+    code = grpc.StatusCode.ABORTED

@@ -12,6 +12,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from pytorch2jax_protocol import DEFAULT_MAX_MESSAGE_BYTES, SERVICE_NAME, channel_options, pb_grpc
+from pytorch2jax_server._dataplane import Sessions
 from pytorch2jax_server._models import Registry
 from pytorch2jax_server._residuals import ResidualCache
 from pytorch2jax_server._servicer import BridgeServicer
@@ -32,12 +33,16 @@ class Worker:
     addresses: list[str]
     health: health.HealthServicer
     residuals: ResidualCache
+    sessions: Sessions
     _unix_paths: list[str] = field(default_factory=list)
 
     def stop(self, grace: float | None = 30.0) -> None:
         """Refuses new calls (health NOT_SERVING), finishes in-flight ones, removes sockets."""
         self.health.enter_graceful_shutdown()
-        self.server.stop(grace).wait()
+        stopped = self.server.stop(grace)
+        # Session streams never finish by themselves: end them, or stop waits out the grace.
+        self.sessions.close_all()
+        stopped.wait()
         self.residuals.clear()
         for path in self._unix_paths:
             try:
@@ -59,6 +64,7 @@ def create_server(
     listen: list[str] | tuple[str, ...] = DEFAULT_LISTEN,
     *,
     residuals: ResidualCache | None = None,
+    sessions: Sessions | None = None,
     max_workers: int = DEFAULT_MAX_WORKERS,
     max_concurrent_calls: int = DEFAULT_MAX_CONCURRENT_CALLS,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
@@ -69,12 +75,17 @@ def create_server(
     Unix sockets (``unix:///path``) are created with mode 0600.
     """
     residuals = residuals or ResidualCache()
+    sessions = sessions or Sessions()
+    # Each open session holds one thread and one RPC slot (its stream) for its lifetime:
+    # on top of those that serve calls, so that clients cannot starve each other.
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="p2j-worker"),
+        futures.ThreadPoolExecutor(
+            max_workers=max_workers + sessions.max_sessions, thread_name_prefix="p2j-worker"
+        ),
         options=channel_options(max_message_bytes),
-        maximum_concurrent_rpcs=max_concurrent_calls,
+        maximum_concurrent_rpcs=max_concurrent_calls + sessions.max_sessions,
     )
-    pb_grpc.add_BridgeServicer_to_server(BridgeServicer(registry, residuals), server)
+    pb_grpc.add_BridgeServicer_to_server(BridgeServicer(registry, residuals, sessions), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -102,4 +113,4 @@ def create_server(
     server.start()
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return Worker(server, bound, health_servicer, residuals, unix_paths)
+    return Worker(server, bound, health_servicer, residuals, sessions, unix_paths)

@@ -19,10 +19,11 @@ import torch
 from pytorch2jax_protocol import PARAMETER_CHUNK_BYTES, dtypes, pb, pb_grpc, values
 from pytorch2jax_protocol.tensors import WireFormatError
 from pytorch2jax_server import __version__
+from pytorch2jax_server._dataplane import CallCodec, Sessions, inline, session_of
 from pytorch2jax_server._errors import InvalidRequest, ResidualLost, WorkerError
 from pytorch2jax_server._models import Registry, ServedModel, vjp
 from pytorch2jax_server._residuals import ResidualCache
-from pytorch2jax_server._tensors import empty_from_spec, from_wire, to_spec, to_wire, wire_dtype
+from pytorch2jax_server._tensors import empty_from_spec, to_spec, wire_dtype
 
 _log = logging.getLogger("pytorch2jax_server")
 
@@ -57,17 +58,20 @@ def _reporting(method):
 class _Decoded:
     """A request's arguments and parameters as torch tensors, leaves kept in wire order."""
 
-    def __init__(self, arguments: pb.Arguments, parameters: list[pb.NamedTensor]) -> None:
+    def __init__(
+        self, arguments: pb.Arguments, parameters: list[pb.NamedTensor], codec: CallCodec
+    ) -> None:
+        self._codec = codec
         self.leaves: list[torch.Tensor] = []
         self.args, self.kwargs = values.decode_arguments(arguments, self._leaf)
         self.params: dict[str, torch.Tensor] = {}
         for named in parameters:
             if named.name in self.params:
                 raise InvalidRequest(f"parameter {named.name!r} is sent twice")
-            self.params[named.name] = from_wire(named.tensor)
+            self.params[named.name] = codec.decode(named.tensor)
 
     def _leaf(self, msg: pb.Tensor) -> torch.Tensor:
-        t = from_wire(msg)
+        t = self._codec.decode(msg)
         self.leaves.append(t)
         return t
 
@@ -84,10 +88,39 @@ def _encode_outputs(model: ServedModel, outputs: Any, leaf) -> pb.Value:
     return values.encode(outputs, checked, static=False)
 
 
+def _reply_area(request) -> pb.SharedMemoryRef | None:
+    return request.reply_area if request.HasField("reply_area") else None
+
+
 class BridgeServicer(pb_grpc.BridgeServicer):
-    def __init__(self, registry: Registry, residuals: ResidualCache) -> None:
+    def __init__(self, registry: Registry, residuals: ResidualCache, sessions: Sessions) -> None:
         self._registry = registry
         self._residuals = residuals
+        self._sessions = sessions
+
+    def OpenSession(self, request, context) -> Iterator[pb.SessionInfo]:
+        # The stream is the session's lifetime: it ends when the client closes it or its
+        # connection drops (the callback fires), or when the worker stops (close_all).
+        try:
+            session, refused = self._sessions.open(context.peer(), list(request.transports))
+        except Exception as e:  # noqa: BLE001 - mapped at the boundary
+            context.abort(*_status_of(e))
+        context.add_callback(session.closed.set)
+        try:
+            yield pb.SessionInfo(
+                session=session.id,
+                transports=session.transports,
+                server_version=__version__,
+                refused=refused,
+            )
+            session.closed.wait()
+        finally:
+            self._sessions.close(session)
+
+    @_reporting
+    def RegisterRegion(self, request, context):
+        session = session_of(self._sessions, context)
+        return pb.RegisterRegionResponse(region=session.register(request.name, request.size))
 
     @_reporting
     def ListModels(self, request, context):
@@ -108,7 +141,7 @@ class BridgeServicer(pb_grpc.BridgeServicer):
         except Exception as e:  # noqa: BLE001 - mapped at the boundary
             context.abort(*_status_of(e))
         for name, t, is_buffer in tensors:
-            data = to_wire(t).inline_data
+            data = inline.encode(t).inline_data
             first = pb.TensorChunk(
                 name=name, dtype=wire_dtype(t.dtype), shape=t.shape, is_buffer=is_buffer
             )
@@ -135,19 +168,26 @@ class BridgeServicer(pb_grpc.BridgeServicer):
     @_reporting
     def Forward(self, request, context):
         model = self._registry.get(request.model)
-        call = _Decoded(request.arguments, request.parameters)
+        codec = CallCodec(self._sessions, context, _reply_area(request))
+        call = _Decoded(request.arguments, request.parameters, codec)
         outcome = model.run(
-            call.args, call.kwargs, call.leaves, call.params, keep_autograd=request.keep_residual
+            call.args,
+            call.kwargs,
+            call.leaves,
+            call.params,
+            keep_autograd=request.keep_residual,
+            borrowed=codec.borrowed,
         )
-        outputs = _encode_outputs(model, outcome.outputs, to_wire)
+        outputs = _encode_outputs(model, outcome.outputs, codec.encode)
         handle = self._residuals.put(outcome.residual) if outcome.residual else b""
         return pb.ForwardResponse(outputs=outputs, residual=handle)
 
     @_reporting
     def Vjp(self, request, context):
         model = self._registry.get(request.model)
+        codec = CallCodec(self._sessions, context, _reply_area(request))
         cotangents = [
-            None if ct.dtype == pb.DTYPE_UNSPECIFIED else from_wire(ct)
+            None if ct.dtype == pb.DTYPE_UNSPECIFIED else codec.decode(ct)
             for ct in request.cotangents
         ]
         residual = None
@@ -161,15 +201,16 @@ class BridgeServicer(pb_grpc.BridgeServicer):
                     f"the worker no longer holds the autograd state of this forward of model "
                     f"{model.name!r} (evicted or expired); send the arguments again to recompute"
                 )
-            call = _Decoded(request.arguments, request.parameters)
+            call = _Decoded(request.arguments, request.parameters, codec)
+            # Used within this call only: borrowed client memory need not be copied.
             residual = model.run(
                 call.args, call.kwargs, call.leaves, call.params, keep_autograd=True
             ).residual
         arg_grads, param_grads = vjp(residual, cotangents, retain_graph=request.retain_residual)
         return pb.VjpResponse(
-            argument_grads=[pb.Tensor() if g is None else to_wire(g) for g in arg_grads],
+            argument_grads=[pb.Tensor() if g is None else codec.encode(g) for g in arg_grads],
             parameter_grads=[
-                pb.NamedTensor(name=n, tensor=to_wire(g)) for n, g in param_grads.items()
+                pb.NamedTensor(name=n, tensor=codec.encode(g)) for n, g in param_grads.items()
             ],
         )
 

@@ -1,14 +1,13 @@
-"""Wire tensors <-> torch tensors (inline payloads)."""
+"""Torch dtypes and specs <-> their wire form; the transports build on these."""
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 
 import torch
 
 from pytorch2jax_protocol import dtypes, pb
-from pytorch2jax_protocol.tensors import WireFormatError, checked_nbytes, inline_payload
+from pytorch2jax_protocol.tensors import WireFormatError, checked_nbytes
 
 from pytorch2jax_server._errors import InvalidRequest
 
@@ -37,25 +36,6 @@ def is_differentiable(dtype: torch.dtype) -> bool:
     return dtype.is_floating_point or dtype.is_complex
 
 
-def from_wire(msg: pb.Tensor) -> torch.Tensor:
-    """A fresh, writable torch tensor with the message's data.
-
-    It is a copy rather than a view of the protobuf bytes: those are immutable, and a
-    model that writes into its input must not corrupt them.
-    """
-    try:
-        data = inline_payload(msg)
-    except WireFormatError as e:
-        raise InvalidRequest(str(e)) from None
-    out = torch.empty(tuple(msg.shape), dtype=torch_dtype(msg.dtype))
-    if data:
-        with warnings.catch_warnings():  # read-only source: we only read from it
-            warnings.simplefilter("ignore", UserWarning)
-            src = torch.frombuffer(data, dtype=torch.uint8)
-        out.view(-1).view(torch.uint8).copy_(src)
-    return out
-
-
 def empty_from_spec(msg: pb.TensorSpec) -> torch.Tensor:
     """An uninitialised tensor of the spec's dtype and shape (created under the caller's mode)."""
     try:
@@ -65,7 +45,8 @@ def empty_from_spec(msg: pb.TensorSpec) -> torch.Tensor:
     return torch.empty(tuple(msg.shape), dtype=torch_dtype(msg.dtype))
 
 
-def to_wire(t: torch.Tensor) -> pb.Tensor:
+def dense_cpu(t: torch.Tensor) -> torch.Tensor:
+    """``t`` detached, on the CPU, with its conjugation resolved; refuses sparse layouts."""
     if t.layout != torch.strided:
         raise InvalidRequest(
             f"a {t.layout} tensor cannot cross the bridge; return dense tensors (.to_dense())"
@@ -73,12 +54,7 @@ def to_wire(t: torch.Tensor) -> pb.Tensor:
     t = t.detach()
     if t.device.type != "cpu":
         t = t.cpu()
-    t = t.contiguous()
-    if t.is_conj():
-        t = t.resolve_conj()
-    # Viewing as bytes is zero-copy for every dtype torch has, bfloat16 included.
-    data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
-    return pb.Tensor(dtype=wire_dtype(t.dtype), shape=t.shape, inline_data=data)
+    return t.resolve_conj() if t.is_conj() else t
 
 
 def to_spec(t: torch.Tensor) -> pb.TensorSpec:

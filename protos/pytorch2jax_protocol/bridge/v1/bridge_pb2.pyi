@@ -22,6 +22,13 @@ class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FLOAT64: _ClassVar[DType]
     COMPLEX64: _ClassVar[DType]
     COMPLEX128: _ClassVar[DType]
+
+class Transport(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TRANSPORT_UNSPECIFIED: _ClassVar[Transport]
+    INLINE: _ClassVar[Transport]
+    SHM: _ClassVar[Transport]
+    CUDA_IPC: _ClassVar[Transport]
 DTYPE_UNSPECIFIED: DType
 BOOL: DType
 UINT8: DType
@@ -35,16 +42,32 @@ FLOAT32: DType
 FLOAT64: DType
 COMPLEX64: DType
 COMPLEX128: DType
+TRANSPORT_UNSPECIFIED: Transport
+INLINE: Transport
+SHM: Transport
+CUDA_IPC: Transport
 
 class Tensor(_message.Message):
-    __slots__ = ("dtype", "shape", "inline_data")
+    __slots__ = ("dtype", "shape", "inline_data", "shm")
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     INLINE_DATA_FIELD_NUMBER: _ClassVar[int]
+    SHM_FIELD_NUMBER: _ClassVar[int]
     dtype: DType
     shape: _containers.RepeatedScalarFieldContainer[int]
     inline_data: bytes
-    def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., inline_data: _Optional[bytes] = ...) -> None: ...
+    shm: SharedMemoryRef
+    def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., inline_data: _Optional[bytes] = ..., shm: _Optional[_Union[SharedMemoryRef, _Mapping]] = ...) -> None: ...
+
+class SharedMemoryRef(_message.Message):
+    __slots__ = ("region", "offset", "nbytes")
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    NBYTES_FIELD_NUMBER: _ClassVar[int]
+    region: int
+    offset: int
+    nbytes: int
+    def __init__(self, region: _Optional[int] = ..., offset: _Optional[int] = ..., nbytes: _Optional[int] = ...) -> None: ...
 
 class TensorSpec(_message.Message):
     __slots__ = ("dtype", "shape")
@@ -120,6 +143,38 @@ class ListModelsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class OpenSessionRequest(_message.Message):
+    __slots__ = ("transports",)
+    TRANSPORTS_FIELD_NUMBER: _ClassVar[int]
+    transports: _containers.RepeatedScalarFieldContainer[Transport]
+    def __init__(self, transports: _Optional[_Iterable[_Union[Transport, str]]] = ...) -> None: ...
+
+class SessionInfo(_message.Message):
+    __slots__ = ("session", "transports", "server_version", "refused")
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    TRANSPORTS_FIELD_NUMBER: _ClassVar[int]
+    SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_FIELD_NUMBER: _ClassVar[int]
+    session: bytes
+    transports: _containers.RepeatedScalarFieldContainer[Transport]
+    server_version: str
+    refused: str
+    def __init__(self, session: _Optional[bytes] = ..., transports: _Optional[_Iterable[_Union[Transport, str]]] = ..., server_version: _Optional[str] = ..., refused: _Optional[str] = ...) -> None: ...
+
+class RegisterRegionRequest(_message.Message):
+    __slots__ = ("name", "size")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    size: int
+    def __init__(self, name: _Optional[str] = ..., size: _Optional[int] = ...) -> None: ...
+
+class RegisterRegionResponse(_message.Message):
+    __slots__ = ("region",)
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    region: int
+    def __init__(self, region: _Optional[int] = ...) -> None: ...
+
 class ListModelsResponse(_message.Message):
     __slots__ = ("models", "server_version")
     MODELS_FIELD_NUMBER: _ClassVar[int]
@@ -191,16 +246,18 @@ class InferShapesResponse(_message.Message):
     def __init__(self, outputs: _Optional[_Union[Value, _Mapping]] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
-    __slots__ = ("model", "arguments", "parameters", "keep_residual")
+    __slots__ = ("model", "arguments", "parameters", "keep_residual", "reply_area")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     ARGUMENTS_FIELD_NUMBER: _ClassVar[int]
     PARAMETERS_FIELD_NUMBER: _ClassVar[int]
     KEEP_RESIDUAL_FIELD_NUMBER: _ClassVar[int]
+    REPLY_AREA_FIELD_NUMBER: _ClassVar[int]
     model: str
     arguments: Arguments
     parameters: _containers.RepeatedCompositeFieldContainer[NamedTensor]
     keep_residual: bool
-    def __init__(self, model: _Optional[str] = ..., arguments: _Optional[_Union[Arguments, _Mapping]] = ..., parameters: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., keep_residual: _Optional[bool] = ...) -> None: ...
+    reply_area: SharedMemoryRef
+    def __init__(self, model: _Optional[str] = ..., arguments: _Optional[_Union[Arguments, _Mapping]] = ..., parameters: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., keep_residual: _Optional[bool] = ..., reply_area: _Optional[_Union[SharedMemoryRef, _Mapping]] = ...) -> None: ...
 
 class ForwardResponse(_message.Message):
     __slots__ = ("outputs", "residual")
@@ -211,20 +268,22 @@ class ForwardResponse(_message.Message):
     def __init__(self, outputs: _Optional[_Union[Value, _Mapping]] = ..., residual: _Optional[bytes] = ...) -> None: ...
 
 class VjpRequest(_message.Message):
-    __slots__ = ("model", "residual", "arguments", "parameters", "cotangents", "retain_residual")
+    __slots__ = ("model", "residual", "arguments", "parameters", "cotangents", "retain_residual", "reply_area")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     RESIDUAL_FIELD_NUMBER: _ClassVar[int]
     ARGUMENTS_FIELD_NUMBER: _ClassVar[int]
     PARAMETERS_FIELD_NUMBER: _ClassVar[int]
     COTANGENTS_FIELD_NUMBER: _ClassVar[int]
     RETAIN_RESIDUAL_FIELD_NUMBER: _ClassVar[int]
+    REPLY_AREA_FIELD_NUMBER: _ClassVar[int]
     model: str
     residual: bytes
     arguments: Arguments
     parameters: _containers.RepeatedCompositeFieldContainer[NamedTensor]
     cotangents: _containers.RepeatedCompositeFieldContainer[Tensor]
     retain_residual: bool
-    def __init__(self, model: _Optional[str] = ..., residual: _Optional[bytes] = ..., arguments: _Optional[_Union[Arguments, _Mapping]] = ..., parameters: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., cotangents: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., retain_residual: _Optional[bool] = ...) -> None: ...
+    reply_area: SharedMemoryRef
+    def __init__(self, model: _Optional[str] = ..., residual: _Optional[bytes] = ..., arguments: _Optional[_Union[Arguments, _Mapping]] = ..., parameters: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., cotangents: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., retain_residual: _Optional[bool] = ..., reply_area: _Optional[_Union[SharedMemoryRef, _Mapping]] = ...) -> None: ...
 
 class VjpResponse(_message.Message):
     __slots__ = ("argument_grads", "parameter_grads")

@@ -39,6 +39,16 @@ class BridgeStub:
                 request_serializer=pytorch2jax__protocol_dot_bridge_dot_v1_dot_bridge__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=pytorch2jax__protocol_dot_bridge_dot_v1_dot_bridge__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
+        self.OpenSession = channel.unary_stream(
+                '/pytorch2jax.bridge.v1.Bridge/OpenSession',
+                request_serializer=pytorch2jax__protocol_dot_bridge_dot_v1_dot_bridge__pb2.OpenSessionRequest.SerializeToString,
+                response_deserializer=pytorch2jax__protocol_dot_bridge_dot_v1_dot_bridge__pb2.SessionInfo.FromString,
+                _registered_method=True)
+        self.RegisterRegion = channel.unary_unary(
+                '/pytorch2jax.bridge.v1.Bridge/RegisterRegion',
+                request_serializer=pytorch2jax__protocol_dot_bridge_dot_v1_dot_bridge__pb2.RegisterRegionRequest.SerializeToString,
+                response_deserializer=pytorch2jax__protocol_dot_bridge_dot_v1_dot_bridge__pb2.RegisterRegionResponse.FromString,
+                _registered_method=True)
         self.GetParameters = channel.unary_stream(
                 '/pytorch2jax.bridge.v1.Bridge/GetParameters',
                 request_serializer=pytorch2jax__protocol_dot_bridge_dot_v1_dot_bridge__pb2.GetParametersRequest.SerializeToString,
@@ -70,7 +80,28 @@ class BridgeServicer:
     """Missing associated documentation comment in .proto file."""
 
     def ListModels(self, request, context):
-        """What the worker serves, and which transports it accepts.
+        """What the worker serves.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def OpenSession(self, request, context):
+        """The handshake, and the lifetime of a client's shared-memory regions. The worker
+        answers with one SessionInfo (the session id and the transports this client may
+        use) and keeps the stream open; when the client closes it, or dies, the worker
+        drops the session and every region registered under it. Calls name their
+        session in the "p2j-session" metadata entry (the id in hex).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RegisterRegion(self, request, context):
+        """Maps a POSIX shared-memory segment the client created (mode 0600, owned by the
+        worker's user) into the worker under the caller's session. The worker unlinks
+        the name once mapped: from then on the memory lives exactly as long as both
+        processes keep it mapped, and a crash leaves nothing in /dev/shm.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -118,6 +149,16 @@ def add_BridgeServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=pytorch2jax__protocol_dot_bridge_dot_v1_dot_bridge__pb2.ListModelsRequest.FromString,
                     response_serializer=pytorch2jax__protocol_dot_bridge_dot_v1_dot_bridge__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'OpenSession': grpc.unary_stream_rpc_method_handler(
+                    servicer.OpenSession,
+                    request_deserializer=pytorch2jax__protocol_dot_bridge_dot_v1_dot_bridge__pb2.OpenSessionRequest.FromString,
+                    response_serializer=pytorch2jax__protocol_dot_bridge_dot_v1_dot_bridge__pb2.SessionInfo.SerializeToString,
+            ),
+            'RegisterRegion': grpc.unary_unary_rpc_method_handler(
+                    servicer.RegisterRegion,
+                    request_deserializer=pytorch2jax__protocol_dot_bridge_dot_v1_dot_bridge__pb2.RegisterRegionRequest.FromString,
+                    response_serializer=pytorch2jax__protocol_dot_bridge_dot_v1_dot_bridge__pb2.RegisterRegionResponse.SerializeToString,
             ),
             'GetParameters': grpc.unary_stream_rpc_method_handler(
                     servicer.GetParameters,
@@ -172,6 +213,60 @@ class Bridge:
             '/pytorch2jax.bridge.v1.Bridge/ListModels',
             pytorch2jax__protocol_dot_bridge_dot_v1_dot_bridge__pb2.ListModelsRequest.SerializeToString,
             pytorch2jax__protocol_dot_bridge_dot_v1_dot_bridge__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OpenSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/pytorch2jax.bridge.v1.Bridge/OpenSession',
+            pytorch2jax__protocol_dot_bridge_dot_v1_dot_bridge__pb2.OpenSessionRequest.SerializeToString,
+            pytorch2jax__protocol_dot_bridge_dot_v1_dot_bridge__pb2.SessionInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RegisterRegion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pytorch2jax.bridge.v1.Bridge/RegisterRegion',
+            pytorch2jax__protocol_dot_bridge_dot_v1_dot_bridge__pb2.RegisterRegionRequest.SerializeToString,
+            pytorch2jax__protocol_dot_bridge_dot_v1_dot_bridge__pb2.RegisterRegionResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,67 @@
+"""The interface every transport implements: how one call's tensor bytes travel.
+
+A ``Transport`` belongs to one Client and lasts as long as it. For each RPC the remote
+backend opens a ``Call`` (a context manager), turns request arrays into wire tensors with
+``put``, sends ``reply_area`` for the worker to write into, reads reply tensors with
+``get``, and closes the call. What ``get`` returns may alias transport memory; such memory
+stays reserved for as long as any array viewing it lives.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any
+
+import numpy as np
+
+from pytorch2jax_protocol import pb
+
+
+class Call(abc.ABC):
+    """The tensors of one RPC."""
+
+    #: Where the worker should write the reply's tensors, or None to receive them inline.
+    reply_area: pb.SharedMemoryRef | None = None
+
+    @abc.abstractmethod
+    def put(self, array: np.ndarray) -> pb.Tensor:
+        """A wire tensor with ``array``'s data (copied: the caller may reuse ``array``)."""
+
+    @abc.abstractmethod
+    def get(self, msg: pb.Tensor) -> np.ndarray:
+        """The array a reply tensor holds; read-only, possibly a view of transport memory."""
+
+    def close(self) -> None:
+        """Releases what the request used; reply arrays stay valid."""
+
+    def __enter__(self) -> Call:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Transport(abc.ABC):
+    """A way for tensor bytes to travel between this client and its worker."""
+
+    #: "inline" or "shm": what ``connect(transport=...)`` names it.
+    name: str
+
+    @abc.abstractmethod
+    def call(self, request_bytes: int, reply_bytes: int) -> Call:
+        """A Call able to carry ``request_bytes`` of request tensors and ``reply_bytes`` of
+        reply tensors (sizes before alignment; larger tensors still travel, inline)."""
+
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        """gRPC metadata every call of this transport carries."""
+        return ()
+
+    def reset(self) -> None:
+        """Starts over after the worker lost this transport's state (it restarted)."""
+
+    def close(self) -> None:
+        """Frees what the transport holds; arrays still viewing its memory stay valid."""
+
+    def describe(self) -> dict[str, Any]:
+        """What the transport holds, for ``Client.transport_info()`` and tests."""
+        return {"transport": self.name}

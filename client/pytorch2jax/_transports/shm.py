@@ -1,0 +1,293 @@
+"""The shared-memory transport: tensor bytes in POSIX shared memory, for a worker on this host.
+
+The client owns the memory. It creates arenas (segments of 16 MiB, then doubling), has the
+worker map each one under its session, and unlinks the name at once; the segments hold
+nothing in /dev/shm from then on and vanish when both processes unmap them, crash or not.
+
+Per call, request tensors (inputs, parameters, cotangents) are copied into one block of an
+arena and a second block is lent to the worker as the reply area, where it writes outputs
+and gradients. Reply arrays are views of that block: ``jit`` copies them once into XLA's
+output buffers, and eager calls hand them to JAX as they are. A block is a ``_Lease``:
+numpy arrays made from it keep it alive, and it returns to its arena's free list only when
+the last of them dies, so a slot is never reused while an array aliases it.
+
+Why raw slots and not Arrow's tensor IPC format (pyarrow): the tensor's dtype and shape
+already travel in the gRPC message, so Arrow's flatbuffer header would only repeat them;
+Arrow tensors have no bfloat16 or complex types, which we must carry; and a raw slot is
+read with no parsing at all. ``benchmarks/transfer.py`` measures both.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+from typing import Any
+
+import grpc
+import numpy as np
+
+from pytorch2jax._exceptions import UnsupportedError, WorkerInternalError, from_rpc_error
+from pytorch2jax._transports.base import Call, Transport
+from pytorch2jax_protocol import dtypes, pb, pb_grpc, shm, tensors
+
+_log = logging.getLogger("pytorch2jax")
+
+#: The first arena's size; each later one is at least twice the last.
+DEFAULT_ARENA_BYTES = 16 << 20
+#: Shared memory one client may hold in all; past it, tensors travel inline.
+DEFAULT_MAX_SHARED_MEMORY_BYTES = 4 << 30
+
+SESSION_METADATA_KEY = "p2j-session"
+
+
+class _Arena:
+    """One registered segment and the free blocks in it (first fit, coalescing)."""
+
+    def __init__(self, region: int, mapping: Any, size: int) -> None:
+        self.region = region
+        self.size = size
+        self.memory = np.frombuffer(mapping, np.uint8)  # keeps the mapping alive
+        self.address = self.memory.ctypes.data
+        self._free = [(0, size)]  # (offset, size), sorted by offset
+
+    def allocate(self, n: int) -> int | None:
+        for i, (offset, size) in enumerate(self._free):
+            if size >= n:
+                if size == n:
+                    del self._free[i]
+                else:
+                    self._free[i] = (offset + n, size - n)
+                return offset
+        return None
+
+    def release(self, offset: int, n: int) -> None:
+        free = self._free
+        i = 0
+        while i < len(free) and free[i][0] < offset:
+            i += 1
+        free.insert(i, (offset, n))
+        if i + 1 < len(free) and offset + n == free[i + 1][0]:  # merge with the next
+            free[i] = (offset, n + free.pop(i + 1)[1])
+        if i > 0 and free[i - 1][0] + free[i - 1][1] == offset:  # and with the previous
+            free[i - 1] = (free[i - 1][0], free[i - 1][1] + free.pop(i)[1])
+
+    def in_use(self) -> int:
+        return self.size - sum(n for _, n in self._free)
+
+
+class _Lease:
+    """Bytes ``[offset, offset + nbytes)`` of an arena, reserved until this object dies.
+
+    ``np.asarray(lease)`` is a uint8 array over them whose base is the lease, so every view
+    of it, and every JAX array wrapping one without a copy, keeps the bytes reserved.
+    """
+
+    __slots__ = ("__array_interface__", "_returns", "arena", "offset", "nbytes", "__weakref__")
+
+    def __init__(self, arena: _Arena, offset: int, nbytes: int, returns: collections.deque):
+        self.arena, self.offset, self.nbytes = arena, offset, nbytes
+        self._returns = returns
+        self.__array_interface__ = {
+            "data": (arena.address + offset, False),
+            "shape": (nbytes,),
+            "typestr": "|u1",
+            "version": 3,
+        }
+
+    def ref(self) -> pb.SharedMemoryRef:
+        return pb.SharedMemoryRef(region=self.arena.region, offset=self.offset, nbytes=self.nbytes)
+
+    def __del__(self) -> None:
+        # May run in any thread, even inside the allocator (a garbage collection there):
+        # hand the block back through a deque, which the allocator drains under its lock.
+        self._returns.append((self.arena, self.offset, self.nbytes))
+
+
+class ShmCall(Call):
+    def __init__(self, request: _Lease | None, reply: _Lease | None) -> None:
+        self._request = request
+        self._request_bytes = np.asarray(request) if request is not None else None
+        self._request_ref = request.ref() if request is not None else None
+        self._cursor = 0
+        self._reply = reply
+        self.reply_area = reply.ref() if reply is not None else None
+
+    def put(self, array: np.ndarray) -> pb.Tensor:
+        nbytes = array.nbytes
+        start = shm.align(self._cursor)
+        room = self._request_bytes
+        if room is None or nbytes == 0 or start + nbytes > room.size:
+            return tensors.to_wire(array)
+        code = dtypes.from_numpy(array.dtype)
+        slot = room[start : start + nbytes].view(array.dtype).reshape(array.shape)
+        np.copyto(slot, array, casting="no")
+        self._cursor = start + nbytes
+        base = self._request_ref
+        ref = pb.SharedMemoryRef(region=base.region, offset=base.offset + start, nbytes=nbytes)
+        return pb.Tensor(dtype=code, shape=array.shape, shm=ref)
+
+    def get(self, msg: pb.Tensor) -> np.ndarray:
+        if msg.WhichOneof("payload") != "shm":
+            return tensors.from_wire(msg)
+        reply, ref = self._reply, msg.shm
+        try:
+            if reply is None or ref.region != reply.arena.region or ref.offset < reply.offset:
+                raise tensors.WireFormatError("reference outside the reply area")
+            shm.check_ref(ref.offset - reply.offset, ref.nbytes, reply.nbytes, msg.dtype, msg.shape)
+        except tensors.WireFormatError as e:
+            raise WorkerInternalError(f"the worker sent a bad shared-memory reference: {e}") from None
+        start = ref.offset - reply.offset
+        out = np.asarray(reply)[start : start + ref.nbytes]
+        out = out.view(dtypes.to_numpy(msg.dtype)).reshape(tuple(msg.shape))
+        out.flags.writeable = False
+        return out
+
+    def close(self) -> None:
+        # The request block returns now; the reply block when its last array dies.
+        self._request = self._request_bytes = self._reply = None
+
+
+class ShmTransport(Transport):
+    """Shared memory with a worker on this host, under one session (see the module doc)."""
+
+    name = "shm"
+
+    def __init__(
+        self,
+        channel: grpc.Channel,
+        target: str,
+        *,
+        max_bytes: int = DEFAULT_MAX_SHARED_MEMORY_BYTES,
+        arena_bytes: int = DEFAULT_ARENA_BYTES,
+    ) -> None:
+        self._stub = pb_grpc.BridgeStub(channel)
+        self._target = target
+        self._max_bytes = max_bytes
+        self._arena_bytes = arena_bytes
+        self._lock = threading.Lock()
+        self._returns: collections.deque = collections.deque()
+        self._arenas: list[_Arena] = []
+        self._stream: Any = None
+        self._metadata: tuple[tuple[str, str], ...] = ()
+        self._warned = False
+        self._open()
+
+    # -- session -------------------------------------------------------------------------
+
+    def _open(self) -> None:
+        """Opens a session and registers a first arena, which proves the worker can map our
+        segments (same host, same /dev/shm, same user). Raises UnsupportedError if not."""
+        stream = self._stub.OpenSession(pb.OpenSessionRequest(transports=[pb.SHM]))
+        try:
+            info = next(stream)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e, self._target) from None
+        if pb.SHM not in info.transports:
+            stream.cancel()
+            raise UnsupportedError(
+                f"the worker at {self._target} does not share memory with this client: "
+                f"{info.refused or 'not offered'}"
+            )
+        self._stream = stream
+        self._metadata = ((SESSION_METADATA_KEY, info.session.hex()),)
+        self._arenas = []
+        try:
+            self._grow(self._arena_bytes, strict=True)
+        except BaseException:
+            self._end()
+            raise
+
+    def _end(self) -> None:
+        if self._stream is not None:
+            self._stream.cancel()
+            self._stream = None
+        self._arenas = []  # live leases keep their arena's mapping until they die
+
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return self._metadata
+
+    def reset(self) -> None:
+        with self._lock:
+            self._end()
+            self._returns.clear()  # blocks of the old arenas: nothing to return them to
+            self._open()
+
+    def close(self) -> None:
+        with self._lock:
+            self._end()
+
+    # -- memory --------------------------------------------------------------------------
+
+    def call(self, request_bytes: int, reply_bytes: int) -> Call:
+        with self._lock:
+            request = self._lease(request_bytes) if request_bytes else None
+            reply = self._lease(reply_bytes) if reply_bytes else None
+        return ShmCall(request, reply)
+
+    def _drain(self) -> None:
+        returns = self._returns
+        while returns:
+            arena, offset, n = returns.popleft()
+            if any(a is arena for a in self._arenas):
+                arena.release(offset, n)
+
+    def _lease(self, nbytes: int) -> _Lease | None:
+        self._drain()
+        returns = self._returns
+        nbytes = shm.align(nbytes)
+        for arena in self._arenas:
+            offset = arena.allocate(nbytes)
+            if offset is not None:
+                return _Lease(arena, offset, nbytes, returns)
+        arena = self._grow(nbytes)
+        if arena is None:
+            return None
+        offset = arena.allocate(nbytes)
+        return None if offset is None else _Lease(arena, offset, nbytes, returns)
+
+    def _grow(self, need: int, *, strict: bool = False) -> _Arena | None:
+        if self._stream is None:
+            return None  # closed
+        held = sum(a.size for a in self._arenas)
+        size = max(need, self._arena_bytes, 2 * self._arenas[-1].size if self._arenas else 0)
+        size = min(size, self._max_bytes - held)
+        if size < need:
+            self._warn(f"the client's shared-memory limit of {self._max_bytes} bytes is reached")
+            return None
+        try:
+            name, mapping = shm.create(size)
+            try:
+                reply = self._stub.RegisterRegion(
+                    pb.RegisterRegionRequest(name=name, size=size), metadata=self._metadata
+                )
+            finally:
+                shm.unlink(name)  # the worker unlinked it too, unless it failed to map it
+        except grpc.RpcError as e:
+            if strict:
+                raise from_rpc_error(e, self._target) from None
+            self._warn(str(from_rpc_error(e, self._target)))
+            return None
+        except shm.SharedMemoryError as e:
+            if strict:
+                raise UnsupportedError(str(e.strerror)) from None
+            self._warn(str(e.strerror))
+            return None
+        arena = _Arena(reply.region, mapping, size)
+        self._arenas.append(arena)
+        return arena
+
+    def _warn(self, why: str) -> None:
+        if not self._warned:
+            self._warned = True
+            _log.warning("tensors that do not fit in shared memory travel inline: %s", why)
+
+    def describe(self) -> dict[str, Any]:
+        with self._lock:
+            self._drain()
+            return {
+                "transport": self.name,
+                "arenas": len(self._arenas),
+                "bytes": sum(a.size for a in self._arenas),
+                "in_use": sum(a.in_use() for a in self._arenas),
+            }

@@ -1,0 +1,138 @@
+"""POSIX shared-memory segments as both sides use them, and the checks on a reference.
+
+The client creates a segment (``create``), the worker maps it (``attach``) and unlinks its
+name at once, so that from then on the memory lives exactly as long as the two mappings
+and a crash of either side leaves nothing in /dev/shm. Names are random (128 bits) and the
+segment is mode 0600 from its creation.
+
+We call ``shm_open`` through ``_posixshmem`` (what ``multiprocessing.shared_memory`` uses)
+rather than ``SharedMemory`` itself: before Python 3.13 a process that attaches a segment
+through ``SharedMemory`` registers it with the resource tracker, which unlinks it when that
+process exits; we need to decide when names go away ourselves.
+
+The space is reserved with ``posix_fallocate`` when created: /dev/shm is a tmpfs of bounded
+size (64 MB in a default Docker container), and touching a page of a segment that tmpfs
+cannot back kills the process with SIGBUS. Reserving first turns that into a clear error.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import re
+import secrets
+import stat
+from collections.abc import Sequence
+
+import _posixshmem
+
+from pytorch2jax_protocol.tensors import WireFormatError, checked_nbytes
+
+#: Every slot starts at a multiple of this: JAX on CPU wraps host memory without a copy
+#: only at 64-byte alignment, and it is a cache line.
+ALIGNMENT = 64
+
+_NAME = re.compile(r"/p2j-[0-9a-f]{32}")
+_UINT64 = (1 << 64) - 1
+
+
+class SharedMemoryError(OSError):
+    """A segment could not be created, reserved or attached."""
+
+
+def align(n: int) -> int:
+    """``n`` rounded up to a multiple of ``ALIGNMENT``."""
+    return (n + ALIGNMENT - 1) & ~(ALIGNMENT - 1)
+
+
+def create(size: int) -> tuple[str, mmap.mmap]:
+    """A new segment of ``size`` bytes, reserved and mapped read-write; returns its name.
+
+    The caller unlinks the name (``unlink``) once the worker has attached it, or failed to.
+    """
+    name = f"/p2j-{secrets.token_hex(16)}"
+    fd = _posixshmem.shm_open(name, os.O_CREAT | os.O_EXCL | os.O_RDWR, mode=0o600)
+    try:
+        try:
+            os.posix_fallocate(fd, 0, size)
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.ENOMEM):
+                raise
+            raise SharedMemoryError(
+                e.errno,
+                f"cannot reserve {size >> 20} MiB of shared memory in /dev/shm ({e.strerror}); "
+                "free some, make it larger (Docker: shm_size), or use transport='inline'",
+            ) from None
+        return name, mmap.mmap(fd, size)
+    except BaseException:
+        unlink(name)
+        raise
+    finally:
+        os.close(fd)
+
+
+def attach(name: str, size: int) -> mmap.mmap:
+    """Maps the segment ``name`` that a client created, checks it, and unlinks the name.
+
+    Refused: names that are not ours, segments another user owns or others may open
+    (a peer that can reach them could shrink them under us, and touching a page past
+    the end raises SIGBUS), and segments smaller than ``size``.
+    """
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise SharedMemoryError(errno.EINVAL, "not a pytorch2jax shared-memory segment name")
+    try:
+        fd = _posixshmem.shm_open(name, os.O_RDWR, mode=0)
+    except FileNotFoundError:
+        raise SharedMemoryError(
+            errno.ENOENT,
+            "the worker cannot see this shared-memory segment: it runs on another host or "
+            "in a container that does not share /dev/shm (Docker: ipc: host or shareable)",
+        ) from None
+    try:
+        unlink(name)
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid():
+            raise SharedMemoryError(
+                errno.EPERM, "the segment must belong to the user the worker runs as"
+            )
+        if info.st_mode & 0o077:
+            raise SharedMemoryError(errno.EPERM, "the segment must have mode 0600")
+        if size <= 0 or info.st_size < size:
+            raise SharedMemoryError(
+                errno.EINVAL, f"the segment has {info.st_size} bytes, not the {size} registered"
+            )
+        return mmap.mmap(fd, size)
+    finally:
+        os.close(fd)
+
+
+def unlink(name: str) -> None:
+    """Removes the name; the memory stays while it is mapped. A missing name is fine."""
+    try:
+        _posixshmem.shm_unlink(name)
+    except FileNotFoundError:
+        pass
+
+
+def check_ref(
+    offset: int, nbytes: int, region_size: int, dtype: int, shape: Sequence[int]
+) -> int:
+    """Checks that ``dtype`` x ``shape`` occupies exactly ``nbytes`` at ``offset`` within a
+    region of ``region_size`` bytes; returns ``nbytes``. Raises WireFormatError."""
+    need = checked_nbytes(dtype, shape)
+    if nbytes != need:
+        raise WireFormatError(
+            f"shared-memory reference holds {nbytes} bytes but the tensor's dtype x shape "
+            f"{tuple(shape)} needs {need}"
+        )
+    # Python integers do not wrap, but the peer's C++ or Rust twin would: refuse what
+    # overflows 64 bits, then compare without adding.
+    if offset > _UINT64 or nbytes > _UINT64 - offset or nbytes > region_size or (
+        offset > region_size - nbytes
+    ):
+        raise WireFormatError(
+            f"shared-memory reference [{offset}, {offset}+{nbytes}) lies outside its region "
+            f"of {region_size} bytes"
+        )
+    return nbytes

@@ -1,0 +1,93 @@
+"""How tensor bytes travel between the worker and its clients.
+
+gRPC carries control; a wire tensor's payload is either its bytes (``inline``) or a
+reference into a shared-memory region the client registered (``shm``). One ``CallCodec``
+serves one call: it decodes the request's tensors (inline ones are copied, shared-memory
+ones are viewed in place) and encodes the reply's, into the client's reply area when the
+request gave one and they fit, inline otherwise.
+"""
+
+from __future__ import annotations
+
+import grpc
+import torch
+
+from pytorch2jax_protocol import pb, shm as _shm
+
+from pytorch2jax_server._dataplane import inline
+from pytorch2jax_server._dataplane.shm import (
+    SESSION_METADATA_KEY,
+    SHARED_MEMORY_POLICIES,
+    Session,
+    Sessions,
+)
+from pytorch2jax_server._errors import SessionLost
+from pytorch2jax_server._tensors import dense_cpu, wire_dtype
+
+__all__ = ["SHARED_MEMORY_POLICIES", "CallCodec", "Session", "Sessions", "inline", "session_of"]
+
+
+def session_of(sessions: Sessions, context: grpc.ServicerContext) -> Session:
+    """The session a call names in its metadata."""
+    for key, value in context.invocation_metadata():
+        if key == SESSION_METADATA_KEY:
+            try:
+                return sessions.get(bytes.fromhex(value))
+            except ValueError:
+                break
+    raise SessionLost(
+        "this call refers to shared memory but names no open session; open one with "
+        "OpenSession and send its id in the p2j-session metadata entry"
+    )
+
+
+class CallCodec:
+    """Decodes one call's tensors and encodes its reply's."""
+
+    def __init__(
+        self,
+        sessions: Sessions,
+        context: grpc.ServicerContext,
+        reply_area: pb.SharedMemoryRef | None = None,
+    ) -> None:
+        self._sessions = sessions
+        self._context = context
+        self._session: Session | None = None
+        #: Storages (by data pointer) of decoded tensors that are views of client memory:
+        #: anything kept beyond the call (autograd's saved tensors) must copy them, since
+        #: the client reuses its slots once the call returns.
+        self.borrowed: set[int] = set()
+        self._area_ref = reply_area
+        self._area = self._session_().area(reply_area) if reply_area is not None else None
+        self._cursor = 0
+
+    def _session_(self) -> Session:
+        if self._session is None:
+            self._session = session_of(self._sessions, self._context)
+        return self._session
+
+    def decode(self, msg: pb.Tensor) -> torch.Tensor:
+        if msg.WhichOneof("payload") != "shm":
+            return inline.decode(msg)
+        t = self._session_().view(msg.shm, msg.dtype, msg.shape)
+        self.borrowed.add(t.untyped_storage().data_ptr())
+        return t
+
+    def encode(self, t: torch.Tensor) -> pb.Tensor:
+        placed = self._place(t) if self._area is not None else None
+        return placed if placed is not None else inline.encode(t)
+
+    def _place(self, t: torch.Tensor) -> pb.Tensor | None:
+        """``t`` copied into the next free bytes of the reply area, or None if it does not fit."""
+        t = dense_cpu(t)
+        nbytes = t.numel() * t.element_size()
+        start = _shm.align(self._cursor)
+        if nbytes == 0 or start + nbytes > self._area.numel():
+            return None
+        dst = self._area[start : start + nbytes].view(t.dtype).view(t.shape)
+        dst.copy_(t)
+        self._cursor = start + nbytes
+        ref = pb.SharedMemoryRef(
+            region=self._area_ref.region, offset=self._area_ref.offset + start, nbytes=nbytes
+        )
+        return pb.Tensor(dtype=wire_dtype(t.dtype), shape=t.shape, shm=ref)

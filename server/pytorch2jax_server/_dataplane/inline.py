@@ -1,0 +1,39 @@
+"""The inline transport: tensor bytes inside the gRPC message, on any host."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from pytorch2jax_protocol import pb
+from pytorch2jax_protocol.tensors import WireFormatError, inline_payload
+
+from pytorch2jax_server._errors import InvalidRequest
+from pytorch2jax_server._tensors import dense_cpu, torch_dtype, wire_dtype
+
+
+def decode(msg: pb.Tensor) -> torch.Tensor:
+    """A fresh, writable torch tensor with the message's data.
+
+    It is a copy rather than a view of the protobuf bytes: those are immutable, and a
+    model that writes into its input must not corrupt them.
+    """
+    try:
+        data = inline_payload(msg)
+    except WireFormatError as e:
+        raise InvalidRequest(str(e)) from None
+    out = torch.empty(tuple(msg.shape), dtype=torch_dtype(msg.dtype))
+    if data:
+        with warnings.catch_warnings():  # read-only source: we only read from it
+            warnings.simplefilter("ignore", UserWarning)
+            src = torch.frombuffer(data, dtype=torch.uint8)
+        out.view(-1).view(torch.uint8).copy_(src)
+    return out
+
+
+def encode(t: torch.Tensor) -> pb.Tensor:
+    t = dense_cpu(t).contiguous()
+    # Viewing as bytes is zero-copy for every dtype torch has, bfloat16 included.
+    data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+    return pb.Tensor(dtype=wire_dtype(t.dtype), shape=t.shape, inline_data=data)

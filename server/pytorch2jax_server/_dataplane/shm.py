@@ -1,0 +1,211 @@
+"""The shared-memory transport on the worker: sessions, the regions clients register under
+them, and validated tensor views of those regions.
+
+A session lives as long as its client's OpenSession stream; when the stream ends (the
+client closed it, died, or the worker stops) the session and its regions are dropped.
+Dropping only forgets them: a mapping goes away when the last tensor viewing it does, so
+a call still using a region finishes safely (what Triton calls deferring the unregister).
+
+Every reference is checked before use (``shm.check_ref``): the region must be one of the
+caller's session, ``offset + nbytes`` must lie inside it (with an overflow guard) and
+``nbytes`` must equal dtype x shape. Messages never name a segment or a path.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from pytorch2jax_protocol import pb, shm
+from pytorch2jax_protocol.tensors import WireFormatError
+
+from pytorch2jax_server._errors import InvalidRequest, LimitExceeded, SessionLost, Unsupported
+from pytorch2jax_server._tensors import torch_dtype
+
+_log = logging.getLogger("pytorch2jax_server")
+
+#: Who may use shared memory: "local" (unix sockets and loopback TCP), "any" peer (e.g.
+#: containers that share /dev/shm over a Docker network), or nobody ("off").
+SHARED_MEMORY_POLICIES = ("local", "any", "off")
+DEFAULT_MAX_SESSIONS = 32
+DEFAULT_MAX_REGIONS_PER_SESSION = 64
+DEFAULT_MAX_SESSION_BYTES = 8 << 30
+
+SESSION_METADATA_KEY = "p2j-session"
+_LOCAL_PEERS = ("unix:", "ipv4:127.", "ipv6:[::1]", "ipv6:%5B::1%5D")
+
+
+def is_local_peer(peer: str) -> bool:
+    """Whether a gRPC peer string (``context.peer()``) is this host by construction."""
+    return peer.startswith(_LOCAL_PEERS)
+
+
+@dataclass(eq=False)
+class Region:
+    """A client's segment as mapped into the worker, and a byte tensor over all of it."""
+
+    size: int
+    bytes: torch.Tensor  # uint8, keeps the mapping alive for as long as any view of it
+
+
+@dataclass(eq=False)
+class Session:
+    """One client's handshake state and registered regions."""
+
+    id: bytes
+    peer: str
+    transports: list[int]
+    max_regions: int
+    max_bytes: int
+    closed: threading.Event = field(default_factory=threading.Event)
+    _regions: dict[int, Region] = field(default_factory=dict)
+    _next_id: int = 1  # 0 stays invalid: it is proto3's default
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def register(self, name: str, size: int) -> int:
+        if pb.SHM not in self.transports:
+            raise Unsupported(
+                "this worker does not accept shared memory from this client "
+                f"(peer {self.peer}); use transport='inline', or start the worker with "
+                "--shared-memory any if the peer is on this host"
+            )
+        with self._lock:
+            if len(self._regions) >= self.max_regions:
+                raise LimitExceeded(
+                    f"a session may register at most {self.max_regions} shared-memory regions"
+                )
+            if size > self.max_bytes - sum(r.size for r in self._regions.values()):
+                raise LimitExceeded(
+                    f"registering {size} more bytes of shared memory would pass this session's "
+                    f"limit of {self.max_bytes} bytes"
+                )
+        try:
+            mapping = shm.attach(name, size)
+        except shm.SharedMemoryError as e:
+            raise Unsupported(f"cannot use this shared-memory segment: {e.strerror}") from None
+        region = Region(size, torch.frombuffer(mapping, dtype=torch.uint8))
+        with self._lock:
+            if self.closed.is_set():
+                raise SessionLost("the shared-memory session was closed; open a new one")
+            region_id, self._next_id = self._next_id, self._next_id + 1
+            self._regions[region_id] = region
+        return region_id
+
+    def view(self, ref: pb.SharedMemoryRef, dtype: int, shape: Sequence[int]) -> torch.Tensor:
+        """The validated bytes of ``ref`` as a tensor of ``dtype`` and ``shape`` (no copy)."""
+        region = self._region(ref.region)
+        if ref.offset % shm.ALIGNMENT:
+            # Also what makes the dtype view below valid for every itemsize.
+            raise InvalidRequest(
+                f"shared-memory offsets must be multiples of {shm.ALIGNMENT}; got {ref.offset}"
+            )
+        try:
+            shm.check_ref(ref.offset, ref.nbytes, region.size, dtype, shape)
+        except WireFormatError as e:
+            raise InvalidRequest(str(e)) from None
+        raw = region.bytes[ref.offset : ref.offset + ref.nbytes]
+        return raw.view(torch_dtype(dtype)).view(tuple(shape))
+
+    def area(self, ref: pb.SharedMemoryRef) -> torch.Tensor:
+        """The validated bytes of a reply area, as a uint8 tensor (no copy)."""
+        return self.view(ref, pb.UINT8, [ref.nbytes])
+
+    def _region(self, region_id: int) -> Region:
+        with self._lock:
+            region = self._regions.get(region_id)
+        if region is None:
+            raise InvalidRequest(
+                f"unknown shared-memory region {region_id} for this session; register it first"
+            )
+        return region
+
+    def region_count(self) -> int:
+        with self._lock:
+            return len(self._regions)
+
+    def drop(self) -> None:
+        with self._lock:
+            self.closed.set()
+            self._regions.clear()
+
+
+class Sessions:
+    """The open sessions, by id."""
+
+    def __init__(
+        self,
+        *,
+        shared_memory: str = "local",
+        max_sessions: int = DEFAULT_MAX_SESSIONS,
+        max_regions: int = DEFAULT_MAX_REGIONS_PER_SESSION,
+        max_bytes: int = DEFAULT_MAX_SESSION_BYTES,
+    ) -> None:
+        if shared_memory not in SHARED_MEMORY_POLICIES:
+            raise ValueError(
+                f"shared_memory must be one of {SHARED_MEMORY_POLICIES}, not {shared_memory!r}"
+            )
+        self.policy = shared_memory
+        self.max_sessions = max_sessions
+        self._max_regions = max_regions
+        self._max_bytes = max_bytes
+        self._sessions: dict[bytes, Session] = {}
+        self._lock = threading.Lock()
+
+    def open(self, peer: str, wanted: Sequence[int]) -> tuple[Session, str]:
+        """A new session for ``peer``, with the transports it may use of ``wanted``, and why
+        any were refused."""
+        allowed, refused = [pb.INLINE], ""
+        if pb.SHM in wanted:
+            if self.policy == "any" or (self.policy == "local" and is_local_peer(peer)):
+                allowed.append(pb.SHM)
+            else:
+                refused = (
+                    "shared memory is off on this worker"
+                    if self.policy == "off"
+                    else f"shared memory is only for local peers, and this one is {peer}"
+                )
+        if pb.CUDA_IPC in wanted:
+            refused = "; ".join(filter(None, [refused, "this worker has no CUDA IPC transport"]))
+        session = Session(secrets.token_bytes(16), peer, allowed, self._max_regions, self._max_bytes)
+        with self._lock:
+            if len(self._sessions) >= self.max_sessions:
+                raise LimitExceeded(
+                    f"the worker has {self.max_sessions} sessions open, its limit; close unused "
+                    "clients or start it with a larger --max-sessions"
+                )
+            self._sessions[session.id] = session
+        _log.debug("session opened for %s: transports %s", peer, allowed)
+        return session, refused
+
+    def close(self, session: Session) -> None:
+        with self._lock:
+            self._sessions.pop(session.id, None)
+        session.drop()
+        _log.debug("session closed for %s", session.peer)
+
+    def close_all(self) -> None:
+        with self._lock:
+            sessions, self._sessions = list(self._sessions.values()), {}
+        for s in sessions:
+            s.drop()
+
+    def get(self, session_id: bytes) -> Session:
+        with self._lock:
+            session = self._sessions.get(session_id)
+        if session is None:
+            raise SessionLost(
+                "the worker has no such shared-memory session (it restarted, or the session "
+                "was closed); open a new one"
+            )
+        return session
+
+    def region_count(self) -> int:
+        """How many regions all sessions hold (for tests and metrics)."""
+        with self._lock:
+            sessions = list(self._sessions.values())
+        return sum(s.region_count() for s in sessions)
