@@ -103,6 +103,19 @@ def start_worker(
                 process.stdout.close()
 
 
+def _our_segments() -> set[str]:
+    return {n for n in os.listdir("/dev/shm") if n.startswith("p2j-")}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_shared_memory_left():
+    """After the whole suite, /dev/shm holds no segment of ours that was not there before."""
+    before = _our_segments()
+    yield
+    left = _our_segments() - before
+    assert not left, f"shared-memory segments left behind: {sorted(left)}"
+
+
 @pytest.fixture(scope="session")
 def worker() -> Iterator[WorkerProcess]:
     """One worker serving every example model, shared by the session."""

@@ -176,14 +176,11 @@ class ServedModel:
         params: dict[str, torch.Tensor],
         *,
         keep_autograd: bool,
-        borrowed: set[int] | frozenset[int] = frozenset(),
     ) -> Outcome:
         """Calls the model; with ``keep_autograd``, keeps what a Vjp needs.
 
         ``leaves`` are the tensor leaves of ``(args, kwargs)`` in wire order; ``params``
-        replaces the module's own parameters by name (they stay untouched). ``borrowed``
-        holds the storages (by data pointer) of inputs that view memory the caller takes
-        back after the call: what autograd saves of them is copied.
+        replaces the module's own parameters by name (they stay untouched).
         """
         self.check_arity(args, kwargs)
         params = self.check_parameters(params)
@@ -196,7 +193,7 @@ class ServedModel:
         for p in params.values():
             if is_differentiable(p.dtype):
                 p.requires_grad_(True)
-        saved = _SavedBytes(borrowed)
+        saved = _SavedBytes()
         with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(saved.pack, _unpack):
             outputs = self._call(args, kwargs, params)
         out_leaves = tensor_leaves(outputs)
@@ -297,22 +294,15 @@ class Registry:
 
 
 class _SavedBytes:
-    """Counts the bytes autograd saves for backward, each storage once, and copies what it
-    saves of borrowed storages (only what it saves: a model that keeps nothing of a large
-    input for its backward costs no copy of it)."""
+    """Counts the bytes autograd saves for backward, each storage once."""
 
-    def __init__(self, borrowed: set[int] | frozenset[int]) -> None:
-        self._borrowed = borrowed
+    def __init__(self) -> None:
         self._seen: set[int] = set()
         self.total = 0
 
     def pack(self, t: torch.Tensor) -> torch.Tensor:
         storage = t.untyped_storage()
-        if storage.data_ptr() in self._borrowed:
-            # Autograd needs only the data; the clone is what the backward reads.
-            t = t.detach().clone()
-            self.total += t.numel() * t.element_size()
-        elif storage.data_ptr() not in self._seen:
+        if storage.data_ptr() not in self._seen:
             self._seen.add(storage.data_ptr())
             self.total += storage.nbytes()
         return t

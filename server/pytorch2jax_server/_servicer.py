@@ -168,15 +168,12 @@ class BridgeServicer(pb_grpc.BridgeServicer):
     @_reporting
     def Forward(self, request, context):
         model = self._registry.get(request.model)
-        codec = CallCodec(self._sessions, context, _reply_area(request))
+        codec = CallCodec(
+            self._sessions, context, _reply_area(request), keep=request.keep_residual
+        )
         call = _Decoded(request.arguments, request.parameters, codec)
         outcome = model.run(
-            call.args,
-            call.kwargs,
-            call.leaves,
-            call.params,
-            keep_autograd=request.keep_residual,
-            borrowed=codec.borrowed,
+            call.args, call.kwargs, call.leaves, call.params, keep_autograd=request.keep_residual
         )
         outputs = _encode_outputs(model, outcome.outputs, codec.encode)
         handle = self._residuals.put(outcome.residual) if outcome.residual else b""
@@ -202,7 +199,7 @@ class BridgeServicer(pb_grpc.BridgeServicer):
                     f"{model.name!r} (evicted or expired); send the arguments again to recompute"
                 )
             call = _Decoded(request.arguments, request.parameters, codec)
-            # Used within this call only: borrowed client memory need not be copied.
+            # Used within this call only: views of the client's slots are fine.
             residual = model.run(
                 call.args, call.kwargs, call.leaves, call.params, keep_autograd=True
             ).residual

@@ -3,7 +3,7 @@
 gRPC carries control; a wire tensor's payload is either its bytes (``inline``) or a
 reference into a shared-memory region the client registered (``shm``). One ``CallCodec``
 serves one call: it decodes the request's tensors (inline ones are copied, shared-memory
-ones are viewed in place) and encodes the reply's, into the client's reply area when the
+ones are viewed in place, or copied if the call keeps them) and encodes the reply's, into the client's reply area when the
 request gave one and they fit, inline otherwise.
 """
 
@@ -21,7 +21,7 @@ from pytorch2jax_server._dataplane.shm import (
     Session,
     Sessions,
 )
-from pytorch2jax_server._errors import SessionLost
+from pytorch2jax_server._errors import InvalidRequest
 from pytorch2jax_server._tensors import dense_cpu, wire_dtype
 
 __all__ = ["SHARED_MEMORY_POLICIES", "CallCodec", "Session", "Sessions", "inline", "session_of"]
@@ -32,12 +32,13 @@ def session_of(sessions: Sessions, context: grpc.ServicerContext) -> Session:
     for key, value in context.invocation_metadata():
         if key == SESSION_METADATA_KEY:
             try:
-                return sessions.get(bytes.fromhex(value))
+                session_id = bytes.fromhex(value)
             except ValueError:
                 break
-    raise SessionLost(
-        "this call refers to shared memory but names no open session; open one with "
-        "OpenSession and send its id in the p2j-session metadata entry"
+            return sessions.get(session_id)
+    raise InvalidRequest(
+        "this call refers to shared memory but names no session; open one with OpenSession "
+        f"and send its id in hex in the {SESSION_METADATA_KEY} metadata entry"
     )
 
 
@@ -49,14 +50,15 @@ class CallCodec:
         sessions: Sessions,
         context: grpc.ServicerContext,
         reply_area: pb.SharedMemoryRef | None = None,
+        *,
+        keep: bool = False,
     ) -> None:
         self._sessions = sessions
         self._context = context
         self._session: Session | None = None
-        #: Storages (by data pointer) of decoded tensors that are views of client memory:
-        #: anything kept beyond the call (autograd's saved tensors) must copy them, since
-        #: the client reuses its slots once the call returns.
-        self.borrowed: set[int] = set()
+        # Tensors kept past the call (a residual: autograd's graph holds its inputs) must
+        # not view the client's slots, which it reuses once the call returns.
+        self._keep = keep
         self._area_ref = reply_area
         self._area = self._session_().area(reply_area) if reply_area is not None else None
         self._cursor = 0
@@ -70,8 +72,7 @@ class CallCodec:
         if msg.WhichOneof("payload") != "shm":
             return inline.decode(msg)
         t = self._session_().view(msg.shm, msg.dtype, msg.shape)
-        self.borrowed.add(t.untyped_storage().data_ptr())
-        return t
+        return t.clone() if self._keep else t
 
     def encode(self, t: torch.Tensor) -> pb.Tensor:
         placed = self._place(t) if self._area is not None else None

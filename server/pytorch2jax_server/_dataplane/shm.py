@@ -13,6 +13,7 @@ caller's session, ``offset + nbytes`` must lie inside it (with an overflow guard
 
 from __future__ import annotations
 
+import errno
 import logging
 import secrets
 import threading
@@ -87,7 +88,10 @@ class Session:
         try:
             mapping = shm.attach(name, size)
         except shm.SharedMemoryError as e:
-            raise Unsupported(f"cannot use this shared-memory segment: {e.strerror}") from None
+            if e.errno in (errno.ENOENT, errno.EPERM):
+                # Another host or container, or another user: the client should go inline.
+                raise Unsupported(str(e.strerror)) from None
+            raise InvalidRequest(f"cannot use this shared-memory segment: {e.strerror}") from None
         region = Region(size, torch.frombuffer(mapping, dtype=torch.uint8))
         with self._lock:
             if self.closed.is_set():
