@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pytorch2jax._backend import HANDLE_BYTES, Backend
+from pytorch2jax._copy import copy_into
 from pytorch2jax._exceptions import InvalidArgumentError, UnsupportedError
 
 try:
@@ -323,7 +324,12 @@ def _into_buffers(host, ctx, out, *inputs) -> None:
     # np.asarray of a CPU Buffer is a zero-copy view; the only copy is into XLA's output.
     results = host(*(np.asarray(b) for b in inputs))
     for buf, value in zip(out, results):
-        np.asarray(buf)[...] = value
+        dst = np.asarray(buf)
+        value = np.asarray(value)
+        if value.dtype == dst.dtype and value.shape == dst.shape:
+            copy_into(dst, value)
+        else:  # a float64 output narrowed to float32 without x64, say
+            dst[...] = value
 
 
 def _as_results(host, results, *inputs) -> list[np.ndarray]:

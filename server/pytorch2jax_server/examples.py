@@ -18,12 +18,14 @@ __all__ = [
     "bf16_mlp",
     "convnet",
     "dict_output",
+    "double",
     "embedding",
     "linear10",
     "masked_select",
     "mlp",
     "noisy_scale",
     "scale_shift",
+    "wide_mlp",
 ]
 
 
@@ -113,6 +115,17 @@ def linear10() -> nn.Linear:
     """The 10x10 Linear of the original pytorch2jax README, used by the benchmarks."""
     torch.manual_seed(5)
     return nn.Linear(10, 10)
+
+
+def wide_mlp() -> MLP:
+    """A 3-layer MLP 1024 wide (1024 -> 1024 -> 1024 -> 1024), used by the benchmarks."""
+    torch.manual_seed(6)
+    return MLP(1024, 1024, 1024, depth=3)
+
+
+def double(x: torch.Tensor) -> torch.Tensor:
+    """``2 * x``: as much output as input, used by the transfer benchmarks."""
+    return x * 2
 
 
 def scale_shift(x: torch.Tensor, shift: torch.Tensor, *, scale: float = 2.0) -> torch.Tensor:

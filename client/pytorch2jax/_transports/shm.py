@@ -27,6 +27,7 @@ from typing import Any
 import grpc
 import numpy as np
 
+from pytorch2jax._copy import copy_into
 from pytorch2jax._exceptions import UnsupportedError, WorkerInternalError, from_rpc_error
 from pytorch2jax._transports.base import Call, Transport
 from pytorch2jax_protocol import dtypes, pb, pb_grpc, shm, tensors
@@ -121,7 +122,7 @@ class ShmCall(Call):
             return tensors.to_wire(array)
         code = dtypes.from_numpy(array.dtype)
         slot = room[start : start + nbytes].view(array.dtype).reshape(array.shape)
-        np.copyto(slot, array, casting="no")
+        copy_into(slot, np.asarray(array))
         self._cursor = start + nbytes
         base = self._request_ref
         ref = pb.SharedMemoryRef(region=base.region, offset=base.offset + start, nbytes=nbytes)
