@@ -133,6 +133,8 @@ def clients(worker) -> Iterator[dict]:
     import pytorch2jax
 
     opened = {t: pytorch2jax.connect(worker.unix, transport=t) for t in TRANSPORTS}
+    # Small arrays would travel inline; the tests' arrays are small, and should not.
+    opened["shm"]._transport.inline_below = 0
     try:
         yield opened
     finally:

@@ -236,6 +236,17 @@ def test_close_unmaps_in_the_worker_and_arrays_stay_valid(shm_worker):
     np.testing.assert_array_equal(np.asarray(y[:3]), [0, 2, 4])
 
 
+def test_small_arrays_travel_inline_and_large_ones_in_slots(shm_worker):
+    with pytorch2jax.connect(shm_worker.unix, transport="shm") as c:
+        f = c.py_to_jax_wrapper("scale_shift")
+        small = f(jnp.ones(16), jnp.float32(0))
+        assert c.transport_info()["in_use"] == 0
+        large = f(jnp.ones(1 << 16), jnp.float32(0))  # 256 KiB
+        assert c.transport_info()["in_use"] > 0  # the eager output holds its slot
+        np.testing.assert_array_equal(np.asarray(small), 2.0)
+        np.testing.assert_array_equal(np.asarray(large), 2.0)
+
+
 def test_slots_are_not_reused_while_an_eager_output_lives(clients):
     client = clients["shm"]
     f = client.py_to_jax_wrapper("scale_shift")
@@ -275,7 +286,7 @@ def test_unknown_transport_is_refused(shm_worker):
 
 def test_worker_restart_opens_a_new_session(tmp_path):
     socket = f"unix://{tmp_path}/w.sock"
-    x = jnp.arange(4.0)
+    x = jnp.arange(float(1 << 14))  # 64 KiB: through shared memory, not inline
     with start_worker(models=MODELS, listen=[socket]):
         c = pytorch2jax.connect(socket, transport="shm")
         f = c.py_to_jax_wrapper("scale_shift")
@@ -284,7 +295,8 @@ def test_worker_restart_opens_a_new_session(tmp_path):
     with start_worker(models=MODELS, listen=[socket]):
         c.wait_ready(30)
         np.testing.assert_array_equal(np.asarray(g(x)), 2.0)
-        np.testing.assert_array_equal(np.asarray(f(x, jnp.float32(0))), 2 * np.arange(4.0))
+        np.testing.assert_array_equal(np.asarray(f(x, jnp.float32(0))), 2 * np.asarray(x))
+        assert c.transport_info()["arenas"] == 1  # the new session's
         assert c.transport == "shm"
     c.close()
 

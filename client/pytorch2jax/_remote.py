@@ -47,13 +47,19 @@ def _struct_to_spec(s: jax.ShapeDtypeStruct) -> pb.TensorSpec:
     return _spec_of(s.dtype, s.shape)
 
 
-def _nbytes(tree: Any) -> int:
-    """Bytes the array leaves of ``tree`` take in a transport's slots, alignment included."""
-    return sum(shm.align(x.nbytes) for x in jax.tree_util.tree_leaves(tree) if isinstance(x, np.ndarray))
+def _nbytes(tree: Any, at_least: int = 0) -> int:
+    """Bytes the array leaves of ``tree`` (those of ``at_least`` bytes or more) take in a
+    transport's slots, alignment included."""
+    return sum(
+        shm.align(x.nbytes)
+        for x in jax.tree_util.tree_leaves(tree)
+        if isinstance(x, np.ndarray) and x.nbytes >= at_least
+    )
 
 
 #: Reply room to lend before a call with unknown output shapes has been seen; outputs
-#: that do not fit come back inline, and later calls lend what the largest reply needed.
+#: that do not fit come back inline. Later calls lend what the last reply took, or as
+#: much as their inputs take if that is more.
 _FIRST_REPLY_BYTES = 1 << 20
 
 
@@ -127,15 +133,16 @@ class RemoteModel(Backend):
             self._reply_bytes = max(_nbytes(outputs), 64)  # next time, as much as this took
             return outputs, reply.residual
 
-        request_bytes = _nbytes((params, args, kwargs))
-        return self._exchange(
-            "Forward", request_bytes, reply_bytes or self._reply_bytes, build, decode
-        )
+        request_bytes = _nbytes((params, args, kwargs), self._client._transport.inline_below)
+        if reply_bytes is None:  # eager: guess from the last reply, and from the inputs
+            reply_bytes = max(self._reply_bytes, request_bytes)
+        return self._exchange("Forward", request_bytes, reply_bytes, build, decode)
 
     def vjp(self, residual, params, args, kwargs, cotangents):
+        small = self._client._transport.inline_below
         inputs = [*params.values(), *jax.tree_util.tree_leaves((args, kwargs))]
         grads_bytes = _nbytes([x for x in inputs if isinstance(x, np.ndarray) and _inexact(x)])
-        cts_bytes = _nbytes([c for c in cotangents if c is not None])
+        cts_bytes = _nbytes([c for c in cotangents if c is not None], small)
 
         def request(recompute: bool):
             def build(call: Call) -> pb.VjpRequest:
@@ -168,7 +175,7 @@ class RemoteModel(Backend):
                 return self._exchange("Vjp", cts_bytes, grads_bytes, request(False), decode)
             except ResidualLostError:
                 pass  # evicted or expired: recompute from the inputs
-        request_bytes = cts_bytes + _nbytes((params, args, kwargs))
+        request_bytes = cts_bytes + _nbytes((params, args, kwargs), small)
         return self._exchange("Vjp", request_bytes, grads_bytes, request(True), decode)
 
 

@@ -10,6 +10,7 @@ stays reserved for as long as any array viewing it lives.
 from __future__ import annotations
 
 import abc
+import sys
 from typing import Any
 
 import numpy as np
@@ -46,6 +47,10 @@ class Transport(abc.ABC):
 
     #: "inline" or "shm": what ``connect(transport=...)`` names it.
     name: str
+
+    #: Arrays smaller than this travel inline even when the transport could carry them:
+    #: for a few kilobytes, a slot costs more Python than the bytes cost protobuf.
+    inline_below: int = sys.maxsize
 
     @abc.abstractmethod
     def call(self, request_bytes: int, reply_bytes: int) -> Call:

@@ -39,6 +39,10 @@ DEFAULT_ARENA_BYTES = 16 << 20
 #: Shared memory one client may hold in all; past it, tensors travel inline.
 DEFAULT_MAX_SHARED_MEMORY_BYTES = 4 << 30
 
+#: Arrays below this many bytes travel inline (``Transport.inline_below``); measured with
+#: ``benchmarks/data_planes.py``: at 10x10 float32 a slot round trip costs ~100 us more.
+DEFAULT_INLINE_BELOW = 8 << 10
+
 SESSION_METADATA_KEY = "p2j-session"
 
 
@@ -106,7 +110,8 @@ class _Lease:
 
 
 class ShmCall(Call):
-    def __init__(self, request: _Lease | None, reply: _Lease | None) -> None:
+    def __init__(self, request: _Lease | None, reply: _Lease | None, inline_below: int) -> None:
+        self._inline_below = inline_below
         self._request = request
         self._request_bytes = np.asarray(request) if request is not None else None
         self._request_ref = request.ref() if request is not None else None
@@ -118,7 +123,7 @@ class ShmCall(Call):
         nbytes = array.nbytes
         start = shm.align(self._cursor)
         room = self._request_bytes
-        if room is None or nbytes == 0 or start + nbytes > room.size:
+        if room is None or nbytes < self._inline_below or nbytes == 0 or start + nbytes > room.size:
             return tensors.to_wire(array)
         code = dtypes.from_numpy(array.dtype)
         slot = room[start : start + nbytes].view(array.dtype).reshape(array.shape)
@@ -141,6 +146,8 @@ class ShmCall(Call):
         start = ref.offset - reply.offset
         out = np.asarray(reply)[start : start + ref.nbytes]
         out = out.view(dtypes.to_numpy(msg.dtype)).reshape(tuple(msg.shape))
+        if ref.nbytes < self._inline_below:
+            return out.copy()  # a small array need not hold its (maybe larger) reply block
         out.flags.writeable = False
         return out
 
@@ -161,7 +168,9 @@ class ShmTransport(Transport):
         *,
         max_bytes: int = DEFAULT_MAX_SHARED_MEMORY_BYTES,
         arena_bytes: int = DEFAULT_ARENA_BYTES,
+        inline_below: int = DEFAULT_INLINE_BELOW,
     ) -> None:
+        self.inline_below = inline_below
         self._stub = pb_grpc.BridgeStub(channel)
         self._target = target
         self._max_bytes = max_bytes
@@ -223,8 +232,8 @@ class ShmTransport(Transport):
     def call(self, request_bytes: int, reply_bytes: int) -> Call:
         with self._lock:
             request = self._lease(request_bytes) if request_bytes else None
-            reply = self._lease(reply_bytes) if reply_bytes else None
-        return ShmCall(request, reply)
+            reply = self._lease(reply_bytes) if reply_bytes >= max(self.inline_below, 1) else None
+        return ShmCall(request, reply, self.inline_below)
 
     def _drain(self) -> None:
         returns = self._returns
