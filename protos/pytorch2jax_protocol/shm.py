@@ -55,7 +55,10 @@ def create(size: int) -> tuple[str, mmap.mmap]:
     fd = _posixshmem.shm_open(name, os.O_CREAT | os.O_EXCL | os.O_RDWR, mode=0o600)
     try:
         try:
-            os.posix_fallocate(fd, 0, size)
+            if hasattr(os, "posix_fallocate"):
+                os.posix_fallocate(fd, 0, size)
+            else:  # macOS: no reservation, only a size
+                os.ftruncate(fd, size)
         except OSError as e:
             if e.errno not in (errno.ENOSPC, errno.ENOMEM):
                 raise

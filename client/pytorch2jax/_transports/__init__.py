@@ -12,7 +12,7 @@ import logging
 
 import grpc
 
-from pytorch2jax._exceptions import InvalidArgumentError, UnsupportedError
+from pytorch2jax._exceptions import InvalidArgumentError, ResourceExhaustedError, UnsupportedError
 from pytorch2jax._transports.base import Call, Transport
 from pytorch2jax._transports.inline import InlineTransport
 from pytorch2jax._transports.shm import ShmTransport
@@ -42,4 +42,6 @@ def open_transport(choice: str, channel: grpc.Channel, target: str) -> Transport
         return ShmTransport(channel, target)
     except UnsupportedError as e:
         _log.info("tensors travel inline to %s: %s", target, e)
-        return InlineTransport()
+    except ResourceExhaustedError as e:  # the worker's session limit, or /dev/shm is full
+        _log.warning("tensors travel inline to %s: %s", target, e)
+    return InlineTransport()

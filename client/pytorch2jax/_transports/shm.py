@@ -278,10 +278,10 @@ class ShmTransport(Transport):
                 raise from_rpc_error(e, self._target) from None
             self._warn(str(from_rpc_error(e, self._target)))
             return None
-        except shm.SharedMemoryError as e:
+        except OSError as e:  # SharedMemoryError, or no /dev/shm at all
             if strict:
-                raise UnsupportedError(str(e.strerror)) from None
-            self._warn(str(e.strerror))
+                raise UnsupportedError(f"cannot create shared memory: {e.strerror or e}") from None
+            self._warn(str(e.strerror or e))
             return None
         arena = _Arena(reply.region, mapping, size)
         self._arenas.append(arena)
