@@ -36,6 +36,7 @@ import numpy as np
 from pytorch2jax._backend import HANDLE_BYTES, Backend
 from pytorch2jax._copy import copy_into
 from pytorch2jax._exceptions import InvalidArgumentError, UnsupportedError
+from pytorch2jax_protocol import shm
 
 try:
     from jax.experimental.buffer_callback import buffer_callback as _buffer_callback
@@ -283,8 +284,8 @@ def _first_order_only(values: list[Any], description: str) -> list[Any]:
 
 
 def _nbytes(struct: jax.ShapeDtypeStruct) -> int:
-    # Rounded up to the 64-byte slots that transports use.
-    return (math.prod(struct.shape) * np.dtype(struct.dtype).itemsize + 63) & ~63
+    # Rounded up to the aligned slots that transports use.
+    return shm.align(math.prod(struct.shape) * np.dtype(struct.dtype).itemsize)
 
 
 def _handle_array(handle: bytes) -> np.ndarray:
@@ -324,12 +325,7 @@ def _into_buffers(host, ctx, out, *inputs) -> None:
     # np.asarray of a CPU Buffer is a zero-copy view; the only copy is into XLA's output.
     results = host(*(np.asarray(b) for b in inputs))
     for buf, value in zip(out, results):
-        dst = np.asarray(buf)
-        value = np.asarray(value)
-        if value.dtype == dst.dtype and value.shape == dst.shape:
-            copy_into(dst, value)
-        else:  # a float64 output narrowed to float32 without x64, say
-            dst[...] = value
+        copy_into(np.asarray(buf), np.asarray(value))
 
 
 def _as_results(host, results, *inputs) -> list[np.ndarray]:

@@ -32,14 +32,19 @@ def _executor() -> concurrent.futures.ThreadPoolExecutor:
 
 
 def copy_into(dst: np.ndarray, src: np.ndarray) -> None:
-    """``dst[...] = src`` for arrays of one shape and dtype, in parallel when large."""
+    """``dst[...] = src``, in parallel when large and of one shape and dtype.
+
+    Other pairs (a float64 result narrowed to a float32 buffer without x64, say) are
+    assigned as numpy assigns them.
+    """
     if (
         _THREADS == 1
         or dst.nbytes < PARALLEL_BYTES
         or not (dst.flags.c_contiguous and src.flags.c_contiguous)
         or dst.shape != src.shape
+        or dst.dtype != src.dtype
     ):
-        np.copyto(dst, src, casting="no")
+        dst[...] = src
         return
     d, s = dst.reshape(-1), src.reshape(-1)
     bounds = np.linspace(0, d.size, _THREADS + 1, dtype=np.int64)

@@ -33,6 +33,9 @@ from pytorch2jax_protocol.tensors import WireFormatError, checked_nbytes
 #: only at 64-byte alignment, and it is a cache line.
 ALIGNMENT = 64
 
+#: The gRPC metadata entry in which a call names its session (the id in hex).
+SESSION_METADATA_KEY = "p2j-session"
+
 _NAME = re.compile(r"/p2j-[0-9a-f]{32}")
 _UINT64 = (1 << 64) - 1
 

@@ -45,12 +45,16 @@ def empty_from_spec(msg: pb.TensorSpec) -> torch.Tensor:
     return torch.empty(tuple(msg.shape), dtype=torch_dtype(msg.dtype))
 
 
-def dense_cpu(t: torch.Tensor) -> torch.Tensor:
-    """``t`` detached, on the CPU, with its conjugation resolved; refuses sparse layouts."""
+def _check_dense(t: torch.Tensor) -> None:
     if t.layout != torch.strided:
         raise InvalidRequest(
             f"a {t.layout} tensor cannot cross the bridge; return dense tensors (.to_dense())"
         )
+
+
+def dense_cpu(t: torch.Tensor) -> torch.Tensor:
+    """``t`` detached, on the CPU, with its conjugation resolved; refuses sparse layouts."""
+    _check_dense(t)
     t = t.detach()
     if t.device.type != "cpu":
         t = t.cpu()
@@ -58,10 +62,7 @@ def dense_cpu(t: torch.Tensor) -> torch.Tensor:
 
 
 def to_spec(t: torch.Tensor) -> pb.TensorSpec:
-    if t.layout != torch.strided:
-        raise InvalidRequest(
-            f"a {t.layout} tensor cannot cross the bridge; return dense tensors (.to_dense())"
-        )
+    _check_dense(t)
     return pb.TensorSpec(dtype=wire_dtype(t.dtype), shape=t.shape)
 
 

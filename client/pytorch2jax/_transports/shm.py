@@ -43,8 +43,6 @@ DEFAULT_MAX_SHARED_MEMORY_BYTES = 4 << 30
 #: ``benchmarks/data_planes.py``: at 10x10 float32 a slot round trip costs ~100 us more.
 DEFAULT_INLINE_BELOW = 8 << 10
 
-SESSION_METADATA_KEY = "p2j-session"
-
 
 class _Arena:
     """One registered segment and the free blocks in it (first fit, coalescing)."""
@@ -112,7 +110,7 @@ class _Lease:
 class ShmCall(Call):
     def __init__(self, request: _Lease | None, reply: _Lease | None, inline_below: int) -> None:
         self._inline_below = inline_below
-        self._request = request
+        # A view whose base is the lease: it keeps the request block reserved until close().
         self._request_bytes = np.asarray(request) if request is not None else None
         self._request_ref = request.ref() if request is not None else None
         self._cursor = 0
@@ -153,7 +151,7 @@ class ShmCall(Call):
 
     def close(self) -> None:
         # The request block returns now; the reply block when its last array dies.
-        self._request = self._request_bytes = self._reply = None
+        self._request_bytes = self._reply = None
 
 
 class ShmTransport(Transport):
@@ -200,7 +198,7 @@ class ShmTransport(Transport):
                 f"{info.refused or 'not offered'}"
             )
         self._stream = stream
-        self._metadata = ((SESSION_METADATA_KEY, info.session.hex()),)
+        self._metadata = ((shm.SESSION_METADATA_KEY, info.session.hex()),)
         self._arenas = []
         try:
             self._grow(self._arena_bytes, strict=True)
@@ -219,8 +217,7 @@ class ShmTransport(Transport):
 
     def reset(self) -> None:
         with self._lock:
-            self._end()
-            self._returns.clear()  # blocks of the old arenas: nothing to return them to
+            self._end()  # blocks of the old arenas that come back later are dropped (_drain)
             self._open()
 
     def close(self) -> None:

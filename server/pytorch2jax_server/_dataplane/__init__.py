@@ -15,12 +15,7 @@ import torch
 from pytorch2jax_protocol import pb, shm as _shm
 
 from pytorch2jax_server._dataplane import inline
-from pytorch2jax_server._dataplane.shm import (
-    SESSION_METADATA_KEY,
-    SHARED_MEMORY_POLICIES,
-    Session,
-    Sessions,
-)
+from pytorch2jax_server._dataplane.shm import SHARED_MEMORY_POLICIES, Session, Sessions
 from pytorch2jax_server._errors import InvalidRequest
 from pytorch2jax_server._tensors import dense_cpu, wire_dtype
 
@@ -30,7 +25,7 @@ __all__ = ["SHARED_MEMORY_POLICIES", "CallCodec", "Session", "Sessions", "inline
 def session_of(sessions: Sessions, context: grpc.ServicerContext) -> Session:
     """The session a call names in its metadata."""
     for key, value in context.invocation_metadata():
-        if key == SESSION_METADATA_KEY:
+        if key == _shm.SESSION_METADATA_KEY:
             try:
                 session_id = bytes.fromhex(value)
             except ValueError:
@@ -38,7 +33,7 @@ def session_of(sessions: Sessions, context: grpc.ServicerContext) -> Session:
             return sessions.get(session_id)
     raise InvalidRequest(
         "this call refers to shared memory but names no session; open one with OpenSession "
-        f"and send its id in hex in the {SESSION_METADATA_KEY} metadata entry"
+        f"and send its id in hex in the {_shm.SESSION_METADATA_KEY} metadata entry"
     )
 
 

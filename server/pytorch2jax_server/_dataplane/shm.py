@@ -36,8 +36,6 @@ SHARED_MEMORY_POLICIES = ("local", "any", "off")
 DEFAULT_MAX_SESSIONS = 32
 DEFAULT_MAX_REGIONS_PER_SESSION = 64
 DEFAULT_MAX_SESSION_BYTES = 8 << 30
-
-SESSION_METADATA_KEY = "p2j-session"
 _LOCAL_PEERS = ("unix:", "ipv4:127.", "ipv6:[::1]", "ipv6:%5B::1%5D")
 
 
