@@ -107,7 +107,10 @@ class RemoteModel(Backend):
         transport = self._client._transport
         for attempt in (0, 1):
             with transport.call(request_bytes, reply_bytes) as call:
-                request = _refusing_unencodable(build)(call)
+                try:
+                    request = build(call)
+                except _UNENCODABLE as e:
+                    raise InvalidArgumentError(str(e)) from None
                 try:
                     reply = self._client._unary(method, request, metadata=transport.metadata())
                 except SessionLostError:

@@ -60,14 +60,28 @@ def code_of(name: str) -> int:
         ) from None
 
 
-def to_numpy(code: int) -> np.dtype:
-    name = name_of(code)
-    if name == "bfloat16":
-        import ml_dtypes  # ships with jax; only the client side needs numpy bfloat16
+# Both conversions run for every tensor of every call: their answers are kept.
+_TO_NUMPY: dict[int, np.dtype] = {}
+_FROM_NUMPY: dict[np.dtype, int] = {}
 
-        return np.dtype(ml_dtypes.bfloat16)
-    return np.dtype(name)
+
+def to_numpy(code: int) -> np.dtype:
+    dtype = _TO_NUMPY.get(code)
+    if dtype is None:
+        name = name_of(code)
+        if name == "bfloat16":
+            import ml_dtypes  # ships with jax; only the client side needs numpy bfloat16
+
+            dtype = np.dtype(ml_dtypes.bfloat16)
+        else:
+            dtype = np.dtype(name)
+        _TO_NUMPY[code] = dtype
+    return dtype
 
 
 def from_numpy(dtype: np.dtype) -> int:
-    return code_of(np.dtype(dtype).name)
+    code = _FROM_NUMPY.get(dtype)
+    if code is None:
+        code = code_of(np.dtype(dtype).name)
+        _FROM_NUMPY[dtype] = code  # only supported dtypes get here: the dict stays small
+    return code

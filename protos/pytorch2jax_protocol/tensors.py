@@ -7,7 +7,6 @@ passes ``max_bytes``, and a payload of exactly that many bytes.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -30,12 +29,19 @@ def checked_nbytes(dtype: int, shape: Sequence[int], *, max_bytes: int | None = 
         raise WireFormatError(str(e)) from None
     if len(shape) > MAX_RANK:
         raise WireFormatError(f"tensor has rank {len(shape)}; at most {MAX_RANK} is supported")
-    if any(d < 0 for d in shape):
-        raise WireFormatError(f"tensor shape {tuple(shape)} has a negative dimension")
-    if math.prod(d for d in shape if d) > MAX_ELEMENTS:
+    # Python ints: no overflow; everything is compared before anything is allocated.
+    elements, empty = 1, False
+    for d in shape:
+        if d < 0:
+            raise WireFormatError(f"tensor shape {tuple(shape)} has a negative dimension")
+        if d:
+            elements *= d
+        else:
+            empty = True
+    if elements > MAX_ELEMENTS:
         # Even with a zero dimension (0 bytes), strides of such a shape overflow 64 bits.
         raise WireFormatError(f"tensor shape {tuple(shape)} is too large to index")
-    nbytes = size * math.prod(shape)  # Python ints: no overflow, compare before allocating
+    nbytes = 0 if empty else size * elements
     if max_bytes is not None and nbytes > max_bytes:
         raise WireFormatError(
             f"tensor of shape {tuple(shape)} needs {nbytes} bytes, over the limit of {max_bytes}"

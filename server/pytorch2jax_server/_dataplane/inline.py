@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import warnings
-
+import numpy as np
 import torch
 
 from pytorch2jax_protocol import pb
 from pytorch2jax_protocol.tensors import WireFormatError, inline_payload
 
 from pytorch2jax_server._errors import InvalidRequest
-from pytorch2jax_server._tensors import dense_cpu, torch_dtype, wire_dtype
+from pytorch2jax_server._tensors import dense_cpu, from_bytes, wire_dtype
 
 
 def decode(msg: pb.Tensor) -> torch.Tensor:
@@ -23,13 +22,8 @@ def decode(msg: pb.Tensor) -> torch.Tensor:
         data = inline_payload(msg)
     except WireFormatError as e:
         raise InvalidRequest(str(e)) from None
-    out = torch.empty(tuple(msg.shape), dtype=torch_dtype(msg.dtype))
-    if data:
-        with warnings.catch_warnings():  # read-only source: we only read from it
-            warnings.simplefilter("ignore", UserWarning)
-            src = torch.frombuffer(data, dtype=torch.uint8)
-        out.view(-1).view(torch.uint8).copy_(src)
-    return out
+    # numpy's copy is aligned for every dtype, which protobuf's bytes need not be.
+    return from_bytes(np.frombuffer(data, np.uint8).copy(), msg.dtype, msg.shape)
 
 
 def encode(t: torch.Tensor) -> pb.Tensor:

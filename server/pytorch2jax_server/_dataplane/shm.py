@@ -23,10 +23,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from pytorch2jax_protocol import dtypes, pb, shm
+from pytorch2jax_protocol import pb, shm
 from pytorch2jax_protocol.tensors import WireFormatError
 
 from pytorch2jax_server._errors import InvalidRequest, LimitExceeded, SessionLost, Unsupported
+from pytorch2jax_server._tensors import from_bytes
 
 _log = logging.getLogger("pytorch2jax_server")
 
@@ -48,9 +49,8 @@ def is_local_peer(peer: str) -> bool:
 class Region:
     """A client's segment as mapped into the worker, as a byte array over all of it.
 
-    Views are cut with numpy and wrapped by ``torch.from_numpy``: several times cheaper
-    per tensor than slicing and viewing a torch tensor, which matters for small calls.
-    Every view keeps the mapping alive, so it is unmapped only after the last one dies.
+    Every tensor viewing it (``_tensors.from_bytes``) keeps the mapping alive, so it is
+    unmapped only after the last one dies.
     """
 
     size: int
@@ -115,10 +115,7 @@ class Session:
             shm.check_ref(ref.offset, ref.nbytes, region.size, dtype, shape)
         except WireFormatError as e:
             raise InvalidRequest(str(e)) from None
-        raw = region.bytes[ref.offset : ref.offset + ref.nbytes]
-        if dtype == pb.BFLOAT16:  # numpy has no bfloat16: view its bits, then torch's
-            return torch.from_numpy(raw.view(np.uint16).reshape(tuple(shape))).view(torch.bfloat16)
-        return torch.from_numpy(raw.view(dtypes.to_numpy(dtype)).reshape(tuple(shape)))
+        return from_bytes(region.bytes[ref.offset : ref.offset + ref.nbytes], dtype, shape)
 
     def area(self, ref: pb.SharedMemoryRef) -> torch.Tensor:
         """The validated bytes of a reply area, as a uint8 tensor (no copy)."""
