@@ -8,6 +8,8 @@ import signal
 import sys
 import threading
 
+import torch
+
 from pytorch2jax_protocol import DEFAULT_MAX_MESSAGE_BYTES
 from pytorch2jax_server import _loading
 from pytorch2jax_server._dataplane import SHARED_MEMORY_POLICIES, Sessions
@@ -77,6 +79,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--shared-memory-mb", type=int, default=None, help="shared memory one client may register"
     )
+    p.add_argument(
+        "--device",
+        default=None,
+        help="where models run: cpu (the default), cuda or cuda:N; on a GPU, clients on the "
+        "same host and GPU can pass tensors by CUDA IPC",
+    )
     p.add_argument("--torch-threads", type=int, default=None, help="torch intra-op threads")
     p.add_argument("--log-level", default="WARNING")
     return p
@@ -109,8 +117,6 @@ def main(argv: list[str] | None = None) -> int:
 
     torch_threads = setting("torch_threads", args.torch_threads, None)
     if torch_threads:
-        import torch
-
         torch.set_num_threads(torch_threads)
     residuals = ResidualCache(
         max_entries=setting(
@@ -120,7 +126,17 @@ def main(argv: list[str] | None = None) -> int:
         * _MB,
         ttl_s=setting("residual_ttl", args.residual_ttl, DEFAULT_TTL_S),
     )
+    try:
+        device = torch.device(setting("device", args.device, "cpu"))
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("this torch build or machine has no CUDA")
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+    except RuntimeError as e:
+        print(f"pytorch2jax-server: cannot serve on device {args.device!r}: {e}", file=sys.stderr)
+        return 2
     sessions = Sessions(
+        device=device,
         shared_memory=setting("shared_memory", args.shared_memory, "local"),
         max_sessions=setting("max_sessions", args.max_sessions, DEFAULT_MAX_SESSIONS),
         max_bytes=setting(
@@ -131,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     listen = args.listen or settings.get("listen") or list(DEFAULT_LISTEN)
     try:
         worker = create_server(
-            Registry(models),
+            Registry(models, device),
             listen,
             residuals=residuals,
             sessions=sessions,

@@ -71,9 +71,11 @@ class Outcome:
 class ServedModel:
     """One model the worker serves: an ``nn.Module`` (called functionally) or a function."""
 
-    def __init__(self, name: str, obj: Any) -> None:
+    def __init__(self, name: str, obj: Any, device: torch.device | str = "cpu") -> None:
         self.name = name
         self.is_module = isinstance(obj, torch.nn.Module)
+        if self.is_module:
+            obj = obj.to(device)  # a function is the caller's to place: it gets its inputs there
         self._obj = obj
         fn = obj.forward if self.is_module else obj
         try:
@@ -287,8 +289,8 @@ def tensor_leaves(tree: Any) -> list[torch.Tensor]:
 class Registry:
     """The models a worker serves, by name."""
 
-    def __init__(self, models: dict[str, Any]) -> None:
-        self._models = {name: ServedModel(name, obj) for name, obj in models.items()}
+    def __init__(self, models: dict[str, Any], device: torch.device | str = "cpu") -> None:
+        self._models = {name: ServedModel(name, obj, device) for name, obj in models.items()}
 
     def __iter__(self):
         return iter(self._models.values())

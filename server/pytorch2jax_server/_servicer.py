@@ -123,6 +123,12 @@ class BridgeServicer(pb_grpc.BridgeServicer):
         return pb.RegisterRegionResponse(region=session.register(request.name, request.size))
 
     @_reporting
+    def CreateCudaPool(self, request, context):
+        session = session_of(self._sessions, context)
+        region, handle = session.create_pool(self._sessions.device, request.device_uuid, request.size)
+        return pb.CreateCudaPoolResponse(region=region, ipc_handle=handle)
+
+    @_reporting
     def ListModels(self, request, context):
         return pb.ListModelsResponse(
             models=[m.info() for m in self._registry], server_version=__version__
@@ -156,11 +162,16 @@ class BridgeServicer(pb_grpc.BridgeServicer):
     def InferShapes(self, request, context):
         model = self._registry.get(request.model)
 
+        device = self._sessions.device
+
         def build():
             def from_tensor(msg: pb.Tensor) -> torch.Tensor:
-                return empty_from_spec(pb.TensorSpec(dtype=msg.dtype, shape=msg.shape))
+                return empty_from_spec(pb.TensorSpec(dtype=msg.dtype, shape=msg.shape), device)
 
-            return values.decode_arguments(request.arguments, from_tensor, empty_from_spec)
+            def from_spec(msg: pb.TensorSpec) -> torch.Tensor:
+                return empty_from_spec(msg, device)
+
+            return values.decode_arguments(request.arguments, from_tensor, from_spec)
 
         outputs = model.infer(build)
         return pb.InferShapesResponse(outputs=_encode_outputs(model, outputs, to_spec))
@@ -176,6 +187,7 @@ class BridgeServicer(pb_grpc.BridgeServicer):
             call.args, call.kwargs, call.leaves, call.params, keep_autograd=request.keep_residual
         )
         outputs = _encode_outputs(model, outcome.outputs, codec.encode)
+        codec.finish()
         handle = self._residuals.put(outcome.residual) if outcome.residual else b""
         return pb.ForwardResponse(outputs=outputs, residual=handle)
 
@@ -204,12 +216,14 @@ class BridgeServicer(pb_grpc.BridgeServicer):
                 call.args, call.kwargs, call.leaves, call.params, keep_autograd=True
             ).residual
         arg_grads, param_grads = vjp(residual, cotangents, retain_graph=request.retain_residual)
-        return pb.VjpResponse(
+        reply = pb.VjpResponse(
             argument_grads=[pb.Tensor() if g is None else codec.encode(g) for g in arg_grads],
             parameter_grads=[
                 pb.NamedTensor(name=n, tensor=codec.encode(g)) for n, g in param_grads.items()
             ],
         )
+        codec.finish()
+        return reply
 
     @_reporting
     def ReleaseResiduals(self, request, context):

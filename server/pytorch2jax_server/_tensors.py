@@ -56,13 +56,13 @@ def is_differentiable(dtype: torch.dtype) -> bool:
     return dtype.is_floating_point or dtype.is_complex
 
 
-def empty_from_spec(msg: pb.TensorSpec) -> torch.Tensor:
+def empty_from_spec(msg: pb.TensorSpec, device: torch.device | str = "cpu") -> torch.Tensor:
     """An uninitialised tensor of the spec's dtype and shape (created under the caller's mode)."""
     try:
         checked_nbytes(msg.dtype, msg.shape)
     except WireFormatError as e:
         raise InvalidRequest(str(e)) from None
-    return torch.empty(tuple(msg.shape), dtype=torch_dtype(msg.dtype))
+    return torch.empty(tuple(msg.shape), dtype=torch_dtype(msg.dtype), device=device)
 
 
 def _check_dense(t: torch.Tensor) -> None:
@@ -72,13 +72,17 @@ def _check_dense(t: torch.Tensor) -> None:
         )
 
 
-def dense_cpu(t: torch.Tensor) -> torch.Tensor:
-    """``t`` detached, on the CPU, with its conjugation resolved; refuses sparse layouts."""
+def dense(t: torch.Tensor) -> torch.Tensor:
+    """``t`` detached, with its conjugation resolved; refuses sparse layouts."""
     _check_dense(t)
     t = t.detach()
-    if t.device.type != "cpu":
-        t = t.cpu()
     return t.resolve_conj() if t.is_conj() else t
+
+
+def dense_cpu(t: torch.Tensor) -> torch.Tensor:
+    """``dense(t)``, on the CPU."""
+    t = dense(t)
+    return t if t.device.type == "cpu" else t.cpu()
 
 
 def to_spec(t: torch.Tensor) -> pb.TensorSpec:

@@ -1,10 +1,11 @@
 """How tensor bytes travel between the worker and its clients.
 
-gRPC carries control; a wire tensor's payload is either its bytes (``inline``) or a
-reference into a shared-memory region the client registered (``shm``). One ``CallCodec``
-serves one call: it decodes the request's tensors (inline ones are copied, shared-memory
-ones are viewed in place, or copied if the call keeps them) and encodes the reply's, into the client's reply area when the
-request gave one and they fit, inline otherwise.
+gRPC carries control; a wire tensor's payload is either its bytes (``inline``), a
+reference into a shared-memory region the client registered (``shm``), or one into a GPU
+pool the worker made for the client (``cuda_ipc``). One ``CallCodec`` serves one call: it
+decodes the request's tensors onto the serving device (inline ones are copied; shared ones
+are viewed in place, or copied if the call keeps them) and encodes the reply's, into the
+client's reply area when the request gave one and they fit, inline otherwise.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pytorch2jax_protocol import pb, shm as _shm
 from pytorch2jax_server._dataplane import inline
 from pytorch2jax_server._dataplane.shm import SHARED_MEMORY_POLICIES, Session, Sessions
 from pytorch2jax_server._errors import InvalidRequest
-from pytorch2jax_server._tensors import dense_cpu, wire_dtype
+from pytorch2jax_server._tensors import dense, dense_cpu, wire_dtype
 
 __all__ = ["SHARED_MEMORY_POLICIES", "CallCodec", "Session", "Sessions", "inline", "session_of"]
 
@@ -64,26 +65,44 @@ class CallCodec:
         return self._session
 
     def decode(self, msg: pb.Tensor) -> torch.Tensor:
-        if msg.WhichOneof("payload") != "shm":
-            return inline.decode(msg)
-        t = self._session_().view(msg.shm, msg.dtype, msg.shape)
-        return t.clone() if self._keep else t
+        """The tensor of ``msg``, on the device the models run on."""
+        payload = msg.WhichOneof("payload")
+        device = self._sessions.device
+        if payload == "cuda_ipc":
+            # A pool is always on the serving device (Session.create_pool).
+            t = self._session_().view(msg.cuda_ipc, msg.dtype, msg.shape, gpu=True)
+            return t.clone() if self._keep else t
+        if payload != "shm":
+            t = inline.decode(msg)
+        else:
+            t = self._session_().view(msg.shm, msg.dtype, msg.shape)
+            if self._keep and device.type == "cpu":
+                t = t.clone()
+        return t if device.type == "cpu" else t.to(device)
 
     def encode(self, t: torch.Tensor) -> pb.Tensor:
         placed = self._place(t) if self._area is not None else None
         return placed if placed is not None else inline.encode(t)
 
+    def finish(self) -> None:
+        """Waits for the copies into a GPU reply area: the client reads it once we reply."""
+        if self._area is not None and self._area.is_cuda and self._cursor:
+            torch.cuda.current_stream(self._area.device).synchronize()
+
     def _place(self, t: torch.Tensor) -> pb.Tensor | None:
         """``t`` copied into the next free bytes of the reply area, or None if it does not fit."""
-        t = dense_cpu(t)
+        area = self._area
+        t = dense(t) if area.is_cuda else dense_cpu(t)
         nbytes = t.numel() * t.element_size()
         start = _shm.align(self._cursor)
-        if nbytes == 0 or start + nbytes > self._area.numel():
+        if nbytes == 0 or start + nbytes > area.numel():
             return None
-        dst = self._area[start : start + nbytes].view(t.dtype).view(t.shape)
+        dst = area[start : start + nbytes].view(t.dtype).view(t.shape)
         dst.copy_(t)
         self._cursor = start + nbytes
         ref = pb.SharedMemoryRef(
             region=self._area_ref.region, offset=self._area_ref.offset + start, nbytes=nbytes
         )
+        if area.is_cuda:
+            return pb.Tensor(dtype=wire_dtype(t.dtype), shape=t.shape, cuda_ipc=ref)
         return pb.Tensor(dtype=wire_dtype(t.dtype), shape=t.shape, shm=ref)

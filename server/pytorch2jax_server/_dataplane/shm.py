@@ -1,5 +1,6 @@
 """The shared-memory transport on the worker: sessions, the regions clients register under
-them, and validated tensor views of those regions.
+them (host segments; GPU pools of ``cuda_ipc`` share the numbering), and validated tensor
+views of those regions.
 
 A session lives as long as its client's OpenSession stream; when the stream ends (the
 client closed it, died, or the worker stops) the session and its regions are dropped.
@@ -23,11 +24,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from pytorch2jax_protocol import pb, shm
+from pytorch2jax_protocol import cuda, pb, shm
 from pytorch2jax_protocol.tensors import WireFormatError
 
 from pytorch2jax_server._errors import InvalidRequest, LimitExceeded, SessionLost, Unsupported
-from pytorch2jax_server._tensors import from_bytes
+from pytorch2jax_server._dataplane import cuda_ipc
+from pytorch2jax_server._tensors import from_bytes, torch_dtype
 
 _log = logging.getLogger("pytorch2jax_server")
 
@@ -67,7 +69,7 @@ class Session:
     max_regions: int
     max_bytes: int
     closed: threading.Event = field(default_factory=threading.Event)
-    _regions: dict[int, Region] = field(default_factory=dict)
+    _regions: dict[int, Region | cuda_ipc.DevicePool] = field(default_factory=dict)
     _next_id: int = 1  # 0 stays invalid: it is proto3's default
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -78,16 +80,7 @@ class Session:
                 f"(peer {self.peer}); use transport='inline', or start the worker with "
                 "--shared-memory any if the peer is on this host"
             )
-        with self._lock:
-            if len(self._regions) >= self.max_regions:
-                raise LimitExceeded(
-                    f"a session may register at most {self.max_regions} shared-memory regions"
-                )
-            if size > self.max_bytes - sum(r.size for r in self._regions.values()):
-                raise LimitExceeded(
-                    f"registering {size} more bytes of shared memory would pass this session's "
-                    f"limit of {self.max_bytes} bytes"
-                )
+        self._check_room(size)
         try:
             mapping = shm.attach(name, size)
         except shm.SharedMemoryError as e:
@@ -95,7 +88,36 @@ class Session:
                 # Another host or container, or another user: the client should go inline.
                 raise Unsupported(str(e.strerror)) from None
             raise InvalidRequest(f"cannot use this shared-memory segment: {e.strerror}") from None
-        region = Region(size, np.frombuffer(mapping, np.uint8))
+        return self._add(Region(size, np.frombuffer(mapping, np.uint8)))
+
+    def create_pool(self, device: torch.device, uuid: bytes, size: int) -> tuple[int, bytes]:
+        """A new GPU pool of ``size`` bytes: its region id and CUDA IPC handle."""
+        if pb.CUDA_IPC not in self.transports:
+            raise Unsupported(
+                f"this worker does not offer CUDA IPC to this client (peer {self.peer}); use "
+                "transport='shm' or 'inline'"
+            )
+        device = cuda_ipc.serving_device(device, uuid)
+        if size <= 0:
+            raise InvalidRequest(f"a CUDA pool needs a positive size; got {size}")
+        self._check_room(size)
+        try:
+            pool = cuda_ipc.DevicePool(device, size)
+        except (cuda.CudaError, torch.OutOfMemoryError) as e:
+            raise LimitExceeded(f"cannot allocate {size} bytes on the worker's GPU: {e}") from None
+        return self._add(pool), pool.handle
+
+    def _check_room(self, size: int) -> None:
+        with self._lock:
+            if len(self._regions) >= self.max_regions:
+                raise LimitExceeded(f"a session may hold at most {self.max_regions} regions")
+            if size > self.max_bytes - sum(r.size for r in self._regions.values()):
+                raise LimitExceeded(
+                    f"{size} more bytes of shared memory would pass this session's limit of "
+                    f"{self.max_bytes} bytes"
+                )
+
+    def _add(self, region: Region | cuda_ipc.DevicePool) -> int:
         with self._lock:
             if self.closed.is_set():
                 raise SessionLost("the shared-memory session was closed; open a new one")
@@ -103,9 +125,17 @@ class Session:
             self._regions[region_id] = region
         return region_id
 
-    def view(self, ref: pb.SharedMemoryRef, dtype: int, shape: Sequence[int]) -> torch.Tensor:
-        """The validated bytes of ``ref`` as a tensor of ``dtype`` and ``shape`` (no copy)."""
+    def view(
+        self, ref: pb.SharedMemoryRef, dtype: int, shape: Sequence[int], *, gpu: bool = False
+    ) -> torch.Tensor:
+        """The validated bytes of ``ref`` as a tensor of ``dtype`` and ``shape`` (no copy),
+        in a host region, or with ``gpu`` in a GPU pool."""
         region = self._region(ref.region)
+        if isinstance(region, cuda_ipc.DevicePool) != gpu:
+            raise InvalidRequest(
+                f"region {ref.region} is {'a GPU pool' if not gpu else 'host memory'}; "
+                f"reference it as {'cuda_ipc' if not gpu else 'shm'}"
+            )
         if ref.offset % shm.ALIGNMENT:
             # Also what makes the dtype view below valid for every itemsize.
             raise InvalidRequest(
@@ -115,13 +145,17 @@ class Session:
             shm.check_ref(ref.offset, ref.nbytes, region.size, dtype, shape)
         except WireFormatError as e:
             raise InvalidRequest(str(e)) from None
+        if gpu:
+            raw = region.bytes[ref.offset : ref.offset + ref.nbytes]
+            return raw.view(torch_dtype(dtype)).view(tuple(shape))
         return from_bytes(region.bytes[ref.offset : ref.offset + ref.nbytes], dtype, shape)
 
     def area(self, ref: pb.SharedMemoryRef) -> torch.Tensor:
-        """The validated bytes of a reply area, as a uint8 tensor (no copy)."""
-        return self.view(ref, pb.UINT8, [ref.nbytes])
+        """The validated bytes of a reply area, as a uint8 tensor (no copy), host or GPU."""
+        gpu = isinstance(self._region(ref.region), cuda_ipc.DevicePool)
+        return self.view(ref, pb.UINT8, [ref.nbytes], gpu=gpu)
 
-    def _region(self, region_id: int) -> Region:
+    def _region(self, region_id: int) -> Region | cuda_ipc.DevicePool:
         with self._lock:
             region = self._regions.get(region_id)
         if region is None:
@@ -150,6 +184,7 @@ class Sessions:
         max_sessions: int = DEFAULT_MAX_SESSIONS,
         max_regions: int = DEFAULT_MAX_REGIONS_PER_SESSION,
         max_bytes: int = DEFAULT_MAX_SESSION_BYTES,
+        device: torch.device | str = "cpu",
     ) -> None:
         if shared_memory not in SHARED_MEMORY_POLICIES:
             raise ValueError(
@@ -159,24 +194,30 @@ class Sessions:
         self.max_sessions = max_sessions
         self._max_regions = max_regions
         self._max_bytes = max_bytes
+        #: Where models run: tensors are decoded onto it, and GPU pools are made on it.
+        self.device = torch.device(device)
+        self._no_cuda_ipc = cuda_ipc.available(self.device)  # why not, or ""
         self._sessions: dict[bytes, Session] = {}
         self._lock = threading.Lock()
 
     def open(self, peer: str, wanted: Sequence[int]) -> tuple[Session, str]:
         """A new session for ``peer``, with the transports it may use of ``wanted``, and why
         any were refused."""
-        allowed, refused = [pb.INLINE], ""
-        if pb.SHM in wanted:
-            if self.policy == "any" or (self.policy == "local" and is_local_peer(peer)):
-                allowed.append(pb.SHM)
-            else:
-                refused = (
-                    "shared memory is off on this worker"
-                    if self.policy == "off"
-                    else f"shared memory is only for local peers, and this one is {peer}"
-                )
-        if pb.CUDA_IPC in wanted:
-            refused = "; ".join(filter(None, [refused, "this worker has no CUDA IPC transport"]))
+        allowed, refused = [pb.INLINE], []
+        # CUDA IPC, like shared memory, needs a peer on this host (and the same GPU).
+        same_host = ""
+        if self.policy == "off":
+            same_host = "shared memory is off on this worker"
+        elif self.policy == "local" and not is_local_peer(peer):
+            same_host = f"shared memory is only for local peers, and this one is {peer}"
+        for transport, why_not in ((pb.SHM, ""), (pb.CUDA_IPC, self._no_cuda_ipc)):
+            if transport in wanted:
+                why_not = same_host or why_not
+                if why_not:
+                    refused.append(why_not)
+                else:
+                    allowed.append(transport)
+        refused = "; ".join(dict.fromkeys(refused))  # each reason once
         session = Session(secrets.token_bytes(16), peer, allowed, self._max_regions, self._max_bytes)
         with self._lock:
             if len(self._sessions) >= self.max_sessions:

@@ -48,16 +48,18 @@ SHM: Transport
 CUDA_IPC: Transport
 
 class Tensor(_message.Message):
-    __slots__ = ("dtype", "shape", "inline_data", "shm")
+    __slots__ = ("dtype", "shape", "inline_data", "shm", "cuda_ipc")
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     INLINE_DATA_FIELD_NUMBER: _ClassVar[int]
     SHM_FIELD_NUMBER: _ClassVar[int]
+    CUDA_IPC_FIELD_NUMBER: _ClassVar[int]
     dtype: DType
     shape: _containers.RepeatedScalarFieldContainer[int]
     inline_data: bytes
     shm: SharedMemoryRef
-    def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., inline_data: _Optional[bytes] = ..., shm: _Optional[_Union[SharedMemoryRef, _Mapping]] = ...) -> None: ...
+    cuda_ipc: SharedMemoryRef
+    def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., inline_data: _Optional[bytes] = ..., shm: _Optional[_Union[SharedMemoryRef, _Mapping]] = ..., cuda_ipc: _Optional[_Union[SharedMemoryRef, _Mapping]] = ...) -> None: ...
 
 class SharedMemoryRef(_message.Message):
     __slots__ = ("region", "offset", "nbytes")
@@ -174,6 +176,22 @@ class RegisterRegionResponse(_message.Message):
     REGION_FIELD_NUMBER: _ClassVar[int]
     region: int
     def __init__(self, region: _Optional[int] = ...) -> None: ...
+
+class CreateCudaPoolRequest(_message.Message):
+    __slots__ = ("device_uuid", "size")
+    DEVICE_UUID_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    device_uuid: bytes
+    size: int
+    def __init__(self, device_uuid: _Optional[bytes] = ..., size: _Optional[int] = ...) -> None: ...
+
+class CreateCudaPoolResponse(_message.Message):
+    __slots__ = ("region", "ipc_handle")
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    IPC_HANDLE_FIELD_NUMBER: _ClassVar[int]
+    region: int
+    ipc_handle: bytes
+    def __init__(self, region: _Optional[int] = ..., ipc_handle: _Optional[bytes] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models", "server_version")

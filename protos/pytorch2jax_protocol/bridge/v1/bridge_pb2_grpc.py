@@ -49,6 +49,11 @@ class BridgeStub:
                 request_serializer=pytorch2jax__protocol_dot_bridge_dot_v1_dot_bridge__pb2.RegisterRegionRequest.SerializeToString,
                 response_deserializer=pytorch2jax__protocol_dot_bridge_dot_v1_dot_bridge__pb2.RegisterRegionResponse.FromString,
                 _registered_method=True)
+        self.CreateCudaPool = channel.unary_unary(
+                '/pytorch2jax.bridge.v1.Bridge/CreateCudaPool',
+                request_serializer=pytorch2jax__protocol_dot_bridge_dot_v1_dot_bridge__pb2.CreateCudaPoolRequest.SerializeToString,
+                response_deserializer=pytorch2jax__protocol_dot_bridge_dot_v1_dot_bridge__pb2.CreateCudaPoolResponse.FromString,
+                _registered_method=True)
         self.GetParameters = channel.unary_stream(
                 '/pytorch2jax.bridge.v1.Bridge/GetParameters',
                 request_serializer=pytorch2jax__protocol_dot_bridge_dot_v1_dot_bridge__pb2.GetParametersRequest.SerializeToString,
@@ -107,6 +112,15 @@ class BridgeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateCudaPool(self, request, context):
+        """Allocates a pool on the worker's GPU (plain cudaMalloc) under the caller's
+        session and returns its CUDA IPC handle for the client to open. The GPU must be
+        the one the worker serves on; the pool is freed when the session ends.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetParameters(self, request, context):
         """One model's parameters and buffers, streamed in chunks so that models larger
         than one message can be fetched.
@@ -159,6 +173,11 @@ def add_BridgeServicer_to_server(servicer, server):
                     servicer.RegisterRegion,
                     request_deserializer=pytorch2jax__protocol_dot_bridge_dot_v1_dot_bridge__pb2.RegisterRegionRequest.FromString,
                     response_serializer=pytorch2jax__protocol_dot_bridge_dot_v1_dot_bridge__pb2.RegisterRegionResponse.SerializeToString,
+            ),
+            'CreateCudaPool': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateCudaPool,
+                    request_deserializer=pytorch2jax__protocol_dot_bridge_dot_v1_dot_bridge__pb2.CreateCudaPoolRequest.FromString,
+                    response_serializer=pytorch2jax__protocol_dot_bridge_dot_v1_dot_bridge__pb2.CreateCudaPoolResponse.SerializeToString,
             ),
             'GetParameters': grpc.unary_stream_rpc_method_handler(
                     servicer.GetParameters,
@@ -267,6 +286,33 @@ class Bridge:
             '/pytorch2jax.bridge.v1.Bridge/RegisterRegion',
             pytorch2jax__protocol_dot_bridge_dot_v1_dot_bridge__pb2.RegisterRegionRequest.SerializeToString,
             pytorch2jax__protocol_dot_bridge_dot_v1_dot_bridge__pb2.RegisterRegionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateCudaPool(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pytorch2jax.bridge.v1.Bridge/CreateCudaPool',
+            pytorch2jax__protocol_dot_bridge_dot_v1_dot_bridge__pb2.CreateCudaPoolRequest.SerializeToString,
+            pytorch2jax__protocol_dot_bridge_dot_v1_dot_bridge__pb2.CreateCudaPoolResponse.FromString,
             options,
             channel_credentials,
             insecure,
