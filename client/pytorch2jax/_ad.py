@@ -7,8 +7,9 @@ How a call runs:
 - With concrete arrays (no transformation, or eager ``jax.grad``), the backend is called
   directly: no compilation, and its exceptions reach the caller as they are.
 - Under tracing, output shapes come from ``Backend.infer`` (cached per input signature, or
-  declared with ``out_shapes=``) and the call becomes a host callback: on CPU
-  ``jax.experimental.buffer_callback``, which hands over XLA's buffers without copies;
+  declared with ``out_shapes=``) and the call becomes a callback: on CPU
+  ``jax.experimental.buffer_callback``, which hands over XLA's buffers without copies; on
+  GPU with the ``cuda_ipc`` transport the same, with XLA's device buffers and stream;
   elsewhere ``jax.pure_callback``. Under ``vmap`` the callback loops over the batch.
 - The forward of a differentiated call asks the backend to keep torch's autograd state and
   carries its handle (16 bytes) as a residual, so the backward need not re-run the forward;
@@ -36,7 +37,8 @@ import numpy as np
 from pytorch2jax._backend import HANDLE_BYTES, Backend
 from pytorch2jax._copy import copy_into
 from pytorch2jax._exceptions import InvalidArgumentError, UnsupportedError
-from pytorch2jax_protocol import shm
+from pytorch2jax._transports import cuda_ipc
+from pytorch2jax_protocol import cuda, shm
 
 try:
     from jax.experimental.buffer_callback import buffer_callback as _buffer_callback
@@ -179,7 +181,7 @@ class TorchFunction:
                 full_cts[i] = ct
             args, kwargs = sig.rebuild(list(a_np))
             p_grads, a_grads = self.backend.vjp(
-                bytes(np.asarray(handle_np)),
+                _host_bytes(handle_np),
                 dict(zip(sig.param_names, p_np)),
                 args,
                 kwargs,
@@ -188,7 +190,7 @@ class TorchFunction:
             grads = [p_grads.get(name) for name in sig.param_names] + list(a_grads)
             return [grads[i] for i in diff_in]
 
-        flat = iter(_run(host, grad_structs, [handle, *inputs, *cts], self.backend.description))
+        flat = iter(_run(host, grad_structs, [handle, *inputs, *cts], self.backend))
         diff = set(diff_in)
         grads = [next(flat) if i in diff else None for i in range(len(inputs))]
         return tuple(grads[: len(p)]), tuple(grads[len(p) :])
@@ -207,10 +209,14 @@ class TorchFunction:
 
         if _is_concrete([*p, *a]):
             # No tracing: no shapes needed (data-dependent outputs work), no callback.
-            outputs, handle = host(*(np.asarray(x) for x in (*p, *a)))
-            # Arrays the backend hands over for good can become JAX arrays without a copy
-            # (device_put wraps 64-byte aligned host memory on CPU); others are copied.
-            to_jax = jax.device_put if self.backend.owns_outputs else jnp.asarray
+            if self.backend.device_arrays:
+                outputs, handle = host(*p, *a)
+                to_jax = _from_device
+            else:
+                outputs, handle = host(*(np.asarray(x) for x in (*p, *a)))
+                # Arrays the backend hands over for good can become JAX arrays without a
+                # copy (device_put wraps 64-byte aligned host memory on CPU); others are copied.
+                to_jax = jax.device_put if self.backend.owns_outputs else jnp.asarray
             outputs = jax.tree_util.tree_map(to_jax, outputs)
             return outputs, (jnp.asarray(_handle_array(handle)) if keep else None)
 
@@ -232,7 +238,7 @@ class TorchFunction:
             return leaves + ([_handle_array(handle)] if keep else [])
 
         results = list(out_leaves) + ([_HANDLE] if keep else [])
-        flat = _run(host_flat, results, [*p, *a], self.backend.description)
+        flat = _run(host_flat, results, [*p, *a], self.backend)
         if keep:
             return jax.tree_util.tree_unflatten(out_def, flat[:-1]), flat[-1]
         return jax.tree_util.tree_unflatten(out_def, flat), None
@@ -304,18 +310,27 @@ def _run(
     host: Callable[..., list[np.ndarray]],
     results: list[jax.ShapeDtypeStruct],
     inputs: list,
-    description: str,
+    backend: Backend,
 ):
-    """Runs ``host`` (numpy in, list of numpy out) on ``inputs``: directly when they are
-    concrete, otherwise as a callback inside the computation being traced."""
+    """Runs ``host`` (numpy in, list of numpy out; device arrays both ways for a backend
+    with ``device_arrays``) on ``inputs``: directly when they are concrete, otherwise as a
+    callback inside the computation being traced."""
+    device = backend.device_arrays
     if _is_concrete(inputs):
+        if device:
+            outs = host(*inputs)
+            return [_from_device(o).astype(s.dtype) for o, s in zip(outs, results)]
         outs = host(*(np.asarray(x) for x in inputs))
         return [jnp.asarray(np.asarray(o, dtype=s.dtype)) for o, s in zip(outs, results)]
-    inputs = _first_order_only(inputs, description)
-    if _buffer_callback is not None and jax.default_backend() == "cpu":
-        return _buffer_callback(
-            functools.partial(_into_buffers, host), results, vmap_method="sequential"
-        )(*inputs)
+    inputs = _first_order_only(inputs, backend.description)
+    if _buffer_callback is not None:
+        if device and jax.default_backend() == "gpu":
+            # XLA's GPU buffers go to the transport as they are: no trip through the host.
+            callback = functools.partial(_into_device_buffers, host)
+            return _buffer_callback(callback, results, vmap_method="sequential")(*inputs)
+        if jax.default_backend() == "cpu":
+            callback = functools.partial(_into_buffers, host)
+            return _buffer_callback(callback, results, vmap_method="sequential")(*inputs)
     return jax.pure_callback(
         functools.partial(_as_results, host, results), results, *inputs, vmap_method="sequential"
     )
@@ -326,6 +341,28 @@ def _into_buffers(host, ctx, out, *inputs) -> None:
     results = host(*(np.asarray(b) for b in inputs))
     for buf, value in zip(out, results):
         copy_into(np.asarray(buf), np.asarray(value))
+
+
+def _into_device_buffers(host, ctx, out, *inputs) -> None:
+    # The transport's copies go on XLA's stream (ctx.stream), after the producers of the
+    # inputs; the sync at the end lets the reply block go before XLA reads ``out``.
+    with cuda_ipc.on_stream(ctx.stream):
+        results = host(*inputs)
+        for buf, value in zip(out, results):
+            cuda_ipc.copy_to(buf, value)
+        cuda.synchronize(ctx.stream)
+
+
+def _from_device(value: Any) -> jax.Array:
+    """A JAX array of a device backend's output (a device view, or a host array)."""
+    return cuda_ipc.to_jax(value) if cuda_ipc.is_device_array(value) else jnp.asarray(value)
+
+
+def _host_bytes(handle: Any) -> bytes:
+    """A residual handle's 16 bytes, from a numpy or JAX array or an XLA GPU buffer."""
+    if isinstance(handle, (np.ndarray, jax.Array)):
+        return bytes(np.asarray(handle))
+    return bytes(cuda_ipc.host_copy(handle))
 
 
 def _as_results(host, results, *inputs) -> list[np.ndarray]:

@@ -29,6 +29,11 @@ class Backend(abc.ABC):
     #: them), so that JAX may wrap them without a copy.
     owns_outputs: bool = False
 
+    #: Whether ``forward`` and ``vjp`` take arrays in GPU memory (JAX arrays, or XLA's
+    #: buffers inside a callback) and may return ``cuda.DeviceView`` leaves, instead of
+    #: numpy arrays both ways (see ``_ad``).
+    device_arrays: bool = False
+
     @abc.abstractmethod
     def infer(self, params: dict[str, jax.ShapeDtypeStruct], args: tuple, kwargs: dict) -> Any:
         """The output pytree, leaves as ShapeDtypeStruct, for inputs of these shapes and dtypes."""

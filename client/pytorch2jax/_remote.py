@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 from typing import TYPE_CHECKING, Any
 
 import jax
@@ -47,14 +48,20 @@ def _struct_to_spec(s: jax.ShapeDtypeStruct) -> pb.TensorSpec:
     return _spec_of(s.dtype, s.shape)
 
 
+def _array_nbytes(x: Any) -> int | None:
+    """The bytes of a numpy array or a GPU array (CUDA array interface); None otherwise."""
+    if isinstance(x, np.ndarray):
+        return x.nbytes
+    if hasattr(x, "__cuda_array_interface__"):
+        return math.prod(x.shape) * np.dtype(x.dtype).itemsize
+    return None
+
+
 def _nbytes(tree: Any, at_least: int = 0) -> int:
     """Bytes the array leaves of ``tree`` (those of ``at_least`` bytes or more) take in a
     transport's slots, alignment included."""
-    return sum(
-        shm.align(x.nbytes)
-        for x in jax.tree_util.tree_leaves(tree)
-        if isinstance(x, np.ndarray) and x.nbytes >= at_least
-    )
+    sizes = (_array_nbytes(x) for x in jax.tree_util.tree_leaves(tree))
+    return sum(shm.align(n) for n in sizes if n is not None and n >= at_least)
 
 
 #: Reply room to lend before a call with unknown output shapes has been seen; outputs
@@ -73,6 +80,10 @@ class RemoteModel(Backend):
         self.info = info
         self.description = f"model {info.name!r} at {client.target}"
         self._reply_bytes = _FIRST_REPLY_BYTES
+
+    @property
+    def device_arrays(self) -> bool:
+        return self._client._transport.device_arrays
 
     def _check_parameters(self, params: dict[str, jax.ShapeDtypeStruct]) -> None:
         own = self.info.parameters
@@ -111,6 +122,7 @@ class RemoteModel(Backend):
                     request = build(call)
                 except _UNENCODABLE as e:
                     raise InvalidArgumentError(str(e)) from None
+                call.ready()
                 try:
                     reply = self._client._unary(method, request, metadata=transport.metadata())
                 except SessionLostError:
@@ -144,7 +156,7 @@ class RemoteModel(Backend):
     def vjp(self, residual, params, args, kwargs, cotangents):
         small = self._client._transport.inline_below
         inputs = [*params.values(), *jax.tree_util.tree_leaves((args, kwargs))]
-        grads_bytes = _nbytes([x for x in inputs if isinstance(x, np.ndarray) and _inexact(x)])
+        grads_bytes = _nbytes([x for x in inputs if _array_nbytes(x) is not None and _inexact(x)])
         cts_bytes = _nbytes([c for c in cotangents if c is not None], small)
 
         def request(recompute: bool):
@@ -182,7 +194,7 @@ class RemoteModel(Backend):
         return self._exchange("Vjp", request_bytes, grads_bytes, request(True), decode)
 
 
-def _inexact(x: np.ndarray) -> bool:
+def _inexact(x: Any) -> bool:
     return jnp.issubdtype(x.dtype, jnp.inexact)
 
 

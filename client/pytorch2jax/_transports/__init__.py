@@ -1,9 +1,10 @@
 """How tensor bytes travel to and from the worker: one module per transport.
 
 ``open_transport`` picks one for a new Client: ``"inline"`` (in the gRPC messages, any
-host), ``"shm"`` (POSIX shared memory, a worker on this host), ``"cuda_ipc"`` (not in this
-version) or ``"auto"``: shared memory when the worker offers it and can map our segments,
-inline otherwise.
+host), ``"shm"`` (POSIX shared memory, a worker on this host), ``"cuda_ipc"`` (GPU pools of
+a worker on this host serving on the same GPU as JAX) or ``"auto"``: CUDA IPC when JAX runs
+on a GPU and the worker offers it, else shared memory when the worker offers it and can map
+our segments, inline otherwise.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import logging
 
 import grpc
+import jax
 
 from pytorch2jax._exceptions import InvalidArgumentError, ResourceExhaustedError, UnsupportedError
 from pytorch2jax._transports.base import Call, Transport
@@ -32,12 +34,18 @@ def open_transport(choice: str, channel: grpc.Channel, target: str) -> Transport
     if choice == "inline":
         return InlineTransport()
     if choice == "cuda_ipc":
-        raise UnsupportedError(
-            "the cuda_ipc transport is not available in this version of pytorch2jax; use "
-            "'shm' for CPU arrays on this host or 'inline'"
-        )
+        from pytorch2jax._transports.cuda_ipc import CudaIpcTransport  # imports jax's GPU
+
+        return CudaIpcTransport(channel, target)
     if choice == "shm":
         return ShmTransport(channel, target)
+    if jax.default_backend() == "gpu":
+        from pytorch2jax._transports.cuda_ipc import CudaIpcTransport
+
+        try:
+            return CudaIpcTransport(channel, target)
+        except (UnsupportedError, ResourceExhaustedError) as e:
+            _log.info("no CUDA IPC with %s: %s", target, e)
     try:
         return ShmTransport(channel, target)
     except UnsupportedError as e:

@@ -28,6 +28,10 @@ class Call(abc.ABC):
     def put(self, array: np.ndarray) -> pb.Tensor:
         """A wire tensor with ``array``'s data (copied: the caller may reuse ``array``)."""
 
+    def ready(self) -> None:
+        """Called once the request is built, before it is sent: the data ``put`` copied
+        must have landed by then (a GPU transport waits for its copies here)."""
+
     @abc.abstractmethod
     def get(self, msg: pb.Tensor) -> np.ndarray:
         """The array a reply tensor holds; read-only, possibly a view of transport memory."""
@@ -45,8 +49,12 @@ class Call(abc.ABC):
 class Transport(abc.ABC):
     """A way for tensor bytes to travel between this client and its worker."""
 
-    #: "inline" or "shm": what ``connect(transport=...)`` names it.
+    #: "inline", "shm" or "cuda_ipc": what ``connect(transport=...)`` names it.
     name: str
+
+    #: Whether calls take and give arrays in GPU memory (objects with the CUDA array
+    #: interface) rather than numpy arrays.
+    device_arrays: bool = False
 
     #: Arrays smaller than this travel inline even when the transport could carry them:
     #: for a few kilobytes, a slot costs more Python than the bytes cost protobuf.

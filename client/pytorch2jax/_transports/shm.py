@@ -30,9 +30,11 @@ import numpy as np
 from pytorch2jax._copy import copy_into
 from pytorch2jax._exceptions import UnsupportedError, WorkerInternalError, from_rpc_error
 from pytorch2jax._transports.base import Call, Transport
-from pytorch2jax_protocol import dtypes, pb, pb_grpc, shm, tensors
+from pytorch2jax_protocol import cuda, dtypes, pb, pb_grpc, shm, tensors
 
 _log = logging.getLogger("pytorch2jax")
+
+_ARENA_ERRORS = (OSError, cuda.CudaError)
 
 #: The first arena's size; each later one is at least twice the last.
 DEFAULT_ARENA_BYTES = 16 << 20
@@ -45,13 +47,14 @@ DEFAULT_INLINE_BELOW = 8 << 10
 
 
 class _Arena:
-    """One registered segment and the free blocks in it (first fit, coalescing)."""
+    """One region of the session (a host segment, or a GPU pool for ``cuda_ipc``) and the
+    free blocks in it (first fit, coalescing)."""
 
-    def __init__(self, region: int, mapping: Any, size: int) -> None:
+    def __init__(self, region: int, size: int, address: int, owner: Any) -> None:
         self.region = region
         self.size = size
-        self.memory = np.frombuffer(mapping, np.uint8)  # keeps the mapping alive
-        self.address = self.memory.ctypes.data
+        self.address = address
+        self.owner = owner  # keeps the memory mapped
         self._free = [(0, size)]  # (offset, size), sorted by offset
 
     def allocate(self, n: int) -> int | None:
@@ -158,6 +161,12 @@ class ShmTransport(Transport):
     """Shared memory with a worker on this host, under one session (see the module doc)."""
 
     name = "shm"
+    # What a subclass for other memory changes (``cuda_ipc``): the transport it asks the
+    # worker for, and the lease and call types over its arenas.
+    _offer = pb.SHM
+    _memory = "shared memory"
+    _lease_type: type = _Lease
+    _call_type: type = ShmCall
 
     def __init__(
         self,
@@ -186,16 +195,16 @@ class ShmTransport(Transport):
     def _open(self) -> None:
         """Opens a session and registers a first arena, which proves the worker can map our
         segments (same host, same /dev/shm, same user). Raises UnsupportedError if not."""
-        stream = self._stub.OpenSession(pb.OpenSessionRequest(transports=[pb.SHM]))
+        stream = self._stub.OpenSession(pb.OpenSessionRequest(transports=[self._offer]))
         try:
             info = next(stream)
         except grpc.RpcError as e:
             raise from_rpc_error(e, self._target) from None
-        if pb.SHM not in info.transports:
+        if self._offer not in info.transports:
             stream.cancel()
             raise UnsupportedError(
-                f"the worker at {self._target} does not share memory with this client: "
-                f"{info.refused or 'not offered'}"
+                f"the worker at {self._target} does not offer the {self.name} transport to "
+                f"this client: {info.refused or 'not offered'}"
             )
         self._stream = stream
         self._metadata = ((shm.SESSION_METADATA_KEY, info.session.hex()),)
@@ -230,7 +239,7 @@ class ShmTransport(Transport):
         with self._lock:
             request = self._lease(request_bytes) if request_bytes else None
             reply = self._lease(reply_bytes) if reply_bytes >= max(self.inline_below, 1) else None
-        return ShmCall(request, reply, self.inline_below)
+        return self._call_type(request, reply, self.inline_below)
 
     def _drain(self) -> None:
         returns = self._returns
@@ -246,12 +255,12 @@ class ShmTransport(Transport):
         for arena in self._arenas:
             offset = arena.allocate(nbytes)
             if offset is not None:
-                return _Lease(arena, offset, nbytes, returns)
+                return self._lease_type(arena, offset, nbytes, returns)
         arena = self._grow(nbytes)
         if arena is None:
             return None
         offset = arena.allocate(nbytes)
-        return None if offset is None else _Lease(arena, offset, nbytes, returns)
+        return None if offset is None else self._lease_type(arena, offset, nbytes, returns)
 
     def _grow(self, need: int, *, strict: bool = False) -> _Arena | None:
         if self._stream is None:
@@ -263,26 +272,32 @@ class ShmTransport(Transport):
             self._warn(f"the client's shared-memory limit of {self._max_bytes} bytes is reached")
             return None
         try:
-            name, mapping = shm.create(size)
-            try:
-                reply = self._stub.RegisterRegion(
-                    pb.RegisterRegionRequest(name=name, size=size), metadata=self._metadata
-                )
-            finally:
-                shm.unlink(name)  # the worker unlinked it too, unless it failed to map it
+            arena = self._new_arena(size)
         except grpc.RpcError as e:
             if strict:
                 raise from_rpc_error(e, self._target) from None
             self._warn(str(from_rpc_error(e, self._target)))
             return None
-        except OSError as e:  # SharedMemoryError, or no /dev/shm at all
+        except _ARENA_ERRORS as e:  # SharedMemoryError, no /dev/shm, a CUDA error
+            why = getattr(e, "strerror", None) or str(e)
             if strict:
-                raise UnsupportedError(f"cannot create shared memory: {e.strerror or e}") from None
-            self._warn(str(e.strerror or e))
+                raise UnsupportedError(f"cannot create {self._memory}: {why}") from None
+            self._warn(why)
             return None
-        arena = _Arena(reply.region, mapping, size)
         self._arenas.append(arena)
         return arena
+
+    def _new_arena(self, size: int) -> _Arena:
+        """A new segment of ``size`` bytes, registered with the worker."""
+        name, mapping = shm.create(size)
+        try:
+            reply = self._stub.RegisterRegion(
+                pb.RegisterRegionRequest(name=name, size=size), metadata=self._metadata
+            )
+        finally:
+            shm.unlink(name)  # the worker unlinked it too, unless it failed to map it
+        memory = np.frombuffer(mapping, np.uint8)
+        return _Arena(reply.region, size, memory.ctypes.data, memory)
 
     def _warn(self, why: str) -> None:
         if not self._warned:

@@ -1,0 +1,230 @@
+"""The CUDA IPC transport: tensor bytes in GPU pools the worker allocates, for JAX arrays on
+the same GPU as a worker serving with ``--device cuda``.
+
+The worker owns the memory: for each arena it takes a pool with ``cudaMalloc`` and sends
+its IPC handle, which this client opens once (``pytorch2jax_protocol.cuda``); the arenas,
+leases and reply areas are the shared-memory transport's, over device addresses. Per call:
+
+- request arrays are copied device-to-device into a request block, in the order of the
+  stream XLA runs the callback on (or after ``block_until_ready`` for eager calls), and
+  that stream is synchronised before the RPC goes out (``ready``);
+- the worker writes outputs and gradients into the reply block and synchronises its own
+  stream before replying; reply tensors are ``cuda.DeviceView`` objects over the block,
+  which ``jit`` copies into XLA's output buffers and eager calls copy into new arrays
+  (``to_jax``) before the block is released.
+
+Host (numpy) arrays of a call travel inline. Needs cuda-python on the client (the ``cuda``
+extra) and a JAX with CUDA.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+import numpy as np
+
+from pytorch2jax._exceptions import UnsupportedError, WorkerInternalError
+from pytorch2jax._transports.base import Call
+from pytorch2jax._transports.shm import ShmTransport, _Arena, _Lease
+from pytorch2jax_protocol import cuda, dtypes, pb, shm, tensors
+
+#: The first pool's size; each later one is at least twice the last.
+DEFAULT_POOL_BYTES = 64 << 20
+#: GPU memory one client may hold in pools on the worker's GPU.
+DEFAULT_MAX_POOL_BYTES = 8 << 30
+
+_stream = threading.local()
+
+
+@contextlib.contextmanager
+def on_stream(stream: int) -> Iterator[None]:
+    """Orders this thread's transport copies on ``stream`` (XLA's, inside a callback)."""
+    outer = getattr(_stream, "value", 0)
+    _stream.value = stream
+    try:
+        yield
+    finally:
+        _stream.value = outer
+
+
+def current_stream() -> int:
+    """The stream copies go on: XLA's inside a callback, else the legacy default stream."""
+    return getattr(_stream, "value", 0)
+
+
+def is_device_array(x: Any) -> bool:
+    return hasattr(x, "__cuda_array_interface__")
+
+
+def _pointer(x: Any) -> int:
+    return x.__cuda_array_interface__["data"][0]
+
+
+def _typestr(dtype: np.dtype) -> str:
+    # The CUDA array interface has no bfloat16: its bits travel as uint16 (see to_jax).
+    return "<u2" if dtype.name == "bfloat16" else dtype.str
+
+
+def host_copy(x: Any) -> np.ndarray:
+    """A device array's bytes as a numpy array (a small device-to-host copy, synchronised)."""
+    out = np.empty(x.shape, np.dtype(x.dtype))
+    cuda.copy_async(out.ctypes.data, _pointer(x), out.nbytes, current_stream())
+    cuda.synchronize(current_stream())
+    return out
+
+
+def copy_to(buffer: Any, value: Any) -> None:
+    """Copies ``value`` (a device view, or a host array) into an XLA output ``buffer`` in the
+    current stream's order; the caller synchronises before the value's memory is reused."""
+    if is_device_array(value):
+        src, nbytes = _pointer(value), value.nbytes
+    else:
+        value = np.ascontiguousarray(value, dtype=np.dtype(buffer.dtype))
+        src, nbytes = value.ctypes.data, value.nbytes
+    if nbytes:
+        cuda.copy_async(_pointer(buffer), src, nbytes, current_stream())
+
+
+def to_jax(value: Any) -> Any:
+    """A JAX array with a copy of a device view's data; waits for the copy, so the view's
+    block may be reused as soon as the view dies."""
+    import jax
+    import jax.numpy as jnp
+
+    out = jnp.array(value, copy=True)
+    if np.dtype(value.dtype).name == "bfloat16":
+        out = jax.lax.bitcast_convert_type(out, jnp.bfloat16)
+    return out.block_until_ready()
+
+
+class _DeviceLease(_Lease):
+    """A block of a GPU pool: as ``_Lease``, but for device memory."""
+
+    __slots__ = ("__cuda_array_interface__",)
+
+    def __init__(self, arena: _Arena, offset: int, nbytes: int, returns: Any) -> None:
+        super().__init__(arena, offset, nbytes, returns)
+        del self.__array_interface__  # not host memory: numpy must not read it
+        self.__cuda_array_interface__ = {
+            "data": (arena.address + offset, False),
+            "shape": (nbytes,),
+            "typestr": "|u1",
+            "strides": None,
+            "version": 3,
+        }
+
+    @property
+    def address(self) -> int:
+        return self.arena.address + self.offset
+
+
+class CudaIpcCall(Call):
+    def __init__(self, request: _DeviceLease | None, reply: _DeviceLease | None, inline_below: int):
+        self._request = request
+        self._cursor = 0
+        self._copied = False
+        self._reply = reply
+        self.reply_area = reply.ref() if reply is not None else None
+
+    def put(self, array: Any) -> pb.Tensor:
+        if not is_device_array(array):
+            return tensors.to_wire(np.asarray(array))
+        dtype = np.dtype(array.dtype)
+        nbytes = int(np.prod(array.shape, dtype=np.int64)) * dtype.itemsize
+        start = shm.align(self._cursor)
+        room = self._request
+        if room is None or nbytes == 0 or start + nbytes > room.nbytes:
+            return tensors.to_wire(host_copy(array))
+        if hasattr(array, "block_until_ready"):  # an eager jax.Array: its data must be there
+            array.block_until_ready()
+        cuda.copy_async(room.address + start, _pointer(array), nbytes, current_stream())
+        self._copied = True
+        self._cursor = start + nbytes
+        ref = pb.SharedMemoryRef(region=room.arena.region, offset=room.offset + start, nbytes=nbytes)
+        return pb.Tensor(dtype=dtypes.from_numpy(dtype), shape=array.shape, cuda_ipc=ref)
+
+    def ready(self) -> None:
+        if self._copied:
+            cuda.synchronize(current_stream())
+
+    def get(self, msg: pb.Tensor) -> Any:
+        if msg.WhichOneof("payload") != "cuda_ipc":
+            return tensors.from_wire(msg)
+        reply, ref = self._reply, msg.cuda_ipc
+        try:
+            if reply is None or ref.region != reply.arena.region or ref.offset < reply.offset:
+                raise tensors.WireFormatError("reference outside the reply area")
+            shm.check_ref(ref.offset - reply.offset, ref.nbytes, reply.nbytes, msg.dtype, msg.shape)
+        except tensors.WireFormatError as e:
+            raise WorkerInternalError(f"the worker sent a bad CUDA IPC reference: {e}") from None
+        dtype = dtypes.to_numpy(msg.dtype)
+        pointer = reply.arena.address + ref.offset
+        return cuda.DeviceView(
+            pointer, _typestr(dtype), dtype, tuple(msg.shape), ref.nbytes, reply, readonly=True
+        )
+
+    def close(self) -> None:
+        self._request = self._reply = None
+
+
+class _IpcMapping:
+    """A pool opened in this process; closed when the last lease over it dies."""
+
+    def __init__(self, ordinal: int, handle: bytes) -> None:
+        self.pointer = cuda.open_handle(ordinal, handle)
+
+    def __del__(self) -> None:
+        pointer, self.pointer = getattr(self, "pointer", 0), 0
+        if pointer:
+            cuda.close_handle(pointer)
+
+
+def _jax_gpu() -> Any:
+    import jax
+
+    try:
+        return jax.devices("gpu")[0]
+    except RuntimeError:
+        raise UnsupportedError(
+            "the cuda_ipc transport needs JAX with a GPU (pip install 'jax[cuda12]'); use "
+            "'shm' for CPU arrays"
+        ) from None
+
+
+class CudaIpcTransport(ShmTransport):
+    """GPU pools of a worker on this host and GPU, under one session (see the module doc)."""
+
+    name = "cuda_ipc"
+    device_arrays = True
+    _offer = pb.CUDA_IPC
+    _memory = "a CUDA IPC pool"
+    _lease_type = _DeviceLease
+    _call_type = CudaIpcCall
+
+    def __init__(self, channel: grpc.Channel, target: str) -> None:
+        if not cuda.available():
+            raise UnsupportedError(
+                "the cuda_ipc transport needs cuda-python and a GPU on this machine: "
+                "pip install 'pytorch2jax[cuda]'"
+            )
+        device = _jax_gpu()
+        self._ordinal = device.local_hardware_id
+        self._uuid = cuda.device_uuid(self._ordinal)
+        super().__init__(
+            channel,
+            target,
+            max_bytes=DEFAULT_MAX_POOL_BYTES,
+            arena_bytes=DEFAULT_POOL_BYTES,
+            inline_below=0,  # a small GPU array inline would cost a device-to-host copy
+        )
+
+    def _new_arena(self, size: int) -> _Arena:
+        reply = self._stub.CreateCudaPool(
+            pb.CreateCudaPoolRequest(device_uuid=self._uuid, size=size), metadata=self._metadata
+        )
+        mapping = _IpcMapping(self._ordinal, reply.ipc_handle)
+        return _Arena(reply.region, size, mapping.pointer, mapping)
