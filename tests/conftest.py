@@ -119,12 +119,24 @@ def no_shared_memory_left():
 @pytest.fixture(scope="session")
 def worker() -> Iterator[WorkerProcess]:
     """One worker serving every example model, shared by the session."""
-    with start_worker() as w:
+    with start_worker(*(["--device", "cuda"] if GPU else [])) as w:
         yield w
 
 
-#: The transports every worker test runs over ("cuda_ipc" needs a GPU build: not yet).
-TRANSPORTS = ("inline", "shm")
+def _gpu() -> bool:
+    import torch
+
+    from pytorch2jax_protocol import cuda
+
+    return jax.default_backend() == "gpu" and torch.cuda.is_available() and cuda.available()
+
+
+#: A GPU machine with CUDA torch, JAX and cuda-python: the shared worker then serves on the
+#: GPU, and every worker test also runs over CUDA IPC.
+GPU = _gpu()
+
+#: The transports every worker test runs over.
+TRANSPORTS = ("inline", "shm", "cuda_ipc") if GPU else ("inline", "shm")
 
 
 @pytest.fixture(scope="session")
