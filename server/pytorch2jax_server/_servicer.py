@@ -182,12 +182,14 @@ class BridgeServicer(pb_grpc.BridgeServicer):
         codec = CallCodec(
             self._sessions, context, _reply_area(request), keep=request.keep_residual
         )
-        call = _Decoded(request.arguments, request.parameters, codec)
-        outcome = model.run(
-            call.args, call.kwargs, call.leaves, call.params, keep_autograd=request.keep_residual
-        )
-        outputs = _encode_outputs(model, outcome.outputs, codec.encode)
-        codec.finish()
+        try:
+            call = _Decoded(request.arguments, request.parameters, codec)
+            outcome = model.run(
+                call.args, call.kwargs, call.leaves, call.params, keep_autograd=request.keep_residual
+            )
+            outputs = _encode_outputs(model, outcome.outputs, codec.encode)
+        finally:
+            codec.finish()
         handle = self._residuals.put(outcome.residual) if outcome.residual else b""
         return pb.ForwardResponse(outputs=outputs, residual=handle)
 
@@ -195,6 +197,12 @@ class BridgeServicer(pb_grpc.BridgeServicer):
     def Vjp(self, request, context):
         model = self._registry.get(request.model)
         codec = CallCodec(self._sessions, context, _reply_area(request))
+        try:
+            return self._vjp(model, request, codec)
+        finally:
+            codec.finish()
+
+    def _vjp(self, model: ServedModel, request: pb.VjpRequest, codec: CallCodec) -> pb.VjpResponse:
         cotangents = [
             None if ct.dtype == pb.DTYPE_UNSPECIFIED else codec.decode(ct)
             for ct in request.cotangents
@@ -216,14 +224,12 @@ class BridgeServicer(pb_grpc.BridgeServicer):
                 call.args, call.kwargs, call.leaves, call.params, keep_autograd=True
             ).residual
         arg_grads, param_grads = vjp(residual, cotangents, retain_graph=request.retain_residual)
-        reply = pb.VjpResponse(
+        return pb.VjpResponse(
             argument_grads=[pb.Tensor() if g is None else codec.encode(g) for g in arg_grads],
             parameter_grads=[
                 pb.NamedTensor(name=n, tensor=codec.encode(g)) for n, g in param_grads.items()
             ],
         )
-        codec.finish()
-        return reply
 
     @_reporting
     def ReleaseResiduals(self, request, context):

@@ -18,6 +18,7 @@ from pytorch2jax._exceptions import InvalidArgumentError, ResourceExhaustedError
 from pytorch2jax._transports.base import Call, Transport
 from pytorch2jax._transports.inline import InlineTransport
 from pytorch2jax._transports.shm import ShmTransport
+from pytorch2jax_protocol import cuda
 
 __all__ = ["TRANSPORTS", "Call", "InlineTransport", "ShmTransport", "Transport", "open_transport"]
 
@@ -44,7 +45,7 @@ def open_transport(choice: str, channel: grpc.Channel, target: str) -> Transport
 
         try:
             return CudaIpcTransport(channel, target)
-        except (UnsupportedError, ResourceExhaustedError) as e:
+        except (UnsupportedError, ResourceExhaustedError, cuda.CudaError) as e:
             _log.info("no CUDA IPC with %s: %s", target, e)
     try:
         return ShmTransport(channel, target)

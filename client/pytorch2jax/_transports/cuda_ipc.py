@@ -20,11 +20,14 @@ extra) and a JAX with CUDA.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
+import math
 import threading
 from collections.abc import Iterator
 from typing import Any
 
 import grpc
+import jax
 import numpy as np
 
 from pytorch2jax._exceptions import UnsupportedError, WorkerInternalError
@@ -36,6 +39,8 @@ from pytorch2jax_protocol import cuda, dtypes, pb, shm, tensors
 DEFAULT_POOL_BYTES = 64 << 20
 #: GPU memory one client may hold in pools on the worker's GPU.
 DEFAULT_MAX_POOL_BYTES = 8 << 30
+
+_BUFFER_CALLBACK = "jax.experimental.buffer_callback"
 
 _stream = threading.local()
 
@@ -57,11 +62,21 @@ def current_stream() -> int:
 
 
 def is_device_array(x: Any) -> bool:
+    """A JAX array on a GPU, an XLA GPU buffer, or a device view."""
+    if isinstance(x, jax.Array):
+        return x.is_fully_addressable and all(d.platform == "gpu" for d in x.devices())
     return hasattr(x, "__cuda_array_interface__")
 
 
 def _pointer(x: Any) -> int:
+    # jax.Array's __cuda_array_interface__ refuses bfloat16; its buffer pointer does not.
+    if isinstance(x, jax.Array):
+        return x.unsafe_buffer_pointer()
     return x.__cuda_array_interface__["data"][0]
+
+
+def _nbytes(x: Any) -> int:
+    return math.prod(x.shape) * np.dtype(x.dtype).itemsize
 
 
 def _typestr(dtype: np.dtype) -> str:
@@ -70,21 +85,34 @@ def _typestr(dtype: np.dtype) -> str:
 
 
 def host_copy(x: Any) -> np.ndarray:
-    """A device array's bytes as a numpy array (a small device-to-host copy, synchronised)."""
+    """A device array's bytes as a numpy array (a device-to-host copy, synchronised)."""
+    if isinstance(x, jax.Array):
+        return np.asarray(x)
     out = np.empty(x.shape, np.dtype(x.dtype))
-    cuda.copy_async(out.ctypes.data, _pointer(x), out.nbytes, current_stream())
-    cuda.synchronize(current_stream())
+    if out.nbytes:
+        cuda.copy_async(out.ctypes.data, _pointer(x), out.nbytes, current_stream())
+        cuda.synchronize(current_stream())
     return out
 
 
 def copy_to(buffer: Any, value: Any) -> None:
     """Copies ``value`` (a device view, or a host array) into an XLA output ``buffer`` in the
-    current stream's order; the caller synchronises before the value's memory is reused."""
-    if is_device_array(value):
-        src, nbytes = _pointer(value), value.nbytes
+    current stream's order; the caller synchronises before the value's memory is reused.
+
+    A value of another dtype (torch's float64 where JAX without x64 expects float32) is
+    cast on the host: a device copy of its bytes would overrun the buffer."""
+    want = np.dtype(buffer.dtype)
+    nbytes = _nbytes(buffer)
+    if is_device_array(value) and np.dtype(value.dtype) == want and _nbytes(value) == nbytes:
+        src = _pointer(value)
     else:
-        value = np.ascontiguousarray(value, dtype=np.dtype(buffer.dtype))
-        src, nbytes = value.ctypes.data, value.nbytes
+        host = host_copy(value) if is_device_array(value) else value
+        value = np.ascontiguousarray(host, dtype=want)
+        if value.nbytes != nbytes:
+            raise WorkerInternalError(
+                f"a reply of shape {value.shape} does not fit an output of shape {buffer.shape}"
+            )
+        src = value.ctypes.data
     if nbytes:
         cuda.copy_async(_pointer(buffer), src, nbytes, current_stream())
 
@@ -133,14 +161,14 @@ class CudaIpcCall(Call):
     def put(self, array: Any) -> pb.Tensor:
         if not is_device_array(array):
             return tensors.to_wire(np.asarray(array))
+        if isinstance(array, jax.Array):  # eager: its data must be there before we copy
+            array.block_until_ready()
         dtype = np.dtype(array.dtype)
-        nbytes = int(np.prod(array.shape, dtype=np.int64)) * dtype.itemsize
+        nbytes = _nbytes(array)
         start = shm.align(self._cursor)
         room = self._request
         if room is None or nbytes == 0 or start + nbytes > room.nbytes:
             return tensors.to_wire(host_copy(array))
-        if hasattr(array, "block_until_ready"):  # an eager jax.Array: its data must be there
-            array.block_until_ready()
         cuda.copy_async(room.address + start, _pointer(array), nbytes, current_stream())
         self._copied = True
         self._cursor = start + nbytes
@@ -184,15 +212,13 @@ class _IpcMapping:
 
 
 def _jax_gpu() -> Any:
-    import jax
-
-    try:
-        return jax.devices("gpu")[0]
-    except RuntimeError:
+    # Calls under jit hand XLA's GPU buffers over through buffer_callback (jax >= 0.7).
+    if jax.default_backend() != "gpu" or importlib.util.find_spec(_BUFFER_CALLBACK) is None:
         raise UnsupportedError(
-            "the cuda_ipc transport needs JAX with a GPU (pip install 'jax[cuda12]'); use "
-            "'shm' for CPU arrays"
-        ) from None
+            "the cuda_ipc transport needs a JAX (0.7 or newer) whose default backend is a "
+            "GPU (pip install 'jax[cuda13]' or 'jax[cuda12]'); use 'shm' for CPU arrays"
+        )
+    return jax.devices("gpu")[0]
 
 
 class CudaIpcTransport(ShmTransport):
@@ -221,6 +247,13 @@ class CudaIpcTransport(ShmTransport):
             arena_bytes=DEFAULT_POOL_BYTES,
             inline_below=0,  # a small GPU array inline would cost a device-to-host copy
         )
+
+    def _end(self) -> None:
+        # Close our mappings before the worker frees the pools (which ending the session
+        # makes it do): CUDA leaves freeing memory still opened elsewhere undefined. A pool
+        # a live array still views stays open until that array dies.
+        self._arenas = []
+        super()._end()
 
     def _new_arena(self, size: int) -> _Arena:
         reply = self._stub.CreateCudaPool(

@@ -58,6 +58,10 @@ class CallCodec:
         self._area_ref = reply_area
         self._area = self._session_().area(reply_area) if reply_area is not None else None
         self._cursor = 0
+        # The GPU whose stream must be synchronised before the reply (see finish).
+        self._gpu: torch.device | None = None
+        if self._area is not None and self._area.is_cuda:
+            self._gpu = self._area.device
 
     def _session_(self) -> Session:
         if self._session is None:
@@ -71,6 +75,7 @@ class CallCodec:
         if payload == "cuda_ipc":
             # A pool is always on the serving device (Session.create_pool).
             t = self._session_().view(msg.cuda_ipc, msg.dtype, msg.shape, gpu=True)
+            self._gpu = t.device
             return t.clone() if self._keep else t
         if payload != "shm":
             t = inline.decode(msg)
@@ -85,9 +90,10 @@ class CallCodec:
         return placed if placed is not None else inline.encode(t)
 
     def finish(self) -> None:
-        """Waits for the copies into a GPU reply area: the client reads it once we reply."""
-        if self._area is not None and self._area.is_cuda and self._cursor:
-            torch.cuda.current_stream(self._area.device).synchronize()
+        """Waits for the work on the client's GPU pools (reads of its request block, copies
+        into its reply area): once we reply, the client reuses them."""
+        if self._gpu is not None:
+            torch.cuda.current_stream(self._gpu).synchronize()
 
     def _place(self, t: torch.Tensor) -> pb.Tensor | None:
         """``t`` copied into the next free bytes of the reply area, or None if it does not fit."""

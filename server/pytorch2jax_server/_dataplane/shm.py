@@ -113,8 +113,8 @@ class Session:
                 raise LimitExceeded(f"a session may hold at most {self.max_regions} regions")
             if size > self.max_bytes - sum(r.size for r in self._regions.values()):
                 raise LimitExceeded(
-                    f"{size} more bytes of shared memory would pass this session's limit of "
-                    f"{self.max_bytes} bytes"
+                    f"{size} more bytes of shared or GPU memory would pass this session's "
+                    f"limit of {self.max_bytes} bytes"
                 )
 
     def _add(self, region: Region | cuda_ipc.DevicePool) -> int:
