@@ -28,6 +28,7 @@ from typing import Any
 
 import grpc
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from pytorch2jax._exceptions import UnsupportedError, WorkerInternalError
@@ -120,9 +121,6 @@ def copy_to(buffer: Any, value: Any) -> None:
 def to_jax(value: Any) -> Any:
     """A JAX array with a copy of a device view's data; waits for the copy, so the view's
     block may be reused as soon as the view dies."""
-    import jax
-    import jax.numpy as jnp
-
     out = jnp.array(value, copy=True)
     if np.dtype(value.dtype).name == "bfloat16":
         out = jax.lax.bitcast_convert_type(out, jnp.bfloat16)
