@@ -13,9 +13,12 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import grpc
 import jax
 import numpy as np
 import pytest
+
+from pytorch2jax_protocol import DEFAULT_MAX_MESSAGE_BYTES, channel_options, pb, pb_grpc, shm
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
@@ -160,6 +163,43 @@ def client(request, clients):
     c = clients[request.param]
     assert c.transport == request.param
     return c
+
+
+class RawSession:
+    """A session opened by hand, to send what the client library never would; its
+    ``forward`` calls the ``scale_shift`` example on one tensor."""
+
+    def __init__(self, target: str, transports: tuple[int, ...] = (pb.SHM,)) -> None:
+        self.channel = grpc.insecure_channel(
+            target, options=channel_options(DEFAULT_MAX_MESSAGE_BYTES)
+        )
+        self.stub = pb_grpc.BridgeStub(self.channel)
+        self.stream = self.stub.OpenSession(pb.OpenSessionRequest(transports=list(transports)))
+        self.info = next(self.stream)
+        self.metadata = (("p2j-session", self.info.session.hex()),)
+
+    def register(self, size: int = 1 << 20) -> tuple[int, np.ndarray]:
+        name, mapping = shm.create(size)
+        try:
+            reply = self.stub.RegisterRegion(
+                pb.RegisterRegionRequest(name=name, size=size), metadata=self.metadata
+            )
+        finally:
+            shm.unlink(name)
+        return reply.region, np.frombuffer(mapping, np.uint8)
+
+    def forward(self, x: pb.Tensor, *, reply_area=None, metadata=None) -> pb.ForwardResponse:
+        shift = pb.Value(tensor=pb.Tensor(dtype=pb.FLOAT32, inline_data=b"\0\0\0\0"))
+        request = pb.ForwardRequest(
+            model="scale_shift",
+            arguments=pb.Arguments(args=[pb.Value(tensor=x), shift]),
+            reply_area=reply_area,
+        )
+        return self.stub.Forward(request, metadata=self.metadata if metadata is None else metadata)
+
+    def close(self) -> None:
+        self.stream.cancel()
+        self.channel.close()
 
 
 def tree_allclose(actual, expected, *, rtol: float = 1e-5, atol: float = 1e-6) -> None:

@@ -19,32 +19,12 @@ import pytest
 import torch
 
 import pytorch2jax
-from conftest import GPU, start_worker
-from pytorch2jax_protocol import DEFAULT_MAX_MESSAGE_BYTES, channel_options, cuda, pb, pb_grpc, shm
+from conftest import GPU, RawSession, start_worker
+from pytorch2jax_protocol import cuda, pb, shm
 
 MODELS = {"scale_shift": "pytorch2jax_server.examples:scale_shift"}
 
 needs_gpu = pytest.mark.skipif(not GPU, reason="needs an NVIDIA GPU, CUDA torch, JAX and cuda-python")
-
-
-class _Session:
-    def __init__(self, target: str, transports: list[int]) -> None:
-        self.channel = grpc.insecure_channel(target, options=channel_options(DEFAULT_MAX_MESSAGE_BYTES))
-        self.stub = pb_grpc.BridgeStub(self.channel)
-        self.stream = self.stub.OpenSession(pb.OpenSessionRequest(transports=transports))
-        self.info = next(self.stream)
-        self.metadata = (("p2j-session", self.info.session.hex()),)
-
-    def forward(self, x: pb.Tensor) -> pb.ForwardResponse:
-        shift = pb.Value(tensor=pb.Tensor(dtype=pb.FLOAT32, inline_data=b"\0\0\0\0"))
-        request = pb.ForwardRequest(
-            model="scale_shift", arguments=pb.Arguments(args=[pb.Value(tensor=x), shift])
-        )
-        return self.stub.Forward(request, metadata=self.metadata)
-
-    def close(self) -> None:
-        self.stream.cancel()
-        self.channel.close()
 
 
 def _cuda_ref(region: int, offset: int, nbytes: int) -> pb.Tensor:
@@ -62,7 +42,7 @@ def cpu_worker():
 
 
 def test_a_cpu_worker_refuses_cuda_ipc_in_the_handshake(cpu_worker):
-    session = _Session(cpu_worker.unix, [pb.CUDA_IPC, pb.SHM])
+    session = RawSession(cpu_worker.unix, (pb.CUDA_IPC, pb.SHM))
     try:
         assert list(session.info.transports) == [pb.INLINE, pb.SHM]
         assert "serves on the CPU" in session.info.refused
@@ -71,7 +51,7 @@ def test_a_cpu_worker_refuses_cuda_ipc_in_the_handshake(cpu_worker):
 
 
 def test_create_pool_needs_the_transport(cpu_worker):
-    session = _Session(cpu_worker.unix, [pb.SHM])
+    session = RawSession(cpu_worker.unix, (pb.SHM,))
     try:
         with pytest.raises(grpc.RpcError) as e:
             session.stub.CreateCudaPool(
@@ -85,7 +65,7 @@ def test_create_pool_needs_the_transport(cpu_worker):
 
 
 def test_a_gpu_reference_to_host_memory_is_refused(cpu_worker):
-    session = _Session(cpu_worker.unix, [pb.SHM])
+    session = RawSession(cpu_worker.unix, (pb.SHM,))
     name, mapping = shm.create(1 << 16)
     try:
         region = session.stub.RegisterRegion(
@@ -169,7 +149,7 @@ def test_values_and_gradients_match_torch_on_the_gpu(gpu_worker, jit):
 @pytest.mark.gpu
 @needs_gpu
 def test_hostile_pool_references_are_refused(gpu_worker):
-    session = _Session(gpu_worker.unix, [pb.CUDA_IPC])
+    session = RawSession(gpu_worker.unix, (pb.CUDA_IPC,))
     try:
         assert pb.CUDA_IPC in session.info.transports
         uuid = cuda.device_uuid(jax.devices("gpu")[0].local_hardware_id)

@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 
 import pytorch2jax
-from conftest import start_worker
-from pytorch2jax_protocol import DEFAULT_MAX_MESSAGE_BYTES, channel_options, pb, pb_grpc, shm
+from conftest import RawSession, start_worker
+from pytorch2jax_protocol import pb, shm
 
 MODELS = {"scale_shift": "pytorch2jax_server.examples:scale_shift"}
 
@@ -43,42 +43,6 @@ def _wait_until(condition, timeout: float = 10.0) -> bool:
             return True
         time.sleep(0.05)
     return condition()
-
-
-class RawSession:
-    """A session opened by hand, to send what the client library never would."""
-
-    def __init__(self, target: str) -> None:
-        self.channel = grpc.insecure_channel(
-            target, options=channel_options(DEFAULT_MAX_MESSAGE_BYTES)
-        )
-        self.stub = pb_grpc.BridgeStub(self.channel)
-        self.stream = self.stub.OpenSession(pb.OpenSessionRequest(transports=[pb.SHM]))
-        self.info = next(self.stream)
-        self.metadata = (("p2j-session", self.info.session.hex()),)
-
-    def register(self, size: int = 1 << 20) -> tuple[int, np.ndarray]:
-        name, mapping = shm.create(size)
-        try:
-            reply = self.stub.RegisterRegion(
-                pb.RegisterRegionRequest(name=name, size=size), metadata=self.metadata
-            )
-        finally:
-            shm.unlink(name)
-        return reply.region, np.frombuffer(mapping, np.uint8)
-
-    def forward(self, x: pb.Tensor, *, reply_area=None, metadata=None) -> pb.ForwardResponse:
-        shift = pb.Value(tensor=pb.Tensor(dtype=pb.FLOAT32, inline_data=b"\0\0\0\0"))
-        request = pb.ForwardRequest(
-            model="scale_shift",
-            arguments=pb.Arguments(args=[pb.Value(tensor=x), shift]),
-            reply_area=reply_area,
-        )
-        return self.stub.Forward(request, metadata=self.metadata if metadata is None else metadata)
-
-    def close(self) -> None:
-        self.stream.cancel()
-        self.channel.close()
 
 
 def _ref_tensor(region: int, offset: int, nbytes: int, shape=(4,)) -> pb.Tensor:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import math
 from typing import TYPE_CHECKING, Any
 
 import jax
@@ -13,7 +12,7 @@ import numpy as np
 from pytorch2jax._backend import Backend
 from pytorch2jax._exceptions import InvalidArgumentError, ResidualLostError, SessionLostError
 from pytorch2jax._models import ModelInfo
-from pytorch2jax._transports import Call
+from pytorch2jax._transports import Call, cuda_ipc
 from pytorch2jax_protocol import dtypes, pb, shm, tensors, values
 
 # The wire code's own errors, for values that cannot be encoded (e.g. a string array).
@@ -52,8 +51,8 @@ def _array_nbytes(x: Any) -> int | None:
     """The bytes of a numpy array or a GPU array (CUDA array interface); None otherwise."""
     if isinstance(x, np.ndarray):
         return x.nbytes
-    if hasattr(x, "__cuda_array_interface__"):
-        return math.prod(x.shape) * np.dtype(x.dtype).itemsize
+    if cuda_ipc.is_device_array(x):  # also a bfloat16 jax.Array, which has no CAI
+        return cuda_ipc.nbytes_of(x)
     return None
 
 

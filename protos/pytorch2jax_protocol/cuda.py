@@ -115,6 +115,18 @@ def synchronize(stream: int) -> None:
     _check(_runtime().cudaStreamSynchronize(stream), "cudaStreamSynchronize")
 
 
+def array_interface(pointer: int, shape: tuple, typestr: str, *, readonly: bool = False) -> dict:
+    """A ``__cuda_array_interface__`` for C-contiguous device memory at ``pointer``."""
+    return {
+        "data": (pointer, readonly),
+        "shape": tuple(shape),
+        "typestr": typestr,
+        "strides": None,
+        "version": 3,
+        "stream": None,  # callers order their own copies (see the transports)
+    }
+
+
 class DeviceView:
     """``nbytes`` of device memory at ``pointer`` as an array of ``dtype``/``shape`` that
     torch, JAX and CuPy accept through ``__cuda_array_interface__``; ``owner`` is kept
@@ -125,15 +137,4 @@ class DeviceView:
     def __init__(self, pointer: int, typestr: str, dtype: Any, shape: tuple, nbytes: int,
                  owner: Any, *, readonly: bool = False) -> None:
         self.dtype, self.shape, self.nbytes, self.owner = dtype, tuple(shape), nbytes, owner
-        self.__cuda_array_interface__ = {
-            "data": (pointer, readonly),
-            "shape": self.shape,
-            "typestr": typestr,
-            "strides": None,
-            "version": 3,
-            "stream": None,  # callers order their own copies (see the transports)
-        }
-
-    @property
-    def pointer(self) -> int:
-        return self.__cuda_array_interface__["data"][0]
+        self.__cuda_array_interface__ = array_interface(pointer, shape, typestr, readonly=readonly)

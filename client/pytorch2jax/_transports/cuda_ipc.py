@@ -76,7 +76,8 @@ def _pointer(x: Any) -> int:
     return x.__cuda_array_interface__["data"][0]
 
 
-def _nbytes(x: Any) -> int:
+def nbytes_of(x: Any) -> int:
+    """The bytes of a device array (XLA's GPU buffers have no ``nbytes``)."""
     return math.prod(x.shape) * np.dtype(x.dtype).itemsize
 
 
@@ -103,8 +104,8 @@ def copy_to(buffer: Any, value: Any) -> None:
     A value of another dtype (torch's float64 where JAX without x64 expects float32) is
     cast on the host: a device copy of its bytes would overrun the buffer."""
     want = np.dtype(buffer.dtype)
-    nbytes = _nbytes(buffer)
-    if is_device_array(value) and np.dtype(value.dtype) == want and _nbytes(value) == nbytes:
+    nbytes = nbytes_of(buffer)
+    if is_device_array(value) and np.dtype(value.dtype) == want and nbytes_of(value) == nbytes:
         src = _pointer(value)
     else:
         host = host_copy(value) if is_device_array(value) else value
@@ -135,13 +136,7 @@ class _DeviceLease(_Lease):
     def __init__(self, arena: _Arena, offset: int, nbytes: int, returns: Any) -> None:
         super().__init__(arena, offset, nbytes, returns)
         del self.__array_interface__  # not host memory: numpy must not read it
-        self.__cuda_array_interface__ = {
-            "data": (arena.address + offset, False),
-            "shape": (nbytes,),
-            "typestr": "|u1",
-            "strides": None,
-            "version": 3,
-        }
+        self.__cuda_array_interface__ = cuda.array_interface(arena.address + offset, (nbytes,), "|u1")
 
     @property
     def address(self) -> int:
@@ -162,7 +157,7 @@ class CudaIpcCall(Call):
         if isinstance(array, jax.Array):  # eager: its data must be there before we copy
             array.block_until_ready()
         dtype = np.dtype(array.dtype)
-        nbytes = _nbytes(array)
+        nbytes = nbytes_of(array)
         start = shm.align(self._cursor)
         room = self._request
         if room is None or nbytes == 0 or start + nbytes > room.nbytes:
@@ -180,17 +175,16 @@ class CudaIpcCall(Call):
     def get(self, msg: pb.Tensor) -> Any:
         if msg.WhichOneof("payload") != "cuda_ipc":
             return tensors.from_wire(msg)
-        reply, ref = self._reply, msg.cuda_ipc
-        try:
-            if reply is None or ref.region != reply.arena.region or ref.offset < reply.offset:
-                raise tensors.WireFormatError("reference outside the reply area")
-            shm.check_ref(ref.offset - reply.offset, ref.nbytes, reply.nbytes, msg.dtype, msg.shape)
-        except tensors.WireFormatError as e:
-            raise WorkerInternalError(f"the worker sent a bad CUDA IPC reference: {e}") from None
+        start = _Lease.locate(self._reply, msg.cuda_ipc, msg)
         dtype = dtypes.to_numpy(msg.dtype)
-        pointer = reply.arena.address + ref.offset
         return cuda.DeviceView(
-            pointer, _typestr(dtype), dtype, tuple(msg.shape), ref.nbytes, reply, readonly=True
+            self._reply.address + start,
+            _typestr(dtype),
+            dtype,
+            tuple(msg.shape),
+            msg.cuda_ipc.nbytes,
+            self._reply,
+            readonly=True,
         )
 
     def close(self) -> None:

@@ -101,6 +101,19 @@ class _Lease:
             "version": 3,
         }
 
+    @staticmethod
+    def locate(lease: _Lease | None, ref: pb.SharedMemoryRef, msg: pb.Tensor) -> int:
+        """Where the worker's reference ``ref`` to reply tensor ``msg`` starts in ``lease``
+        (the call's reply block), after checking that it lies inside it."""
+        try:
+            if lease is None or ref.region != lease.arena.region or ref.offset < lease.offset:
+                raise tensors.WireFormatError("reference outside the reply area")
+            start = ref.offset - lease.offset
+            shm.check_ref(start, ref.nbytes, lease.nbytes, msg.dtype, msg.shape)
+        except tensors.WireFormatError as e:
+            raise WorkerInternalError(f"the worker sent a bad reference to its reply: {e}") from None
+        return start
+
     def ref(self) -> pb.SharedMemoryRef:
         return pb.SharedMemoryRef(region=self.arena.region, offset=self.offset, nbytes=self.nbytes)
 
@@ -138,13 +151,7 @@ class ShmCall(Call):
         if msg.WhichOneof("payload") != "shm":
             return tensors.from_wire(msg)
         reply, ref = self._reply, msg.shm
-        try:
-            if reply is None or ref.region != reply.arena.region or ref.offset < reply.offset:
-                raise tensors.WireFormatError("reference outside the reply area")
-            shm.check_ref(ref.offset - reply.offset, ref.nbytes, reply.nbytes, msg.dtype, msg.shape)
-        except tensors.WireFormatError as e:
-            raise WorkerInternalError(f"the worker sent a bad shared-memory reference: {e}") from None
-        start = ref.offset - reply.offset
+        start = _Lease.locate(reply, ref, msg)
         out = np.asarray(reply)[start : start + ref.nbytes]
         out = out.view(dtypes.to_numpy(msg.dtype)).reshape(tuple(msg.shape))
         if ref.nbytes < self._inline_below:

@@ -25,13 +25,7 @@ class _Allocation:
 
     def __init__(self, ordinal: int, size: int) -> None:
         self.pointer = cuda.malloc(ordinal, size)
-        self.__cuda_array_interface__ = {
-            "data": (self.pointer, False),
-            "shape": (size,),
-            "typestr": "|u1",
-            "strides": None,
-            "version": 3,
-        }
+        self.__cuda_array_interface__ = cuda.array_interface(self.pointer, (size,), "|u1")
 
     def __del__(self) -> None:
         pointer, self.pointer = getattr(self, "pointer", 0), 0
@@ -68,7 +62,7 @@ def serving_device(device: torch.device, uuid: bytes) -> torch.device:
     return torch.device("cuda", ordinal)
 
 
-def available(device: torch.device) -> str:
+def unavailable_reason(device: torch.device) -> str:
     """Why CUDA IPC cannot be offered on ``device``, or "" if it can."""
     if device.type != "cuda":
         return "this worker serves on the CPU (start it with --device cuda for CUDA IPC)"

@@ -196,7 +196,7 @@ class Sessions:
         self._max_bytes = max_bytes
         #: Where models run: tensors are decoded onto it, and GPU pools are made on it.
         self.device = torch.device(device)
-        self._no_cuda_ipc = cuda_ipc.available(self.device)  # why not, or ""
+        self._no_cuda_ipc = cuda_ipc.unavailable_reason(self.device)  # or "" if offered
         self._sessions: dict[bytes, Session] = {}
         self._lock = threading.Lock()
 
