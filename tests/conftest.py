@@ -76,9 +76,13 @@ def _wait_ready(process: subprocess.Popen, stderr_path: str) -> list[str]:
 
 @contextlib.contextmanager
 def start_worker(
-    *extra: str, models: dict[str, str] | None = None, listen: list[str] | None = None
+    *extra: str,
+    models: dict[str, str] | None = None,
+    listen: list[str] | None = None,
+    env: dict[str, str] | None = None,
 ) -> Iterator[WorkerProcess]:
-    """Runs ``pytorch2jax-server`` as a subprocess; yields once it printed its addresses."""
+    """Runs ``pytorch2jax-server`` as a subprocess; yields once it printed its addresses.
+    ``env`` adds to the environment it inherits."""
     models = EXAMPLE_MODELS if models is None else models
     with tempfile.TemporaryDirectory(prefix="p2j-test-") as tmp:
         if listen is None:
@@ -91,7 +95,13 @@ def start_worker(
         cmd += list(extra)
         stderr_path = os.path.join(tmp, "stderr.log")
         with open(stderr_path, "w") as err:
-            process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True)
+            process = subprocess.Popen(
+                cmd,
+                stdout=subprocess.PIPE,
+                stderr=err,
+                text=True,
+                env={**os.environ, **env} if env else None,
+            )
         try:
             yield WorkerProcess(process, _wait_ready(process, stderr_path), stderr_path)
         finally:

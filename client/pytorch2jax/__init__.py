@@ -45,6 +45,7 @@ from pytorch2jax._inprocess import (
     py_to_jax_wrapper,
 )
 from pytorch2jax._models import ModelInfo
+from pytorch2jax_protocol.channels import TLS
 
 __all__ = [
     "AuthenticationError",
@@ -57,6 +58,7 @@ __all__ = [
     "ResidualLostError",
     "ResourceExhaustedError",
     "SessionLostError",
+    "TLS",
     "TorchModule",
     "UnsupportedError",
     "WorkerInternalError",

@@ -3,7 +3,9 @@ as JAX functions."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+import os
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import grpc
@@ -21,9 +23,18 @@ from pytorch2jax._exceptions import (
     from_rpc_error,
 )
 from pytorch2jax._models import ModelInfo
+from pytorch2jax._pool import Pool, is_pool, pool_target
+from pytorch2jax._pool import channel_options as pool_channel_options
 from pytorch2jax._remote import RemoteModel
 from pytorch2jax._transports import Transport, open_transport
 from pytorch2jax_protocol import DEFAULT_MAX_MESSAGE_BYTES, channel_options, dtypes, pb, pb_grpc
+from pytorch2jax_protocol.channels import (
+    TARGET_ENV,
+    TLS,
+    ChannelConfigError,
+    open_channel,
+    token_from_env,
+)
 from pytorch2jax_protocol.tensors import WireFormatError, checked_nbytes
 
 DEFAULT_CONNECT_TIMEOUT_S = 10.0
@@ -31,8 +42,10 @@ DEFAULT_CALL_TIMEOUT_S = 300.0
 
 
 def connect(
-    target: str,
+    target: str | Sequence[str] | None = None,
     *,
+    token: str | None = None,
+    tls: TLS | bool | None = None,
     timeout: float = DEFAULT_CONNECT_TIMEOUT_S,
     call_timeout: float = DEFAULT_CALL_TIMEOUT_S,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
@@ -42,13 +55,24 @@ def connect(
     tensor bytes travel.
 
     Args:
-        target: ``host:port`` or ``unix:///path/to/socket``, as the worker printed it.
+        target: ``host:port`` or ``unix:///path/to/socket``, as the worker printed it; or
+            a pool of workers serving the same models: a list of ``host:port``, or
+            ``dns:///name:port`` (calls are spread round-robin, see ``Client.workers``).
+            Default: ``$PYTORCH2JAX_TARGET``.
+        token: the bearer token the worker was started with. Default:
+            ``$PYTORCH2JAX_TOKEN``.
+        tls: ``pytorch2jax.TLS(ca=..., cert=..., key=...)`` for a worker serving TLS, or
+            True to trust the system's roots. Default: from ``$PYTORCH2JAX_TLS_CA``,
+            ``$PYTORCH2JAX_TLS_CLIENT_CERT``, ``$PYTORCH2JAX_TLS_CLIENT_KEY``,
+            ``$PYTORCH2JAX_TLS_SERVER_NAME`` (``$PYTORCH2JAX_TLS=1``: system roots);
+            plaintext if none is set. ``tls=False`` forces plaintext.
         timeout: seconds to wait for the worker before raising WorkerUnavailableError.
         call_timeout: deadline of each call, in seconds.
         max_message_bytes: largest message sent or received (inline tensors included).
-        transport: ``"auto"`` (shared memory if the worker is on this host and allows it,
-            else inline), ``"shm"`` (shared memory or UnsupportedError), ``"inline"``
-            (bytes in the gRPC messages; any host), or ``"cuda_ipc"`` (not yet available).
+        transport: ``"auto"`` (CUDA IPC for a GPU JAX, shared memory on CPU, if the worker
+            is on this host and allows it, else inline), ``"shm"``, ``"cuda_ipc"`` (each
+            or UnsupportedError), or ``"inline"`` (bytes in the gRPC messages; any host).
+            A pool always sends tensors inline.
 
     Example::
 
@@ -57,10 +81,24 @@ def connect(
             loss = lambda p, x: apply_fn(p, x).sum()
             grads = jax.jit(jax.grad(loss))(params, x)
     """
-    client = Client(target, call_timeout=call_timeout, max_message_bytes=max_message_bytes)
+    client = Client(
+        target,
+        token=token,
+        tls=tls,
+        call_timeout=call_timeout,
+        max_message_bytes=max_message_bytes,
+    )
     try:
         client.wait_ready(timeout)
-        client._transport = open_transport(transport, client._channel, target)
+        client.list_models()  # wrong credentials fail here, not at the first call
+        if client._pool is None:
+            client._transport = open_transport(transport, client._channel, client.target)
+        elif transport not in ("auto", "inline"):
+            raise InvalidArgumentError(
+                f"transport={transport!r} needs a single worker: a shared-memory or CUDA IPC "
+                "session belongs to one worker process, and a pool sends tensors inline; "
+                "connect to one worker (e.g. a sidecar on this host) for zero-copy"
+            )
     except BaseException:
         client.close()
         raise
@@ -72,19 +110,60 @@ class Client:
 
     def __init__(
         self,
-        target: str,
+        target: str | Sequence[str] | None = None,
         *,
+        token: str | None = None,
+        tls: TLS | bool | None = None,
         call_timeout: float = DEFAULT_CALL_TIMEOUT_S,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ) -> None:
-        self.target = target
+        if target is None:
+            target = os.environ.get(TARGET_ENV)
+            if not target:
+                raise InvalidArgumentError(
+                    "no worker to connect to: pass a target (host:port or unix:///path) or "
+                    f"set {TARGET_ENV}"
+                )
+        if token is None:
+            token = token_from_env()
+        if tls is None:
+            tls = TLS.from_env()
+        elif tls is True:
+            tls = TLS()
+        elif tls is False:
+            tls = None
         self.call_timeout = call_timeout
         self.max_bytes = max_message_bytes
-        self._channel = grpc.insecure_channel(target, options=channel_options(max_message_bytes))
+        self._tls = tls
+        options = channel_options(max_message_bytes)
+        self._pool: Pool | None = None
+        try:
+            if is_pool(target):
+                address, server_name = pool_target(target)
+                self.target = address if isinstance(target, str) else ",".join(target)
+                self._channel = open_channel(
+                    address,
+                    tls=tls,
+                    token=token,
+                    options=options + pool_channel_options(max_message_bytes),
+                )
+                # A worker is reached by its IP; its certificate names the pool's host.
+                peer_tls = tls
+                if tls is not None and not tls.server_name and server_name:
+                    peer_tls = dataclasses.replace(tls, server_name=server_name)
+                self._pool = Pool(
+                    self._channel,
+                    lambda peer: open_channel(peer, tls=peer_tls, token=token, options=options),
+                )
+            else:
+                self.target = target
+                self._channel = open_channel(target, tls=tls, token=token, options=options)
+        except ChannelConfigError as e:
+            raise InvalidArgumentError(str(e)) from None
         self._stub = pb_grpc.BridgeStub(self._channel)
         self._infos: dict[str, ModelInfo] | None = None
         # connect() negotiates a better one; a bare Client sends tensors inline.
-        self._transport: Transport = open_transport("inline", self._channel, target)
+        self._transport: Transport = open_transport("inline", self._channel, self.target)
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -93,9 +172,16 @@ class Client:
         try:
             grpc.channel_ready_future(self._channel).result(timeout=timeout)
         except grpc.FutureTimeoutError:
+            tls_hint = ""
+            if self._tls is None and not self.target.startswith("unix:"):
+                tls_hint = (
+                    "; if it serves TLS, pass tls=pytorch2jax.TLS(ca=...) or set "
+                    "PYTORCH2JAX_TLS_CA"
+                )
             raise WorkerUnavailableError(
                 f"no worker answers at {self.target} after {timeout:g} s; is it running? Start "
                 "one with `pytorch2jax-server --listen ADDRESS --model NAME=package.module:attr`"
+                + tls_hint
             ) from None
 
     @property
@@ -107,10 +193,16 @@ class Client:
         """The transport's state, e.g. the shared memory it holds and uses."""
         return self._transport.describe()
 
+    def workers(self) -> dict[str, int]:
+        """For a pool, the calls each worker answered, by its address; {} for one worker."""
+        return dict(self._pool.calls) if self._pool is not None else {}
+
     def close(self) -> None:
         """Ends the session (the worker drops its mappings of our memory) and the channel.
         Arrays received earlier stay valid."""
         self._transport.close()
+        if self._pool is not None:
+            self._pool.close()
         self._channel.close()
 
     def __enter__(self) -> Client:
@@ -267,6 +359,8 @@ class Client:
 
     def _unary(self, method: str, request: Any, metadata: Any = ()) -> Any:
         try:
+            if self._pool is not None:
+                return self._pool.call(method, request, self.call_timeout, metadata)
             return getattr(self._stub, method)(
                 request, timeout=self.call_timeout, metadata=metadata
             )

@@ -104,7 +104,8 @@ _HINTS: dict[type[Pytorch2JaxError], str] = {
     ResourceExhaustedError: "send smaller batches, or raise the worker's limits "
     "(pytorch2jax-server --help)",
     WorkerInternalError: "the worker's log has the traceback",
-    AuthenticationError: "pass the worker's token and TLS settings to pytorch2jax.connect()",
+    AuthenticationError: "pass the worker's token to pytorch2jax.connect(token=...) or set "
+    "PYTORCH2JAX_TOKEN",
 }
 
 

@@ -19,6 +19,9 @@ PARAMETER_CHUNK_BYTES = 4 << 20
 #: computations, where all zeros means that no residual was kept.
 HANDLE_BYTES = 16
 
+#: The metadata entry that carries ``Bearer <token>`` to a worker started with a token.
+AUTHORIZATION_METADATA_KEY = "authorization"
+
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Bridge"].full_name
 
 
@@ -31,6 +34,7 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
 
 
 __all__ = [
+    "AUTHORIZATION_METADATA_KEY",
     "DEFAULT_MAX_MESSAGE_BYTES",
     "HANDLE_BYTES",
     "PARAMETER_CHUNK_BYTES",

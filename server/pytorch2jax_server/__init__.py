@@ -23,6 +23,16 @@ except _PackageNotFoundError:  # running from a source tree
 from pytorch2jax_server._cli import main
 from pytorch2jax_server._models import Registry
 from pytorch2jax_server._residuals import ResidualCache
+from pytorch2jax_server._security import Security, SecurityError
 from pytorch2jax_server._server import Worker, create_server
 
-__all__ = ["Registry", "ResidualCache", "Worker", "__version__", "create_server", "main"]
+__all__ = [
+    "Registry",
+    "ResidualCache",
+    "Security",
+    "SecurityError",
+    "Worker",
+    "__version__",
+    "create_server",
+    "main",
+]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -15,6 +16,7 @@ from pytorch2jax_server import _loading
 from pytorch2jax_server._dataplane import SHARED_MEMORY_POLICIES, Sessions
 from pytorch2jax_server._dataplane.shm import DEFAULT_MAX_SESSION_BYTES, DEFAULT_MAX_SESSIONS
 from pytorch2jax_server._models import Registry
+from pytorch2jax_server._security import Security, SecurityError
 from pytorch2jax_server._residuals import (
     DEFAULT_MAX_BYTES,
     DEFAULT_MAX_ENTRIES,
@@ -33,6 +35,14 @@ READY_PREFIX = "pytorch2jax-server listening on"
 DEFAULT_GRACE_S = 30.0
 _MB = 1 << 20
 
+#: Options that an environment variable can set, for containers: PYTORCH2JAX_<NAME>. The
+#: command line wins over the environment, which wins over the config file.
+_ENV_PREFIX = "PYTORCH2JAX_"
+
+
+def _env(name: str) -> str | None:
+    return os.environ.get(_ENV_PREFIX + name) or None
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -49,13 +59,42 @@ def _parser() -> argparse.ArgumentParser:
         help="serve attr (an nn.Module, an nn.Module class, or a torch function; a trailing "
         "'()' calls a factory) under NAME; repeatable",
     )
-    p.add_argument("--config", help="TOML file with [models] (and [server]) tables")
+    p.add_argument(
+        "--config",
+        default=_env("CONFIG"),
+        help="TOML file with [models] (and [server]) tables (env PYTORCH2JAX_CONFIG)",
+    )
     p.add_argument(
         "--listen",
         action="append",
         metavar="ADDRESS",
-        help="host:port (port 0 picks a free one) or unix:///path; repeatable "
-        f"(default: {DEFAULT_LISTEN[0]})",
+        help="host:port (port 0 picks a free one) or unix:///path; repeatable (env "
+        f"PYTORCH2JAX_LISTEN, comma-separated; default: {DEFAULT_LISTEN[0]})",
+    )
+    p.add_argument(
+        "--tls-cert",
+        default=_env("TLS_CERT"),
+        metavar="PEM",
+        help="serve TCP addresses over TLS with this certificate (env PYTORCH2JAX_TLS_CERT)",
+    )
+    p.add_argument(
+        "--tls-key",
+        default=_env("TLS_KEY"),
+        metavar="PEM",
+        help="the certificate's private key (env PYTORCH2JAX_TLS_KEY)",
+    )
+    p.add_argument(
+        "--tls-client-ca",
+        default=_env("TLS_CLIENT_CA"),
+        metavar="PEM",
+        help="require client certificates signed by this CA (env PYTORCH2JAX_TLS_CLIENT_CA)",
+    )
+    p.add_argument(
+        "--token-file",
+        default=_env("TOKEN_FILE"),
+        metavar="PATH",
+        help="require every call to carry this file's token as 'authorization: Bearer "
+        "TOKEN' (env PYTORCH2JAX_TOKEN_FILE, or the token itself in PYTORCH2JAX_TOKEN)",
     )
     p.add_argument("--max-workers", type=int, default=None, help="threads serving calls")
     p.add_argument(
@@ -81,12 +120,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--device",
-        default=None,
+        default=_env("DEVICE"),
         help="where models run: cpu (the default), cuda or cuda:N; on a GPU, clients on the "
-        "same host and GPU can pass tensors by CUDA IPC",
+        "same host and GPU can pass tensors by CUDA IPC (env PYTORCH2JAX_DEVICE)",
     )
     p.add_argument("--torch-threads", type=int, default=None, help="torch intra-op threads")
-    p.add_argument("--log-level", default="WARNING")
+    p.add_argument("--log-level", default=_env("LOG_LEVEL") or "WARNING")
     return p
 
 
@@ -94,6 +133,11 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(name)s: %(message)s")
     settings: dict = {}
+
+    def setting(key: str, cli_value, default):
+        # The command line wins over the config's [server] table, in the same units.
+        return cli_value if cli_value is not None else settings.get(key, default)
+
     try:
         specs = [_loading.parse_model_option(m) for m in args.model]
         if args.config:
@@ -107,13 +151,16 @@ def main(argv: list[str] | None = None) -> int:
         if len(set(names)) != len(names):
             raise _loading.ConfigError(f"model names must be unique; got {names}")
         models = {s.name: _loading.load(s) for s in specs}
-    except _loading.ConfigError as e:
+        security = Security.from_files(
+            cert=setting("tls_cert", args.tls_cert, None),
+            key=setting("tls_key", args.tls_key, None),
+            client_ca=setting("tls_client_ca", args.tls_client_ca, None),
+            token=_env("TOKEN"),
+            token_file=setting("token_file", args.token_file, None),
+        )
+    except (_loading.ConfigError, SecurityError) as e:
         print(f"pytorch2jax-server: {e}", file=sys.stderr)
         return 2
-
-    def setting(key: str, cli_value, default):
-        # The command line wins over the config's [server] table, in the same units.
-        return cli_value if cli_value is not None else settings.get(key, default)
 
     torch_threads = setting("torch_threads", args.torch_threads, None)
     if torch_threads:
@@ -144,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         * _MB,
     )
-    listen = args.listen or settings.get("listen") or list(DEFAULT_LISTEN)
+    env_listen = [a.strip() for a in (_env("LISTEN") or "").split(",") if a.strip()]
+    listen = args.listen or env_listen or settings.get("listen") or list(DEFAULT_LISTEN)
     try:
         worker = create_server(
             Registry(models, device),
@@ -159,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
                 "max_message_mb", args.max_message_mb, DEFAULT_MAX_MESSAGE_BYTES // _MB
             )
             * _MB,
+            security=security,
         )
     except (OSError, RuntimeError) as e:
         print(f"pytorch2jax-server: {e}", file=sys.stderr)

@@ -15,6 +15,7 @@ from pytorch2jax_protocol import DEFAULT_MAX_MESSAGE_BYTES, SERVICE_NAME, channe
 from pytorch2jax_server._dataplane import Sessions
 from pytorch2jax_server._models import Registry
 from pytorch2jax_server._residuals import ResidualCache
+from pytorch2jax_server._security import Security
 from pytorch2jax_server._servicer import BridgeServicer
 
 DEFAULT_LISTEN = ("localhost:50051",)
@@ -68,14 +69,17 @@ def create_server(
     max_workers: int = DEFAULT_MAX_WORKERS,
     max_concurrent_calls: int = DEFAULT_MAX_CONCURRENT_CALLS,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    security: Security | None = None,
 ) -> Worker:
     """Binds a server that serves ``registry`` on every address of ``listen``, and starts it.
 
     TCP addresses may use port 0; the returned ``Worker.addresses`` hold the bound ports.
-    Unix sockets (``unix:///path``) are created with mode 0600.
+    Unix sockets (``unix:///path``) are created with mode 0600. ``security`` adds TLS to
+    the TCP addresses and a bearer-token check to every call.
     """
     residuals = residuals or ResidualCache()
     sessions = sessions or Sessions()
+    security = security or Security()
     # Each open session holds one thread and one RPC slot (its stream) for its lifetime:
     # on top of those that serve calls, so that clients cannot starve each other.
     server = grpc.server(
@@ -84,6 +88,7 @@ def create_server(
         ),
         options=channel_options(max_message_bytes),
         maximum_concurrent_rpcs=max_concurrent_calls + sessions.max_sessions,
+        interceptors=security.interceptors(),
     )
     pb_grpc.add_BridgeServicer_to_server(BridgeServicer(registry, residuals, sessions), server)
     health_servicer = health.HealthServicer()
@@ -106,7 +111,11 @@ def create_server(
             unix_paths.append(path)
             bound.append(address)
         else:
-            ok = server.add_insecure_port(address)
+            security.warn_if_exposed(address)
+            if security.tls is not None:
+                ok = server.add_secure_port(address, security.tls)
+            else:
+                ok = server.add_insecure_port(address)
             bound.append(_PORT.sub(f":{ok}", address))
         if not ok:
             raise OSError(f"cannot listen on {address}")

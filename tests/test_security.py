@@ -1,0 +1,171 @@
+"""TLS and the bearer token: certificates made by docker/gen-certs.sh (as the README says),
+a worker configured through the environment variables the compose file uses."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from conftest import start_worker
+
+import pytorch2jax
+from pytorch2jax_server import examples
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory) -> Path:
+    if shutil.which("openssl") is None:
+        if os.environ.get("CI"):
+            pytest.fail("openssl is needed to make test certificates")
+        pytest.skip("no openssl to make test certificates")
+    out = tmp_path_factory.mktemp("certs")
+    subprocess.run(["bash", str(REPO / "docker/gen-certs.sh"), str(out)], check=True, capture_output=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def secure_worker(certs):
+    """A worker serving TCP over TLS and requiring a token, set up by environment only."""
+    env = {
+        "PYTORCH2JAX_TLS_CERT": str(certs / "server.pem"),
+        "PYTORCH2JAX_TLS_KEY": str(certs / "server.key"),
+        "PYTORCH2JAX_TOKEN_FILE": str(certs / "token"),
+    }
+    with start_worker(models={"mlp": "pytorch2jax_server.examples:mlp()"}, env=env) as w:
+        yield w
+
+
+def _token(certs: Path) -> str:
+    return (certs / "token").read_text().strip()
+
+
+def test_without_token_is_unauthenticated(secure_worker, certs):
+    tls = pytorch2jax.TLS(ca=str(certs / "ca.pem"))
+    with pytest.raises(pytorch2jax.AuthenticationError, match="requires a bearer token") as e:
+        pytorch2jax.connect(secure_worker.tcp, tls=tls)
+    assert "connect(token=" in str(e.value) and "PYTORCH2JAX_TOKEN" in str(e.value)
+
+
+def test_wrong_token_is_unauthenticated(secure_worker, certs):
+    tls = pytorch2jax.TLS(ca=str(certs / "ca.pem"))
+    with pytest.raises(pytorch2jax.AuthenticationError, match="token is wrong"):
+        pytorch2jax.connect(secure_worker.tcp, tls=tls, token="not-the-token")
+
+
+def test_token_over_tls_trains(secure_worker, certs):
+    """With the token, over TLS: values and gradients as torch in process."""
+    tls = pytorch2jax.TLS(ca=str(certs / "ca.pem"))
+    with pytorch2jax.connect(secure_worker.tcp, tls=tls, token=_token(certs)) as c:
+        apply_fn, params = c.convert_pytnn_to_jax("mlp")
+        x = jnp.linspace(-1, 1, 24, dtype=jnp.float32).reshape(3, 8)
+        loss, grads = jax.jit(jax.value_and_grad(lambda p: apply_fn(p, x).sum()))(params)
+    model = examples.mlp()
+    want = model(torch.tensor(np.asarray(x))).sum()
+    want.backward()
+    np.testing.assert_allclose(loss, want.item(), rtol=1e-5)
+    for name, p in model.named_parameters():
+        np.testing.assert_allclose(grads[name], p.grad.numpy(), rtol=1e-4, atol=1e-6)
+
+
+def test_token_and_tls_from_the_environment(secure_worker, certs, monkeypatch):
+    monkeypatch.setenv("PYTORCH2JAX_TARGET", secure_worker.tcp)
+    monkeypatch.setenv("PYTORCH2JAX_TOKEN", _token(certs))
+    monkeypatch.setenv("PYTORCH2JAX_TLS_CA", str(certs / "ca.pem"))
+    with pytorch2jax.connect() as c:
+        assert [m.name for m in c.list_models()] == ["mlp"]
+
+
+def test_the_unix_socket_needs_the_token_too(secure_worker, certs):
+    with pytest.raises(pytorch2jax.AuthenticationError):
+        pytorch2jax.connect(secure_worker.unix)
+    with pytorch2jax.connect(secure_worker.unix, token=_token(certs)) as c:
+        assert c.transport == "shm"  # the session stream carries the token as well
+        apply_fn, params = c.convert_pytnn_to_jax("mlp")
+        assert apply_fn(params, jnp.ones((2, 8))).shape == (2, 1)
+
+
+def test_plaintext_client_to_tls_worker_is_told_about_tls(secure_worker):
+    with pytest.raises(pytorch2jax.WorkerUnavailableError, match="PYTORCH2JAX_TLS_CA"):
+        pytorch2jax.connect(secure_worker.tcp, tls=False, timeout=1)
+
+
+def test_untrusted_certificate_is_refused(secure_worker, tmp_path):
+    other = tmp_path / "other"
+    subprocess.run(["bash", str(REPO / "docker/gen-certs.sh"), str(other)], check=True, capture_output=True)
+    with pytest.raises(pytorch2jax.WorkerUnavailableError):
+        pytorch2jax.connect(secure_worker.tcp, tls=pytorch2jax.TLS(ca=str(other / "ca.pem")), timeout=1)
+
+
+def _health(target: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "pytorch2jax_protocol.health", target, "--timeout", "5"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        timeout=60,
+    )
+
+
+def test_health_probe_needs_no_token(secure_worker, certs):
+    assert _health(secure_worker.unix).returncode == 0
+    ok = _health(secure_worker.tcp, PYTORCH2JAX_TLS_CA=str(certs / "ca.pem"))
+    assert ok.returncode == 0 and "SERVING" in ok.stdout, ok.stderr
+
+
+def test_health_probe_reports_no_worker(tmp_path):
+    result = _health(f"unix://{tmp_path}/nobody.sock")
+    assert result.returncode == 1, result.stdout
+    assert "UNAVAILABLE" in result.stderr or "DEADLINE_EXCEEDED" in result.stderr
+
+
+def test_client_certificates_required(certs):
+    env = {
+        "PYTORCH2JAX_TLS_CERT": str(certs / "server.pem"),
+        "PYTORCH2JAX_TLS_KEY": str(certs / "server.key"),
+        "PYTORCH2JAX_TLS_CLIENT_CA": str(certs / "ca.pem"),
+    }
+    models = {"scale_shift": "pytorch2jax_server.examples:scale_shift"}
+    with start_worker(models=models, listen=["127.0.0.1:0"], env=env) as w:
+        with pytest.raises(pytorch2jax.WorkerUnavailableError):
+            pytorch2jax.connect(w.tcp, tls=pytorch2jax.TLS(ca=str(certs / "ca.pem")), timeout=1)
+        tls = pytorch2jax.TLS(
+            ca=str(certs / "ca.pem"), cert=str(certs / "client.pem"), key=str(certs / "client.key")
+        )
+        with pytorch2jax.connect(w.tcp, tls=tls) as c:
+            assert [m.name for m in c.list_models()] == ["scale_shift"]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--tls-cert", "/nonexistent/server.pem"], "both a certificate and its private key"),
+        (["--tls-cert", "/nonexistent/s.pem", "--tls-key", "/nonexistent/s.key"], "cannot read"),
+        (["--token-file", "/nonexistent/token"], "cannot read the token file"),
+    ],
+)
+def test_bad_security_settings_exit_2(args, message):
+    result = subprocess.run(
+        [sys.executable, "-m", "pytorch2jax_server", "--model", "f=pytorch2jax_server.examples:scale_shift", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+
+
+def test_exposed_address_without_protection_warns():
+    models = {"scale_shift": "pytorch2jax_server.examples:scale_shift"}
+    with start_worker(models=models, listen=["0.0.0.0:0"]) as w:
+        assert "without TLS or a token" in w.stderr()
+    with start_worker(models=models, listen=["127.0.0.1:0"]) as w:
+        assert "without TLS" not in w.stderr()
