@@ -139,21 +139,22 @@ class Client:
         self._pool: Pool | None = None
         try:
             if is_pool(target):
-                address, server_name = pool_target(target)
-                self.target = address if isinstance(target, str) else ",".join(target)
+                where = pool_target(target)
+                self.target = target if isinstance(target, str) else ",".join(target)
                 self._channel = open_channel(
-                    address,
+                    where.channel_target,
                     tls=tls,
                     token=token,
                     options=options + pool_channel_options(max_message_bytes),
                 )
                 # A worker is reached by its IP; its certificate names the pool's host.
-                peer_tls = tls
-                if tls is not None and not tls.server_name and server_name:
-                    peer_tls = dataclasses.replace(tls, server_name=server_name)
+                direct_tls = tls
+                if tls is not None and not tls.server_name and where.server_name:
+                    direct_tls = dataclasses.replace(tls, server_name=where.server_name)
                 self._pool = Pool(
                     self._channel,
-                    lambda peer: open_channel(peer, tls=peer_tls, token=token, options=options),
+                    where.addresses,
+                    lambda a: open_channel(a, tls=direct_tls, token=token, options=options),
                 )
             else:
                 self.target = target

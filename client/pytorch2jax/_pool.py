@@ -7,9 +7,9 @@ workers that stopped answering until they come back.
 
 A forward's autograd state (its residual) lives on the worker that ran it, and
 ``round_robin`` cannot choose a worker per call. So the pool remembers which worker
-answered each forward that kept a residual (gRPC tells the peer of a finished call), and
-sends that forward's VJP straight to it over a channel of its own. If that worker is gone
-or dropped the residual, the VJP is recomputed from the inputs on any worker.
+answered each forward that kept a residual (its id comes back in the trailing metadata),
+and sends that forward's VJP straight to it over a channel of its own. If that worker is
+gone or dropped the residual, the VJP is recomputed from the inputs on any worker.
 
 Tensors travel inline: a shared-memory session belongs to one worker process.
 """
@@ -20,16 +20,20 @@ import collections
 import json
 import socket
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
 
 from pytorch2jax._exceptions import InvalidArgumentError, ResidualLostError
-from pytorch2jax_protocol import SERVICE_NAME, pb_grpc
+from pytorch2jax_protocol import SERVICE_NAME, WORKER_ID_METADATA_KEY, pb, pb_grpc
 
 #: Pinned residuals past this many are forgotten oldest first (their VJPs recompute).
 #: The worker's own cache is bounded too; this only bounds the client's memory.
 _MAX_PINS = 4096
+
+#: How long a worker of the pool may take to say its id before it is taken as down.
+_PROBE_TIMEOUT_S = 2.0
 
 #: round_robin, and up to 3 attempts of a call that found its worker unavailable. The
 #: Bridge calls are safe to repeat: a forward at worst leaves a residual that expires.
@@ -68,59 +72,94 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, Any]]:
     ]
 
 
-def pool_target(target: str | Sequence[str]) -> tuple[str, str | None]:
-    """The gRPC target for a pool, and the host name its workers' TLS certificates should
-    hold when reached by IP (None: the IPs themselves).
+@dataclass(frozen=True)
+class PoolTarget:
+    """Where a pool's workers are."""
 
-    A list of ``host:port`` addresses becomes an ``ipv4:`` or ``ipv6:`` target listing them
-    (host names are resolved once, here); a ``dns:`` target is used as given, and gRPC
-    re-resolves it as workers come and go.
-    """
+    #: The target of the pool's load-balanced channel.
+    channel_target: str
+    #: The host name the workers' TLS certificates should hold when a worker is reached
+    #: by its IP (None: the IP itself).
+    server_name: str | None
+    #: The ``host:port`` of each worker, resolved now.
+    addresses: Callable[[], list[str]]
+
+
+def pool_target(target: str | Sequence[str]) -> PoolTarget:
+    """A list of ``host:port`` addresses becomes an ``ipv4:`` or ``ipv6:`` target listing
+    them (host names are resolved once, here); a ``dns:`` target is used as given, and
+    gRPC re-resolves it as workers come and go (and so does ``addresses``)."""
     if isinstance(target, str):  # dns:[//authority/]host[:port]
         name = target[len("dns:") :]
         if name.startswith("//"):
             name = name[2:].partition("/")[2]
-        return target, name.rsplit(":", 1)[0] if ":" in name else name
+        host, _, port = name.rpartition(":") if ":" in name else (name, "", "443")
+        return PoolTarget(target, host, lambda: _resolve(host, port)[1])
     if not target:
         raise InvalidArgumentError("a pool of workers needs at least one address")
-    families: dict[int, list[str]] = {}
+    families: set[int] = set()
+    addresses: list[str] = []
     for address in target:
         if not isinstance(address, str) or address.startswith("unix:") or ":" not in address:
             raise InvalidArgumentError(
                 f"workers of a pool are reached over TCP as host:port; got {address!r}"
             )
         host, port = address.rsplit(":", 1)
-        try:
-            family, *_, sockaddr = socket.getaddrinfo(
-                host.strip("[]"), int(port), type=socket.SOCK_STREAM
-            )[0]
-        except (OSError, ValueError) as e:
-            raise InvalidArgumentError(f"cannot resolve the worker address {address!r}: {e}")
-        ip = sockaddr[0]
-        families.setdefault(family, []).append(
-            f"[{ip}]:{port}" if family == socket.AF_INET6 else f"{ip}:{port}"
-        )
+        family, resolved = _resolve(host.strip("[]"), port)
+        if not resolved:
+            raise InvalidArgumentError(f"cannot resolve the worker address {address!r}")
+        families.add(family)
+        addresses.append(resolved[0])
     if len(families) > 1:
         raise InvalidArgumentError(
             "the workers of a pool must all be IPv4 or all IPv6; got both in "
             f"{list(target)}; use a dns:/// target to mix them"
         )
-    ((family, addresses),) = families.items()
-    scheme = "ipv6" if family == socket.AF_INET6 else "ipv4"
-    return f"{scheme}:{','.join(addresses)}", None
+    scheme = "ipv6" if families == {socket.AF_INET6} else "ipv4"
+    return PoolTarget(f"{scheme}:{','.join(addresses)}", None, lambda: addresses)
+
+
+def _resolve(host: str, port: str) -> tuple[int, list[str]]:
+    """The family of ``host``'s first address, and ``ip:port`` for each of its addresses."""
+    try:
+        infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+    except (OSError, ValueError):
+        return 0, []
+    found = []
+    for family, *_, sockaddr in infos:
+        ip = sockaddr[0]
+        address = f"[{ip}]:{port}" if family == socket.AF_INET6 else f"{ip}:{port}"
+        if address not in found:
+            found.append(address)
+    return infos[0][0], found
 
 
 class Pool:
-    """Sends a Client's calls over its pool channel, each VJP to its forward's worker."""
+    """Sends a Client's calls over its pool channel, each VJP to its forward's worker.
 
-    def __init__(self, channel: grpc.Channel, open_peer: Callable[[str], grpc.Channel]) -> None:
+    Workers are told apart by the id in their replies' trailing metadata. The first time
+    an id is seen, each address of the pool is asked for its id (ListModels, over a
+    channel to that address alone, kept for the VJPs it will carry).
+    """
+
+    def __init__(
+        self,
+        channel: grpc.Channel,
+        addresses: Callable[[], list[str]],
+        open_direct: Callable[[str], grpc.Channel],
+    ) -> None:
         self._stub = pb_grpc.BridgeStub(channel)
-        self._open_peer = open_peer
-        self._peers: dict[str, pb_grpc.BridgeStub] = {}
-        self._peer_channels: list[grpc.Channel] = []
+        self._addresses = addresses
+        self._open_direct = open_direct
+        self._direct: dict[str, tuple[grpc.Channel, pb_grpc.BridgeStub]] = {}
+        self._address_of: dict[str, str] = {}  # worker id -> its address
         self._pins: collections.OrderedDict[bytes, str] = collections.OrderedDict()
         #: Calls answered by each worker, by its address: for users watching the spread.
         self.calls: collections.Counter[str] = collections.Counter()
+        #: VJPs answered by the worker holding their residual, and those whose residual
+        #: was not found (they are recomputed).
+        self.routed_vjps = 0
+        self.lost_residuals = 0
 
     def call(self, method: str, request: Any, timeout: float, metadata: Any) -> Any:
         """``method``'s reply; raises grpc.RpcError, or ResidualLostError for a VJP whose
@@ -130,34 +169,67 @@ class Pool:
         reply, call = getattr(self._stub, method).with_call(
             request, timeout=timeout, metadata=metadata
         )
-        peer = call.peer()
-        self.calls[peer] += 1
-        if method == "Forward" and any(reply.residual):
-            self._pins[reply.residual] = peer
-            if len(self._pins) > _MAX_PINS:
-                self._pins.popitem(last=False)
+        worker = _worker_id(call)
+        if worker is not None:
+            self.calls[self._address(worker)] += 1
+            if method == "Forward":
+                self._pins[reply.residual] = worker
+                if len(self._pins) > _MAX_PINS:
+                    self._pins.popitem(last=False)
         return reply
 
     def _vjp_on_pinned(self, request: Any, timeout: float, metadata: Any) -> Any:
-        peer = self._pins.pop(request.residual, None)
-        if peer is None:
-            raise ResidualLostError("this client no longer knows which worker ran the forward")
-        stub = self._peers.get(peer)
-        if stub is None:
-            channel = self._open_peer(peer)
-            self._peer_channels.append(channel)
-            stub = self._peers[peer] = pb_grpc.BridgeStub(channel)
+        worker = self._pins.pop(request.residual, None)
+        address = self._address(worker) if worker is not None else None
+        if address is None or address == worker:  # not found at any address of the pool
+            self.lost_residuals += 1
+            raise ResidualLostError("the worker that ran the forward is not in the pool")
         try:
-            reply = stub.Vjp(request, timeout=timeout, metadata=metadata)
+            reply = self._direct[address][1].Vjp(request, timeout=timeout, metadata=metadata)
         except grpc.RpcError as e:
             if e.code() == grpc.StatusCode.UNAVAILABLE:
-                raise ResidualLostError(f"the worker that ran the forward ({peer}) is gone")
+                self.lost_residuals += 1
+                raise ResidualLostError(f"the worker that ran the forward ({address}) is gone")
+            if e.code() == grpc.StatusCode.FAILED_PRECONDITION:  # evicted or expired there
+                self.lost_residuals += 1
             raise
-        self.calls[peer] += 1
+        self.calls[address] += 1
+        self.routed_vjps += 1
         return reply
 
+    def _address(self, worker: str) -> str:
+        """The address of the worker with this id; the id itself if no address answers
+        with it."""
+        if worker not in self._address_of:
+            self._discover()
+        return self._address_of.get(worker, worker)
+
+    def _discover(self) -> None:
+        known = set(self._address_of.values())
+        for address in self._addresses():
+            if address in known:
+                continue
+            if address not in self._direct:
+                channel = self._open_direct(address)
+                self._direct[address] = (channel, pb_grpc.BridgeStub(channel))
+            try:
+                _, call = self._direct[address][1].ListModels.with_call(
+                    pb.ListModelsRequest(), timeout=_PROBE_TIMEOUT_S
+                )
+            except grpc.RpcError:
+                continue  # down for now: asked again when an unknown id shows up
+            worker = _worker_id(call)
+            if worker is not None:
+                self._address_of[worker] = address
+
     def close(self) -> None:
-        for channel in self._peer_channels:
+        for channel, _ in self._direct.values():
             channel.close()
-        self._peers.clear()
-        self._peer_channels.clear()
+        self._direct.clear()
+
+
+def _worker_id(call: grpc.Call) -> str | None:
+    for key, value in call.trailing_metadata() or ():
+        if key == WORKER_ID_METADATA_KEY:
+            return value
+    return None

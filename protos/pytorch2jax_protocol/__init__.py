@@ -22,6 +22,10 @@ HANDLE_BYTES = 16
 #: The metadata entry that carries ``Bearer <token>`` to a worker started with a token.
 AUTHORIZATION_METADATA_KEY = "authorization"
 
+#: Trailing metadata of ListModels, and of a Forward that kept a residual: a random id of
+#: the worker process, so that a client of several workers can send the VJP to it.
+WORKER_ID_METADATA_KEY = "p2j-worker-id"
+
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Bridge"].full_name
 
 
@@ -39,6 +43,7 @@ __all__ = [
     "HANDLE_BYTES",
     "PARAMETER_CHUNK_BYTES",
     "SERVICE_NAME",
+    "WORKER_ID_METADATA_KEY",
     "channel_options",
     "pb",
     "pb_grpc",

@@ -10,13 +10,21 @@ from __future__ import annotations
 
 import functools
 import logging
+import secrets
 from collections.abc import Iterator
 from typing import Any
 
 import grpc
 import torch
 
-from pytorch2jax_protocol import PARAMETER_CHUNK_BYTES, dtypes, pb, pb_grpc, values
+from pytorch2jax_protocol import (
+    PARAMETER_CHUNK_BYTES,
+    WORKER_ID_METADATA_KEY,
+    dtypes,
+    pb,
+    pb_grpc,
+    values,
+)
 from pytorch2jax_protocol.tensors import WireFormatError
 from pytorch2jax_server import __version__
 from pytorch2jax_server._dataplane import CallCodec, Sessions, inline, session_of
@@ -97,6 +105,8 @@ class BridgeServicer(pb_grpc.BridgeServicer):
         self._registry = registry
         self._residuals = residuals
         self._sessions = sessions
+        # Tells a client of several workers where a residual lives (see the client's _pool).
+        self._identity = ((WORKER_ID_METADATA_KEY, secrets.token_hex(8)),)
 
     def OpenSession(self, request, context) -> Iterator[pb.SessionInfo]:
         # The stream is the session's lifetime: it ends when the client closes it or its
@@ -130,6 +140,7 @@ class BridgeServicer(pb_grpc.BridgeServicer):
 
     @_reporting
     def ListModels(self, request, context):
+        context.set_trailing_metadata(self._identity)
         return pb.ListModelsResponse(
             models=[m.info() for m in self._registry], server_version=__version__
         )
@@ -190,7 +201,10 @@ class BridgeServicer(pb_grpc.BridgeServicer):
             outputs = _encode_outputs(model, outcome.outputs, codec.encode)
         finally:
             codec.finish()
-        handle = self._residuals.put(outcome.residual) if outcome.residual else b""
+        handle = b""
+        if outcome.residual:
+            handle = self._residuals.put(outcome.residual)
+            context.set_trailing_metadata(self._identity)
         return pb.ForwardResponse(outputs=outputs, residual=handle)
 
     @_reporting
