@@ -229,3 +229,20 @@ def test_dockerfiles_lint_clean():
     dockerfiles = sorted(DOCKER.glob("*.Dockerfile"))
     assert len(dockerfiles) == 2
     _run([_tool("hadolint"), *map(str, dockerfiles)], timeout=120)
+
+
+def test_kubernetes_sketch_is_consistent():
+    """The manifest parses, probes with our health command, and its Service is headless
+    (what a dns:/// pool target needs)."""
+    with open(DOCKER / "kubernetes.yaml") as f:
+        docs = {d["kind"]: d for d in yaml.safe_load_all(f)}
+    assert docs["Service"]["spec"]["clusterIP"] == "None"
+    pod = docs["Deployment"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["readinessProbe"]["exec"]["command"][0] == "pytorch2jax-health"
+    env = {e["name"]: e["value"] for e in container["env"]}
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert env["PYTORCH2JAX_TLS_CERT"].startswith(mounts["secrets"])
+    assert env["PYTORCH2JAX_CONFIG"].startswith(mounts["models"])
+    config = docs["ConfigMap"]["data"]["worker.toml"]
+    assert "[models]" in config
