@@ -1,7 +1,8 @@
 # The pytorch2jax worker: PyTorch and the worker, no JAX.
 #   docker build -f docker/worker.Dockerfile .                           # CPU
 #   docker build -f docker/worker.Dockerfile --build-arg TORCH_VARIANT=cu130 .   # CUDA
-# TORCH_VARIANT names a wheel index of download.pytorch.org: cpu, cu126, cu130, cu130...
+# TORCH_VARIANT names a wheel index of download.pytorch.org: cpu, cu126, cu128, cu130.
+# TORCH_VERSION must satisfy constraints.txt, which the rest is installed with.
 ARG PYTHON_VERSION=3.12
 FROM python:${PYTHON_VERSION}-slim
 

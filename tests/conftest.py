@@ -22,6 +22,11 @@ from pytorch2jax_protocol import DEFAULT_MAX_MESSAGE_BYTES, channel_options, pb,
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
+# Tests set what they need: the PYTORCH2JAX_* settings (token, TLS, target) of whoever runs
+# them would change what workers and clients do.
+for _name in [n for n in os.environ if n.startswith("PYTORCH2JAX_")]:
+    del os.environ[_name]
+
 READY_PREFIX = "pytorch2jax-server listening on"
 STARTUP_TIMEOUT_S = 60.0
 

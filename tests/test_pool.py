@@ -63,6 +63,10 @@ def test_calls_spread_and_gradients_survive_a_killed_worker(two_workers):
         (grads,) = vjp_fn(jnp.ones_like(out))
         _check(out, grads, x)  # recomputed on the survivor
         assert c._pool.lost_residuals == 1
+        # Calls that may land on the dead worker first are retried on the other.
+        for _ in range(4):
+            assert [m.name for m in c.list_models()] == ["mlp"]
+            assert apply_fn(params, x).shape == (4, 1)
 
         before = dict(c.workers())
         for _ in range(5):

@@ -88,6 +88,12 @@ def test_token_and_tls_from_the_environment(secure_worker, certs, monkeypatch):
 def test_the_unix_socket_needs_the_token_too(secure_worker, certs):
     with pytest.raises(pytorch2jax.AuthenticationError):
         pytorch2jax.connect(secure_worker.unix)
+    with pytest.raises(pytorch2jax.AuthenticationError, match="token is wrong"):
+        pytorch2jax.connect(secure_worker.unix, token="not-the-token")
+    # TLS settings do not apply to a unix socket, which is always plaintext.
+    tls = pytorch2jax.TLS(ca=str(certs / "ca.pem"))
+    with pytorch2jax.connect(secure_worker.unix, tls=tls, token=_token(certs)) as c:
+        assert c.list_models()
     with pytorch2jax.connect(secure_worker.unix, token=_token(certs)) as c:
         assert c.transport == "shm"  # the session stream carries the token as well
         apply_fn, params = c.convert_pytnn_to_jax("mlp")
@@ -102,7 +108,7 @@ def test_plaintext_client_to_tls_worker_is_told_about_tls(secure_worker):
 def test_untrusted_certificate_is_refused(secure_worker, tmp_path):
     other = tmp_path / "other"
     subprocess.run(["bash", str(REPO / "docker/gen-certs.sh"), str(other)], check=True, capture_output=True)
-    with pytest.raises(pytorch2jax.WorkerUnavailableError):
+    with pytest.raises(pytorch2jax.WorkerUnavailableError, match="(?i)handshake|certificate|ssl"):
         pytorch2jax.connect(secure_worker.tcp, tls=pytorch2jax.TLS(ca=str(other / "ca.pem")), timeout=1)
 
 
@@ -169,3 +175,37 @@ def test_exposed_address_without_protection_warns():
         assert "without TLS or a token" in w.stderr()
     with start_worker(models=models, listen=["127.0.0.1:0"]) as w:
         assert "without TLS" not in w.stderr()
+
+
+def test_pool_over_tls_with_token(certs):
+    """Two workers behind one client, over TLS with a token; the VJP is routed to the
+    worker that ran the forward, over its own TLS channel."""
+    env = {
+        "PYTORCH2JAX_TLS_CERT": str(certs / "server.pem"),
+        "PYTORCH2JAX_TLS_KEY": str(certs / "server.key"),
+        "PYTORCH2JAX_TOKEN_FILE": str(certs / "token"),
+    }
+    models = {"mlp": "pytorch2jax_server.examples:mlp()"}
+    with start_worker(models=models, listen=["localhost:0"], env=env) as a, start_worker(
+        models=models, listen=["localhost:0"], env=env
+    ) as b:
+        tls = pytorch2jax.TLS(ca=str(certs / "ca.pem"))
+        with pytorch2jax.connect([a.tcp, b.tcp], tls=tls, token=_token(certs)) as c:
+            apply_fn, params = c.convert_pytnn_to_jax("mlp")
+            grad = jax.jit(jax.grad(lambda p: apply_fn(p, jnp.ones((2, 8))).sum()))
+            for _ in range(4):
+                grad(params)
+            assert len(c.workers()) == 2 and c._pool.routed_vjps == 4
+        with pytest.raises(pytorch2jax.InvalidArgumentError, match="server_name"):
+            pytorch2jax.connect([a.tcp, b.tcp.replace("localhost", "127.0.0.1")], tls=tls)
+
+
+def test_token_file_wins_over_token_in_environment(certs):
+    """The command line wins over the environment."""
+    models = {"scale_shift": "pytorch2jax_server.examples:scale_shift"}
+    env = {"PYTORCH2JAX_TOKEN": "from-the-environment"}
+    with start_worker("--token-file", str(certs / "token"), models=models, env=env) as w:
+        with pytest.raises(pytorch2jax.AuthenticationError):
+            pytorch2jax.connect(w.unix, token="from-the-environment")
+        with pytorch2jax.connect(w.unix, token=_token(certs)) as c:
+            assert [m.name for m in c.list_models()] == ["scale_shift"]

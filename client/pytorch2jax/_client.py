@@ -141,20 +141,26 @@ class Client:
             if is_pool(target):
                 where = pool_target(target)
                 self.target = target if isinstance(target, str) else ",".join(target)
+                # Workers are reached by IP, and an ipv4:/ipv6: list is no host name:
+                # TLS checks their certificates against the name the target gives.
+                if tls is not None and not tls.server_name:
+                    if where.server_name is None:
+                        raise InvalidArgumentError(
+                            "TLS to a list of workers on different hosts needs the name their "
+                            "certificates hold: pass tls=pytorch2jax.TLS(..., server_name=...)"
+                            ", or use a dns:/// target"
+                        )
+                    tls = dataclasses.replace(tls, server_name=where.server_name)
                 self._channel = open_channel(
                     where.channel_target,
                     tls=tls,
                     token=token,
                     options=options + pool_channel_options(max_message_bytes),
                 )
-                # A worker is reached by its IP; its certificate names the pool's host.
-                direct_tls = tls
-                if tls is not None and not tls.server_name and where.server_name:
-                    direct_tls = dataclasses.replace(tls, server_name=where.server_name)
                 self._pool = Pool(
                     self._channel,
                     where.addresses,
-                    lambda a: open_channel(a, tls=direct_tls, token=token, options=options),
+                    lambda a: open_channel(a, tls=tls, token=token, options=options),
                 )
             else:
                 self.target = target
@@ -173,17 +179,25 @@ class Client:
         try:
             grpc.channel_ready_future(self._channel).result(timeout=timeout)
         except grpc.FutureTimeoutError:
-            tls_hint = ""
-            if self._tls is None and not self.target.startswith("unix:"):
-                tls_hint = (
-                    "; if it serves TLS, pass tls=pytorch2jax.TLS(ca=...) or set "
-                    "PYTORCH2JAX_TLS_CA"
-                )
-            raise WorkerUnavailableError(
-                f"no worker answers at {self.target} after {timeout:g} s; is it running? Start "
-                "one with `pytorch2jax-server --listen ADDRESS --model NAME=package.module:attr`"
-                + tls_hint
-            ) from None
+            pass
+        else:
+            return
+        # One call that fails at once tells why (refused, TLS handshake, certificate name).
+        try:
+            self._stub.ListModels(pb.ListModelsRequest(), timeout=1.0)
+            return  # it came up just now
+        except grpc.RpcError as e:
+            why = f" ({e.details()})" if e.details() else ""
+        tls_hint = ""
+        if self._tls is None and not self.target.startswith("unix:"):
+            tls_hint = (
+                "; if it serves TLS, pass tls=pytorch2jax.TLS(ca=...) or set PYTORCH2JAX_TLS_CA"
+            )
+        raise WorkerUnavailableError(
+            f"no worker answers at {self.target} after {timeout:g} s{why}; is it running? Start "
+            "one with `pytorch2jax-server --listen ADDRESS --model NAME=package.module:attr`"
+            + tls_hint
+        )
 
     @property
     def transport(self) -> str:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import collections
 import json
 import socket
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -78,8 +79,8 @@ class PoolTarget:
 
     #: The target of the pool's load-balanced channel.
     channel_target: str
-    #: The host name the workers' TLS certificates should hold when a worker is reached
-    #: by its IP (None: the IP itself).
+    #: The host name the workers' TLS certificates hold, when the target says it: a DNS
+    #: name, or the one host of all the listed addresses (None: not known).
     server_name: str | None
     #: The ``host:port`` of each worker, resolved now.
     addresses: Callable[[], list[str]]
@@ -116,7 +117,12 @@ def pool_target(target: str | Sequence[str]) -> PoolTarget:
             f"{list(target)}; use a dns:/// target to mix them"
         )
     scheme = "ipv6" if families == {socket.AF_INET6} else "ipv4"
-    return PoolTarget(f"{scheme}:{','.join(addresses)}", None, lambda: addresses)
+    hosts = {a.rsplit(":", 1)[0].strip("[]") for a in target}
+    return PoolTarget(
+        f"{scheme}:{','.join(addresses)}",
+        hosts.pop() if len(hosts) == 1 else None,
+        lambda: addresses,
+    )
 
 
 def _resolve(host: str, port: str) -> tuple[int, list[str]]:
@@ -154,6 +160,9 @@ class Pool:
         self._direct: dict[str, tuple[grpc.Channel, pb_grpc.BridgeStub]] = {}
         self._address_of: dict[str, str] = {}  # worker id -> its address
         self._pins: collections.OrderedDict[bytes, str] = collections.OrderedDict()
+        # Calls may come from several threads (JAX runs callbacks on its own).
+        self._lock = threading.Lock()
+        self._discovering = threading.Lock()  # held across the probes, which take time
         #: Calls answered by each worker, by its address: for users watching the spread.
         self.calls: collections.Counter[str] = collections.Counter()
         #: VJPs answered by the worker holding their residual, and those whose residual
@@ -171,44 +180,52 @@ class Pool:
         )
         worker = _worker_id(call)
         if worker is not None:
-            self.calls[self._address(worker)] += 1
-            if method == "Forward":
-                self._pins[reply.residual] = worker
-                if len(self._pins) > _MAX_PINS:
-                    self._pins.popitem(last=False)
+            address = self._address(worker)
+            with self._lock:
+                self.calls[address] += 1
+                if method == "Forward" and reply.residual:
+                    self._pins[reply.residual] = worker
+                    if len(self._pins) > _MAX_PINS:
+                        self._pins.popitem(last=False)
         return reply
 
     def _vjp_on_pinned(self, request: Any, timeout: float, metadata: Any) -> Any:
-        worker = self._pins.pop(request.residual, None)
+        with self._lock:
+            worker = self._pins.pop(request.residual, None)
         address = self._address(worker) if worker is not None else None
         if address is None or address == worker:  # not found at any address of the pool
-            self.lost_residuals += 1
+            self._lost()
             raise ResidualLostError("the worker that ran the forward is not in the pool")
         try:
             reply = self._direct[address][1].Vjp(request, timeout=timeout, metadata=metadata)
         except grpc.RpcError as e:
             if e.code() == grpc.StatusCode.UNAVAILABLE:
-                self.lost_residuals += 1
+                self._lost()
                 raise ResidualLostError(f"the worker that ran the forward ({address}) is gone")
             if e.code() == grpc.StatusCode.FAILED_PRECONDITION:  # evicted or expired there
-                self.lost_residuals += 1
+                self._lost()
             raise
-        self.calls[address] += 1
-        self.routed_vjps += 1
+        with self._lock:
+            self.calls[address] += 1
+            self.routed_vjps += 1
         return reply
+
+    def _lost(self) -> None:
+        with self._lock:
+            self.lost_residuals += 1
 
     def _address(self, worker: str) -> str:
         """The address of the worker with this id; the id itself if no address answers
         with it."""
         if worker not in self._address_of:
-            self._discover()
+            with self._discovering:
+                if worker not in self._address_of:
+                    self._discover()
         return self._address_of.get(worker, worker)
 
     def _discover(self) -> None:
-        known = set(self._address_of.values())
+        # Every address again: a worker restarted at a known address has a new id.
         for address in self._addresses():
-            if address in known:
-                continue
             if address not in self._direct:
                 channel = self._open_direct(address)
                 self._direct[address] = (channel, pb_grpc.BridgeStub(channel))
@@ -220,12 +237,16 @@ class Pool:
                 continue  # down for now: asked again when an unknown id shows up
             worker = _worker_id(call)
             if worker is not None:
+                stale = [w for w, a in self._address_of.items() if a == address]
+                for w in stale:
+                    del self._address_of[w]
                 self._address_of[worker] = address
 
     def close(self) -> None:
-        for channel, _ in self._direct.values():
-            channel.close()
-        self._direct.clear()
+        with self._discovering:
+            for channel, _ in self._direct.values():
+                channel.close()
+            self._direct.clear()
 
 
 def _worker_id(call: grpc.Call) -> str | None:

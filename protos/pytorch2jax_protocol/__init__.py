@@ -22,8 +22,8 @@ HANDLE_BYTES = 16
 #: The metadata entry that carries ``Bearer <token>`` to a worker started with a token.
 AUTHORIZATION_METADATA_KEY = "authorization"
 
-#: Trailing metadata of ListModels, and of a Forward that kept a residual: a random id of
-#: the worker process, so that a client of several workers can send the VJP to it.
+#: Trailing metadata of every unary reply: a random id of the worker process, so that a
+#: client of several workers can send a forward's VJP to the worker that ran it.
 WORKER_ID_METADATA_KEY = "p2j-worker-id"
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Bridge"].full_name

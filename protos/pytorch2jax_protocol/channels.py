@@ -57,8 +57,9 @@ class TLS:
     @classmethod
     def from_env(cls) -> TLS | None:
         """TLS from ``PYTORCH2JAX_TLS_CA``, ``_TLS_CLIENT_CERT``, ``_TLS_CLIENT_KEY`` and
-        ``_TLS_SERVER_NAME``, or with the system's roots if ``PYTORCH2JAX_TLS=1``; None if
-        none of them is set."""
+        ``_TLS_SERVER_NAME`` (any of them turns TLS on; without a CA, the system's roots
+        are trusted), or with the system's roots if ``PYTORCH2JAX_TLS=1``; None if none of
+        them is set."""
         given = {field: os.environ.get(name) or None for field, name in _TLS_ENV.items()}
         if any(given.values()) or os.environ.get(_TLS_ON_ENV, "").lower() in ("1", "true"):
             return cls(**given)
@@ -93,9 +94,10 @@ def open_channel(
     token: str | None = None,
     options: list[tuple[str, Any]] | None = None,
 ) -> grpc.Channel:
-    """A channel to ``target``: TLS if ``tls`` is given, ``token`` sent on every call."""
+    """A channel to ``target``: TLS if ``tls`` is given (but to a unix socket, which the
+    worker always serves in plaintext), ``token`` sent on every call."""
     options = list(options or [])
-    if tls is not None:
+    if tls is not None and not target.startswith("unix:"):
         channel = grpc.secure_channel(target, tls.credentials(), options + tls.options())
     else:
         channel = grpc.insecure_channel(target, options)

@@ -16,13 +16,13 @@ from pytorch2jax_server import _loading
 from pytorch2jax_server._dataplane import SHARED_MEMORY_POLICIES, Sessions
 from pytorch2jax_server._dataplane.shm import DEFAULT_MAX_SESSION_BYTES, DEFAULT_MAX_SESSIONS
 from pytorch2jax_server._models import Registry
-from pytorch2jax_server._security import Security, SecurityError
 from pytorch2jax_server._residuals import (
     DEFAULT_MAX_BYTES,
     DEFAULT_MAX_ENTRIES,
     DEFAULT_TTL_S,
     ResidualCache,
 )
+from pytorch2jax_server._security import Security, SecurityError
 from pytorch2jax_server._server import (
     DEFAULT_LISTEN,
     DEFAULT_MAX_CONCURRENT_CALLS,
@@ -151,12 +151,14 @@ def main(argv: list[str] | None = None) -> int:
         if len(set(names)) != len(names):
             raise _loading.ConfigError(f"model names must be unique; got {names}")
         models = {s.name: _loading.load(s) for s in specs}
+        token_file = setting("token_file", args.token_file, None)
         security = Security.from_files(
             cert=setting("tls_cert", args.tls_cert, None),
             key=setting("tls_key", args.tls_key, None),
             client_ca=setting("tls_client_ca", args.tls_client_ca, None),
-            token=_env("TOKEN"),
-            token_file=setting("token_file", args.token_file, None),
+            # A token file named anywhere wins over a token in the environment.
+            token=None if token_file else _env("TOKEN"),
+            token_file=token_file,
         )
     except (_loading.ConfigError, SecurityError) as e:
         print(f"pytorch2jax-server: {e}", file=sys.stderr)

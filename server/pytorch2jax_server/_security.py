@@ -56,7 +56,10 @@ class Security:
         if token and token_file:
             raise SecurityError("give the token or a token file, not both")
         if token_file:
-            token = _read(token_file, "token file").decode().strip()
+            try:
+                token = _read(token_file, "token file").decode().strip()
+            except UnicodeDecodeError:
+                raise SecurityError(f"the token file {token_file} is not text") from None
             if not token:
                 raise SecurityError(f"the token file {token_file} is empty")
         tls = None
@@ -86,6 +89,13 @@ class Security:
             _log.warning(
                 "listening on %s without TLS: the token and tensors cross the network in "
                 "clear; add --tls-cert and --tls-key",
+                address,
+            )
+        elif self.token is None and not self.client_certificates:
+            _log.warning(
+                "listening on %s with TLS but neither a token nor client certificates: "
+                "anyone who can reach this address can run the served models; add "
+                "--token-file or --tls-client-ca",
                 address,
             )
 

@@ -50,10 +50,12 @@ def _status_of(e: BaseException) -> tuple[grpc.StatusCode, str]:
 
 
 def _reporting(method):
-    """Turns any exception of a unary handler into its status code (see ``_status_of``)."""
+    """Turns any exception of a unary handler into its status code (see ``_status_of``),
+    and names the worker in the trailing metadata (for clients of several workers)."""
 
     @functools.wraps(method)
     def handler(self, request, context: grpc.ServicerContext):
+        context.set_trailing_metadata(self._identity)
         try:
             return method(self, request, context)
         except Exception as e:  # noqa: BLE001 - the one boundary where all of them are mapped
@@ -140,7 +142,6 @@ class BridgeServicer(pb_grpc.BridgeServicer):
 
     @_reporting
     def ListModels(self, request, context):
-        context.set_trailing_metadata(self._identity)
         return pb.ListModelsResponse(
             models=[m.info() for m in self._registry], server_version=__version__
         )
@@ -201,10 +202,7 @@ class BridgeServicer(pb_grpc.BridgeServicer):
             outputs = _encode_outputs(model, outcome.outputs, codec.encode)
         finally:
             codec.finish()
-        handle = b""
-        if outcome.residual:
-            handle = self._residuals.put(outcome.residual)
-            context.set_trailing_metadata(self._identity)
+        handle = self._residuals.put(outcome.residual) if outcome.residual else b""
         return pb.ForwardResponse(outputs=outputs, residual=handle)
 
     @_reporting
