@@ -187,16 +187,17 @@ class Client:
             self._stub.ListModels(pb.ListModelsRequest(), timeout=1.0)
             return  # it came up just now
         except grpc.RpcError as e:
-            why = f" ({e.details()})" if e.details() else ""
+            why = f" (gRPC says: {e.details()})" if e.details() else ""
         tls_hint = ""
         if self._tls is None and not self.target.startswith("unix:"):
             tls_hint = (
                 "; if it serves TLS, pass tls=pytorch2jax.TLS(ca=...) or set PYTORCH2JAX_TLS_CA"
             )
         raise WorkerUnavailableError(
-            f"no worker answers at {self.target} after {timeout:g} s{why}; is it running? Start "
+            f"no worker answers at {self.target} after {timeout:g} s; is it running? Start "
             "one with `pytorch2jax-server --listen ADDRESS --model NAME=package.module:attr`"
             + tls_hint
+            + why
         )
 
     @property
