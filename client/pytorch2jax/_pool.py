@@ -82,7 +82,8 @@ class PoolTarget:
     #: The host name the workers' TLS certificates hold, when the target says it: a DNS
     #: name, or the one host of all the listed addresses (None: not known).
     server_name: str | None
-    #: The ``host:port`` of each worker, resolved now.
+    #: Each worker's ``ip:port``: the list's, resolved once; a DNS name's, resolved anew
+    #: at each call.
     addresses: Callable[[], list[str]]
 
 
