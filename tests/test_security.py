@@ -22,15 +22,19 @@ from pytorch2jax_server import examples
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory) -> Path:
+def _make_certs(out: Path) -> Path:
+    """A CA, server and client certificates and a token in ``out``, by docker/gen-certs.sh."""
     if shutil.which("openssl") is None:
         if os.environ.get("CI"):
             pytest.fail("openssl is needed to make test certificates")
         pytest.skip("no openssl to make test certificates")
-    out = tmp_path_factory.mktemp("certs")
     subprocess.run(["bash", str(REPO / "docker/gen-certs.sh"), str(out)], check=True, capture_output=True)
     return out
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory) -> Path:
+    return _make_certs(tmp_path_factory.mktemp("certs"))
 
 
 @pytest.fixture(scope="module")
@@ -106,8 +110,7 @@ def test_plaintext_client_to_tls_worker_is_told_about_tls(secure_worker):
 
 
 def test_untrusted_certificate_is_refused(secure_worker, tmp_path):
-    other = tmp_path / "other"
-    subprocess.run(["bash", str(REPO / "docker/gen-certs.sh"), str(other)], check=True, capture_output=True)
+    other = _make_certs(tmp_path / "other")
     with pytest.raises(pytorch2jax.WorkerUnavailableError, match="(?i)handshake|certificate|ssl"):
         pytorch2jax.connect(secure_worker.tcp, tls=pytorch2jax.TLS(ca=str(other / "ca.pem")), timeout=1)
 

@@ -100,6 +100,7 @@ def pool_target(target: str | Sequence[str]) -> PoolTarget:
     if not target:
         raise InvalidArgumentError("a pool of workers needs at least one address")
     families: set[int] = set()
+    hosts: set[str] = set()
     addresses: list[str] = []
     for address in target:
         if not isinstance(address, str) or address.startswith("unix:") or ":" not in address:
@@ -107,10 +108,12 @@ def pool_target(target: str | Sequence[str]) -> PoolTarget:
                 f"workers of a pool are reached over TCP as host:port; got {address!r}"
             )
         host, port = address.rsplit(":", 1)
-        family, resolved = _resolve(host.strip("[]"), port)
+        host = host.strip("[]")
+        family, resolved = _resolve(host, port)
         if not resolved:
             raise InvalidArgumentError(f"cannot resolve the worker address {address!r}")
         families.add(family)
+        hosts.add(host)
         addresses.append(resolved[0])
     if len(families) > 1:
         raise InvalidArgumentError(
@@ -118,7 +121,6 @@ def pool_target(target: str | Sequence[str]) -> PoolTarget:
             f"{list(target)}; use a dns:/// target to mix them"
         )
     scheme = "ipv6" if families == {socket.AF_INET6} else "ipv4"
-    hosts = {a.rsplit(":", 1)[0].strip("[]") for a in target}
     return PoolTarget(
         f"{scheme}:{','.join(addresses)}",
         hosts.pop() if len(hosts) == 1 else None,

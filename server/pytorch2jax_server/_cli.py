@@ -44,6 +44,12 @@ def _env(name: str) -> str | None:
     return os.environ.get(_ENV_PREFIX + name) or None
 
 
+def _add_env_option(p: argparse.ArgumentParser, flag: str, help: str, **kwargs) -> None:
+    """An option that ``PYTORCH2JAX_<FLAG>`` sets when the command line does not."""
+    name = flag.lstrip("-").replace("-", "_").upper()
+    p.add_argument(flag, default=_env(name), help=f"{help} (env {_ENV_PREFIX}{name})", **kwargs)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="pytorch2jax-server",
@@ -59,11 +65,7 @@ def _parser() -> argparse.ArgumentParser:
         help="serve attr (an nn.Module, an nn.Module class, or a torch function; a trailing "
         "'()' calls a factory) under NAME; repeatable",
     )
-    p.add_argument(
-        "--config",
-        default=_env("CONFIG"),
-        help="TOML file with [models] (and [server]) tables (env PYTORCH2JAX_CONFIG)",
-    )
+    _add_env_option(p, "--config", "TOML file with [models] (and [server]) tables")
     p.add_argument(
         "--listen",
         action="append",
@@ -71,30 +73,19 @@ def _parser() -> argparse.ArgumentParser:
         help="host:port (port 0 picks a free one) or unix:///path; repeatable (env "
         f"PYTORCH2JAX_LISTEN, comma-separated; default: {DEFAULT_LISTEN[0]})",
     )
-    p.add_argument(
-        "--tls-cert",
-        default=_env("TLS_CERT"),
-        metavar="PEM",
-        help="serve TCP addresses over TLS with this certificate (env PYTORCH2JAX_TLS_CERT)",
+    _add_env_option(
+        p, "--tls-cert", "serve TCP addresses over TLS with this certificate", metavar="PEM"
     )
-    p.add_argument(
-        "--tls-key",
-        default=_env("TLS_KEY"),
-        metavar="PEM",
-        help="the certificate's private key (env PYTORCH2JAX_TLS_KEY)",
+    _add_env_option(p, "--tls-key", "the certificate's private key", metavar="PEM")
+    _add_env_option(
+        p, "--tls-client-ca", "require client certificates signed by this CA", metavar="PEM"
     )
-    p.add_argument(
-        "--tls-client-ca",
-        default=_env("TLS_CLIENT_CA"),
-        metavar="PEM",
-        help="require client certificates signed by this CA (env PYTORCH2JAX_TLS_CLIENT_CA)",
-    )
-    p.add_argument(
+    _add_env_option(
+        p,
         "--token-file",
-        default=_env("TOKEN_FILE"),
+        "require every call to carry this file's token as 'authorization: Bearer TOKEN'; "
+        "or give the token itself in PYTORCH2JAX_TOKEN",
         metavar="PATH",
-        help="require every call to carry this file's token as 'authorization: Bearer "
-        "TOKEN' (env PYTORCH2JAX_TOKEN_FILE, or the token itself in PYTORCH2JAX_TOKEN)",
     )
     p.add_argument("--max-workers", type=int, default=None, help="threads serving calls")
     p.add_argument(
@@ -118,11 +109,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--shared-memory-mb", type=int, default=None, help="shared memory one client may register"
     )
-    p.add_argument(
+    _add_env_option(
+        p,
         "--device",
-        default=_env("DEVICE"),
-        help="where models run: cpu (the default), cuda or cuda:N; on a GPU, clients on the "
-        "same host and GPU can pass tensors by CUDA IPC (env PYTORCH2JAX_DEVICE)",
+        "where models run: cpu (the default), cuda or cuda:N; on a GPU, clients on the "
+        "same host and GPU can pass tensors by CUDA IPC",
     )
     p.add_argument("--torch-threads", type=int, default=None, help="torch intra-op threads")
     p.add_argument("--log-level", default=_env("LOG_LEVEL") or "WARNING")
