@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -26,7 +27,7 @@ from pytorch2jax._models import ModelInfo
 from pytorch2jax._pool import Pool, is_pool, pool_target
 from pytorch2jax._pool import channel_options as pool_channel_options
 from pytorch2jax._remote import RemoteModel
-from pytorch2jax._transports import Transport, open_transport
+from pytorch2jax._transports import InlineTransport, Transport, open_transport
 from pytorch2jax_protocol import DEFAULT_MAX_MESSAGE_BYTES, channel_options, dtypes, pb, pb_grpc
 from pytorch2jax_protocol.channels import (
     TARGET_ENV,
@@ -39,6 +40,16 @@ from pytorch2jax_protocol.tensors import WireFormatError, checked_nbytes
 
 DEFAULT_CONNECT_TIMEOUT_S = 10.0
 DEFAULT_CALL_TIMEOUT_S = 300.0
+#: How long a call that lost its worker waits for it to come back (a restart) before it
+#: raises WorkerUnavailableError.
+DEFAULT_RECONNECT_S = 5.0
+
+#: gRPC waits up to 120 s between attempts to reach a worker that went away; a restarted
+#: worker should be found within about a second.
+_RECONNECT_OPTIONS = [
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
 
 
 def connect(
@@ -48,6 +59,7 @@ def connect(
     tls: TLS | bool | None = None,
     timeout: float = DEFAULT_CONNECT_TIMEOUT_S,
     call_timeout: float = DEFAULT_CALL_TIMEOUT_S,
+    reconnect: float = DEFAULT_RECONNECT_S,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     transport: str = "auto",
 ) -> Client:
@@ -68,6 +80,10 @@ def connect(
             plaintext if none is set. ``tls=False`` forces plaintext.
         timeout: seconds to wait for the worker before raising WorkerUnavailableError.
         call_timeout: deadline of each call, in seconds.
+        reconnect: seconds a call that finds its worker gone (killed, restarting) waits
+            for it to answer again before raising WorkerUnavailableError; within the
+            call's deadline. A worker restarted at the same address is used again by
+            the same Client (its session reopened); 0 raises at once.
         max_message_bytes: largest message sent or received (inline tensors included).
         transport: ``"auto"`` (CUDA IPC for a GPU JAX, shared memory on CPU, if the worker
             is on this host and allows it, else inline), ``"shm"``, ``"cuda_ipc"`` (each
@@ -86,6 +102,7 @@ def connect(
         token=token,
         tls=tls,
         call_timeout=call_timeout,
+        reconnect=reconnect,
         max_message_bytes=max_message_bytes,
     )
     try:
@@ -115,6 +132,7 @@ class Client:
         token: str | None = None,
         tls: TLS | bool | None = None,
         call_timeout: float = DEFAULT_CALL_TIMEOUT_S,
+        reconnect: float = DEFAULT_RECONNECT_S,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ) -> None:
         if target is None:
@@ -133,6 +151,7 @@ class Client:
         elif tls is False:
             tls = None
         self.call_timeout = call_timeout
+        self.reconnect = reconnect
         self.max_bytes = max_message_bytes
         self._tls = tls
         options = channel_options(max_message_bytes)
@@ -164,13 +183,15 @@ class Client:
                 )
             else:
                 self.target = target
-                self._channel = open_channel(target, tls=tls, token=token, options=options)
+                self._channel = open_channel(
+                    target, tls=tls, token=token, options=options + _RECONNECT_OPTIONS
+                )
         except ChannelConfigError as e:
             raise InvalidArgumentError(str(e)) from None
         self._stub = pb_grpc.BridgeStub(self._channel)
         self._infos: dict[str, ModelInfo] | None = None
-        # connect() negotiates a better one; a bare Client sends tensors inline.
-        self._transport: Transport = open_transport("inline", self._channel, self.target)
+        # connect() negotiates a better one; a bare Client sends tensors inline, sessionless.
+        self._transport: Transport = InlineTransport()
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -208,6 +229,19 @@ class Client:
     def transport_info(self) -> dict[str, Any]:
         """The transport's state, e.g. the shared memory it holds and uses."""
         return self._transport.describe()
+
+    def worker_stats(self) -> dict[str, int]:
+        """What the worker is doing and holding now: calls in flight, served and cancelled,
+        sessions, shared-memory regions and bytes, residuals and bytes, resident memory.
+        For a pool, one worker's (whichever answers).
+
+        Example::
+
+            stats = worker.worker_stats()
+            print(stats["calls_in_flight"], stats["resident_bytes"] >> 20, "MiB")
+        """
+        reply = self._unary("GetWorkerStats", pb.WorkerStatsRequest())
+        return {f.name: getattr(reply, f.name) for f in reply.DESCRIPTOR.fields}
 
     def workers(self) -> dict[str, int]:
         """For a pool, the calls each worker answered, by its address; {} for one worker."""
@@ -374,11 +408,35 @@ class Client:
     # -- the one place calls go out and errors come back --------------------------------
 
     def _unary(self, method: str, request: Any, metadata: Any = ()) -> Any:
-        try:
-            if self._pool is not None:
+        if self._pool is not None:  # gRPC retries over the pool's other workers
+            try:
                 return self._pool.call(method, request, self.call_timeout, metadata)
-            return getattr(self._stub, method)(
-                request, timeout=self.call_timeout, metadata=metadata
-            )
-        except grpc.RpcError as e:
-            raise from_rpc_error(e, self.target) from None
+            except grpc.RpcError as e:
+                raise from_rpc_error(e, self.target) from None
+        deadline = time.monotonic() + self.call_timeout
+        give_up = None  # when to stop waiting for a worker that went away
+        while True:
+            try:
+                return getattr(self._stub, method)(
+                    request, timeout=max(deadline - time.monotonic(), 0.001), metadata=metadata
+                )
+            except grpc.RpcError as e:
+                if e.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise from_rpc_error(e, self.target) from None
+                # Killed, or restarting: every Bridge call is safe to send again (a
+                # forward at worst leaves a residual that its session or TTL frees, and a
+                # restarted worker answers a stale session or residual with a status
+                # that makes the client open a new one or recompute).
+                now = time.monotonic()
+                give_up = give_up or min(now + self.reconnect, deadline)
+                if now >= give_up or not self._answers_within(give_up - now):
+                    raise from_rpc_error(e, self.target) from None
+                time.sleep(min(0.05, max(give_up - time.monotonic(), 0)))  # never spin
+
+    def _answers_within(self, seconds: float) -> bool:
+        """Whether the channel (re)connects to the worker within ``seconds``."""
+        try:
+            grpc.channel_ready_future(self._channel).result(timeout=seconds)
+        except grpc.FutureTimeoutError:
+            return False
+        return True

@@ -109,6 +109,13 @@ _HINTS: dict[type[Pytorch2JaxError], str] = {
 }
 
 
+#: gRPC's own words for its limits, said with what to do.
+_LIMITS = {
+    "Concurrent RPC limit exceeded!": "the worker is serving as many calls as it accepts at "
+    "once (pytorch2jax-server --max-concurrent-calls); retry later",
+}
+
+
 def from_status(code: grpc.StatusCode, message: str) -> Pytorch2JaxError:
     """The exception for a failure with status ``code``, its message ending in a hint."""
     cls = _BY_CODE.get(code, WorkerInternalError)
@@ -122,4 +129,6 @@ def from_rpc_error(error: grpc.RpcError, target: str) -> Pytorch2JaxError:
     details = (error.details() if hasattr(error, "details") else None) or str(code)
     if code == grpc.StatusCode.UNAVAILABLE:
         details = f"no answer ({details})"
+    elif code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        details = _LIMITS.get(details, details)
     return from_status(code, f"worker at {target}: {details}")

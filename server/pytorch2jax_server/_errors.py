@@ -9,7 +9,8 @@
     ├── ResidualLost         FAILED_PRECONDITION the residual handle is gone: re-send the inputs
     ├── CannotInferShapes    UNIMPLEMENTED       output shapes depend on data; declare them
     ├── Unsupported          UNIMPLEMENTED       a transport this worker or client cannot use
-    └── SessionLost          ABORTED             unknown or closed session: open a new one
+    ├── SessionLost          ABORTED             unknown or closed session: open a new one
+    └── CallCancelled        CANCELLED           the deadline passed or the client cancelled
 
 Anything else raised while serving is reported as INTERNAL by the servicer, at one place.
 """
@@ -65,3 +66,9 @@ class SessionLost(WorkerError):
     """The call names a session the worker does not hold (restarted, or closed)."""
 
     code = grpc.StatusCode.ABORTED
+
+
+class CallCancelled(WorkerError):
+    """The call's deadline passed or its client cancelled it: its work is abandoned."""
+
+    code = grpc.StatusCode.CANCELLED

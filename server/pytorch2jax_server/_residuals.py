@@ -2,7 +2,12 @@
 
 Bounded by entry count and by bytes (least recently used first out) and by age (TTL).
 Correctness never depends on it: a Vjp whose handle is gone gets FAILED_PRECONDITION and
-the client re-sends the inputs, so the worker re-runs the forward.
+the client re-sends the inputs, so the worker re-runs the forward. So a full cache evicts
+rather than refusing calls: its bytes stay bounded and no call fails for it.
+
+A residual made under a session belongs to it and goes when the session ends (its client
+closed, or died: the stream breaks), not a TTL later. The worker also sweeps expired ones
+on a timer (``expire``), so an idle worker does not hold a dead client's graphs.
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ class Residual:
     argument_leaves: list[Any]  # torch tensors, in wire order
     parameters: dict[str, Any]
     nbytes: int
+    #: The session of the client that made it, or b"" for a sessionless caller.
+    owner: bytes = b""
     created: float = field(default_factory=time.monotonic)
 
 
@@ -59,10 +66,12 @@ class ResidualCache:
         with self._lock:
             return self._bytes
 
-    def put(self, residual: Residual) -> bytes:
-        """Stores ``residual``; returns its handle, or b"" when it can never fit."""
+    def put(self, residual: Residual, *, owner: bytes = b"") -> bytes:
+        """Stores ``residual`` for session ``owner``; returns its handle, or b"" when it
+        can never fit."""
         if self.max_entries <= 0 or residual.nbytes > self.max_bytes:
             return b""
+        residual.owner = owner
         handle = secrets.token_bytes(HANDLE_BYTES)
         with self._lock:
             self._expire(time.monotonic())
@@ -92,6 +101,24 @@ class ResidualCache:
 
     def release(self, handles: list[bytes]) -> int:
         return sum(self.take(h) is not None for h in handles)
+
+    def release_owner(self, owner: bytes) -> int:
+        """Drops every residual of session ``owner``; returns how many."""
+        with self._lock:
+            handles = [h for h, r in self._entries.items() if r.owner == owner]
+            for h in handles:
+                self._bytes -= self._entries.pop(h).nbytes
+        return len(handles)
+
+    def expire(self) -> int:
+        """Drops every residual older than the TTL, wherever it sits; returns how many.
+        (``put`` and ``take`` only look at the front, to stay O(1).)"""
+        cutoff = time.monotonic() - self.ttl_s
+        with self._lock:
+            handles = [h for h, r in self._entries.items() if r.created < cutoff]
+            for h in handles:
+                self._bytes -= self._entries.pop(h).nbytes
+        return len(handles)
 
     def clear(self) -> None:
         with self._lock:

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
 import re
+import socket
+import stat
+import threading
 from concurrent import futures
 from dataclasses import dataclass, field
 
@@ -12,6 +17,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from pytorch2jax_protocol import DEFAULT_MAX_MESSAGE_BYTES, SERVICE_NAME, channel_options, pb_grpc
+from pytorch2jax_server._calls import Calls
 from pytorch2jax_server._dataplane import Sessions
 from pytorch2jax_server._models import Registry
 from pytorch2jax_server._residuals import ResidualCache
@@ -24,6 +30,7 @@ DEFAULT_MAX_WORKERS = 16
 DEFAULT_MAX_CONCURRENT_CALLS = 64
 
 _PORT = re.compile(r":(\d+)$")
+_log = logging.getLogger("pytorch2jax_server")
 
 
 @dataclass
@@ -35,15 +42,32 @@ class Worker:
     health: health.HealthServicer
     residuals: ResidualCache
     sessions: Sessions
+    calls: Calls
     _unix_paths: list[str] = field(default_factory=list)
+    _stopping: threading.Event = field(default_factory=threading.Event)
+
+    def __post_init__(self) -> None:
+        # Residuals past their TTL go even when no call comes to evict them.
+        period = min(max(self.residuals.ttl_s / 4, 0.05), 5.0)
+        threading.Thread(
+            target=self._sweep, args=(period,), name="p2j-residual-sweeper", daemon=True
+        ).start()
+
+    def _sweep(self, period: float) -> None:
+        while not self._stopping.wait(period):
+            self.residuals.expire()
 
     def stop(self, grace: float | None = 30.0) -> None:
-        """Refuses new calls (health NOT_SERVING), finishes in-flight ones, removes sockets."""
+        """Refuses new calls (UNAVAILABLE; health NOT_SERVING), lets the calls in flight
+        finish for up to ``grace`` seconds, then ends sessions and removes sockets."""
         self.health.enter_graceful_shutdown()
         stopped = self.server.stop(grace)
-        # Session streams never finish by themselves: end them, or stop waits out the grace.
+        # Session streams never finish by themselves, and would hold stop for the whole
+        # grace: end them once the calls are done (a session's regions stay mapped for
+        # as long as a call in flight views them, so ending it early would be safe too).
         self.sessions.close_all()
         stopped.wait()
+        self._stopping.set()
         self.residuals.clear()
         for path in self._unix_paths:
             try:
@@ -60,6 +84,27 @@ def _unix_path(address: str) -> str | None:
     return None
 
 
+def _claim_socket_path(address: str, path: str) -> None:
+    """Removes a socket file that a killed worker left behind, so that a restarted one can
+    listen at the same path; refuses a path something else uses."""
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(info.st_mode):
+        raise OSError(f"cannot listen on {address}: {path} exists and is not a socket")
+    with socket.socket(socket.AF_UNIX) as probe:
+        try:
+            probe.connect(path)
+        except OSError as e:
+            if e.errno != errno.ECONNREFUSED:
+                raise OSError(f"cannot listen on {address}: {path}: {e.strerror}") from None
+        else:
+            raise OSError(f"cannot listen on {address}: another process is listening there")
+    _log.warning("removing %s, a socket that no process listens on (a worker killed earlier)", path)
+    os.unlink(path)
+
+
 def create_server(
     registry: Registry,
     listen: list[str] | tuple[str, ...] = DEFAULT_LISTEN,
@@ -74,12 +119,15 @@ def create_server(
     """Binds a server that serves ``registry`` on every address of ``listen``, and starts it.
 
     TCP addresses may use port 0; the returned ``Worker.addresses`` hold the bound ports.
-    Unix sockets (``unix:///path``) are created with mode 0600. ``security`` adds TLS to
+    Unix sockets (``unix:///path``) are created with mode 0600; a stale socket file that
+    no process listens on (a killed worker's) is replaced. ``security`` adds TLS to
     the TCP addresses and a bearer-token check to every call.
     """
     residuals = residuals or ResidualCache()
     sessions = sessions or Sessions()
+    sessions.on_close.append(residuals.release_owner)
     security = security or Security()
+    calls = Calls()
     # Each open session holds one thread and one RPC slot (its stream) for its lifetime:
     # on top of those that serve calls, so that clients cannot starve each other.
     server = grpc.server(
@@ -90,7 +138,9 @@ def create_server(
         maximum_concurrent_rpcs=max_concurrent_calls + sessions.max_sessions,
         interceptors=security.interceptors(),
     )
-    pb_grpc.add_BridgeServicer_to_server(BridgeServicer(registry, residuals, sessions), server)
+    pb_grpc.add_BridgeServicer_to_server(
+        BridgeServicer(registry, residuals, sessions, calls), server
+    )
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -100,8 +150,7 @@ def create_server(
     for address in listen:
         path = _unix_path(address)
         if path is not None:
-            if os.path.exists(path):
-                raise OSError(f"cannot listen on {address}: {path} already exists; remove it")
+            _claim_socket_path(address, path)
             # A socket file takes its mode from the umask at bind time: 0600 from the start.
             old = os.umask(0o177)
             try:
@@ -122,4 +171,4 @@ def create_server(
     server.start()
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return Worker(server, bound, health_servicer, residuals, sessions, unix_paths)
+    return Worker(server, bound, health_servicer, residuals, sessions, calls, unix_paths)

@@ -3,13 +3,19 @@
 Torch maths lives in ``_models``; this module only moves between wire and torch objects
 and reports failures. Every exception becomes a status code at one place (``_reporting``):
 the worker's own errors carry theirs, malformed messages are INVALID_ARGUMENT, anything
-unexpected is INTERNAL and logged; a bad request never takes the worker down.
+unexpected is INTERNAL and logged; a bad request never takes the worker down. Messages
+leave without file paths or shared-memory names (``_scrubbed``).
+
+Calls that run a model (``_serving``) are counted and stopped once nobody waits for them
+(see ``_calls``); what they would have kept for a Vjp is kept for the client's session.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import os
+import re
 import secrets
 from collections.abc import Iterator
 from typing import Any
@@ -27,7 +33,8 @@ from pytorch2jax_protocol import (
 )
 from pytorch2jax_protocol.tensors import WireFormatError
 from pytorch2jax_server import __version__
-from pytorch2jax_server._dataplane import CallCodec, Sessions, inline, session_of
+from pytorch2jax_server._calls import Call, Calls
+from pytorch2jax_server._dataplane import CallCodec, Sessions, inline, session_id_of, session_of
 from pytorch2jax_server._errors import InvalidRequest, ResidualLost, WorkerError
 from pytorch2jax_server._models import Registry, ServedModel, vjp
 from pytorch2jax_server._residuals import ResidualCache
@@ -38,15 +45,27 @@ _log = logging.getLogger("pytorch2jax_server")
 _MALFORMED = (WireFormatError, values.TreeFormatError, dtypes.UnsupportedDTypeError)
 
 
+#: Absolute paths (of two parts or more) and shared-memory segment names. A client needs
+#: neither the worker's file layout nor a segment's name (which would let another local
+#: process open the segment); exceptions from torch or the OS may carry both.
+_PRIVATE = re.compile(r"/p2j-[0-9a-f]{32}|(?<![\w.:/])/(?:[\w.@+~-]+/)+[\w.@+~-]*")
+
+
+def _scrubbed(message: str) -> str:
+    return _PRIVATE.sub(lambda m: "<segment>" if m[0].startswith("/p2j-") else "<path>", message)
+
+
 def _status_of(e: BaseException) -> tuple[grpc.StatusCode, str]:
     if isinstance(e, WorkerError):
-        return e.code, str(e)
-    if isinstance(e, _MALFORMED):
-        return grpc.StatusCode.INVALID_ARGUMENT, str(e)
-    if isinstance(e, (MemoryError, torch.OutOfMemoryError)):
-        return grpc.StatusCode.RESOURCE_EXHAUSTED, f"the worker ran out of memory: {e}"
-    _log.exception("internal error while serving a request")
-    return grpc.StatusCode.INTERNAL, f"internal error in the worker: {type(e).__name__}: {e}"
+        code, details = e.code, str(e)
+    elif isinstance(e, _MALFORMED):
+        code, details = grpc.StatusCode.INVALID_ARGUMENT, str(e)
+    elif isinstance(e, (MemoryError, torch.OutOfMemoryError)):
+        code, details = grpc.StatusCode.RESOURCE_EXHAUSTED, f"the worker ran out of memory: {e}"
+    else:
+        _log.exception("internal error while serving a request")
+        code, details = grpc.StatusCode.INTERNAL, f"internal error in the worker: {type(e).__name__}: {e}"
+    return code, _scrubbed(details)
 
 
 def _reporting(method):
@@ -63,6 +82,26 @@ def _reporting(method):
         context.abort(code, details)
 
     return handler
+
+
+def _serving(method):
+    """``_reporting`` for a call that runs a model: counted, and stopped once cancelled
+    (``_calls``); the method gets its ``Call`` as a fourth argument."""
+
+    @functools.wraps(method)
+    def tracked(self, request, context: grpc.ServicerContext):
+        with self._calls.serving(method.__name__, context) as call:
+            return method(self, request, context, call)
+
+    return _reporting(tracked)
+
+
+def _resident_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 class _Decoded:
@@ -103,10 +142,17 @@ def _reply_area(request) -> pb.SharedMemoryRef | None:
 
 
 class BridgeServicer(pb_grpc.BridgeServicer):
-    def __init__(self, registry: Registry, residuals: ResidualCache, sessions: Sessions) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        residuals: ResidualCache,
+        sessions: Sessions,
+        calls: Calls | None = None,
+    ) -> None:
         self._registry = registry
         self._residuals = residuals
         self._sessions = sessions
+        self._calls = calls or Calls()
         # Tells a client of several workers where a residual lives (see the client's _pool).
         self._identity = ((WORKER_ID_METADATA_KEY, secrets.token_hex(8)),)
 
@@ -170,8 +216,8 @@ class BridgeServicer(pb_grpc.BridgeServicer):
                 chunk.data = data[offset : offset + PARAMETER_CHUNK_BYTES]
                 yield chunk
 
-    @_reporting
-    def InferShapes(self, request, context):
+    @_serving
+    def InferShapes(self, request, context, call: Call):
         model = self._registry.get(request.model)
 
         device = self._sessions.device
@@ -188,33 +234,47 @@ class BridgeServicer(pb_grpc.BridgeServicer):
         outputs = model.infer(build)
         return pb.InferShapesResponse(outputs=_encode_outputs(model, outputs, to_spec))
 
-    @_reporting
-    def Forward(self, request, context):
+    @_serving
+    def Forward(self, request, context, call: Call):
         model = self._registry.get(request.model)
+        # Checked before the work: a client whose session is gone must open a new one.
+        owner = self._owner(context) if request.keep_residual else b""
         codec = CallCodec(
             self._sessions, context, _reply_area(request), keep=request.keep_residual
         )
         try:
-            call = _Decoded(request.arguments, request.parameters, codec)
+            decoded = _Decoded(request.arguments, request.parameters, codec)
             outcome = model.run(
-                call.args, call.kwargs, call.leaves, call.params, keep_autograd=request.keep_residual
+                decoded.args,
+                decoded.kwargs,
+                decoded.leaves,
+                decoded.params,
+                keep_autograd=request.keep_residual,
             )
             outputs = _encode_outputs(model, outcome.outputs, codec.encode)
         finally:
             codec.finish()
-        handle = self._residuals.put(outcome.residual) if outcome.residual else b""
+        call.check()  # keep no autograd state for a caller that is gone
+        handle = self._residuals.put(outcome.residual, owner=owner) if outcome.residual else b""
         return pb.ForwardResponse(outputs=outputs, residual=handle)
 
-    @_reporting
-    def Vjp(self, request, context):
+    def _owner(self, context: grpc.ServicerContext) -> bytes:
+        """The id of the session a call names (an unknown one is SessionLost), or b""."""
+        session_id = session_id_of(context)
+        return b"" if session_id is None else self._sessions.get(session_id).id
+
+    @_serving
+    def Vjp(self, request, context, call: Call):
         model = self._registry.get(request.model)
         codec = CallCodec(self._sessions, context, _reply_area(request))
         try:
-            return self._vjp(model, request, codec)
+            return self._vjp(model, request, codec, call)
         finally:
             codec.finish()
 
-    def _vjp(self, model: ServedModel, request: pb.VjpRequest, codec: CallCodec) -> pb.VjpResponse:
+    def _vjp(
+        self, model: ServedModel, request: pb.VjpRequest, codec: CallCodec, call: Call
+    ) -> pb.VjpResponse:
         cotangents = [
             None if ct.dtype == pb.DTYPE_UNSPECIFIED else codec.decode(ct)
             for ct in request.cotangents
@@ -230,11 +290,12 @@ class BridgeServicer(pb_grpc.BridgeServicer):
                     f"the worker no longer holds the autograd state of this forward of model "
                     f"{model.name!r} (evicted or expired); send the arguments again to recompute"
                 )
-            call = _Decoded(request.arguments, request.parameters, codec)
+            decoded = _Decoded(request.arguments, request.parameters, codec)
             # Used within this call only: views of the client's slots are fine.
             residual = model.run(
-                call.args, call.kwargs, call.leaves, call.params, keep_autograd=True
+                decoded.args, decoded.kwargs, decoded.leaves, decoded.params, keep_autograd=True
             ).residual
+        call.check()
         arg_grads, param_grads = vjp(residual, cotangents, retain_graph=request.retain_residual)
         return pb.VjpResponse(
             argument_grads=[pb.Tensor() if g is None else codec.encode(g) for g in arg_grads],
@@ -246,3 +307,19 @@ class BridgeServicer(pb_grpc.BridgeServicer):
     @_reporting
     def ReleaseResiduals(self, request, context):
         return pb.ReleaseResidualsResponse(released=self._residuals.release(list(request.residuals)))
+
+    @_reporting
+    def GetWorkerStats(self, request, context):
+        sessions, regions, region_bytes = self._sessions.held()
+        calls = self._calls
+        return pb.WorkerStats(
+            calls_in_flight=calls.in_flight,
+            calls_served=calls.served,
+            calls_cancelled=calls.cancelled,
+            sessions=sessions,
+            regions=regions,
+            region_bytes=region_bytes,
+            residuals=len(self._residuals),
+            residual_bytes=self._residuals.nbytes,
+            resident_bytes=_resident_bytes(),
+        )

@@ -7,8 +7,11 @@ the same factory hold the same weights.
 
 from __future__ import annotations
 
+import time
+
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import is_fake
 
 __all__ = [
     "MLP",
@@ -25,6 +28,7 @@ __all__ = [
     "mlp",
     "noisy_scale",
     "scale_shift",
+    "slow",
     "wide_mlp",
 ]
 
@@ -121,6 +125,26 @@ def wide_mlp() -> MLP:
     """A 3-layer MLP 1024 wide (1024 -> 1024 -> 1024 -> 1024), used by the benchmarks."""
     torch.manual_seed(6)
     return MLP(1024, 1024, 1024, depth=3)
+
+
+class _Pause(nn.Module):
+    """Waits, then passes its input on: a stand-in for a slow layer."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__()
+        self.seconds = seconds
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not is_fake(x):  # shape inference need not wait
+            time.sleep(self.seconds)
+        return x
+
+
+def slow(seconds: float = 5.0, steps: int = 50) -> nn.Sequential:
+    """A Linear(4, 4), then ``steps`` pauses that take ``seconds`` in all: slow enough
+    to cancel a call, kill a worker or stop it in the middle of one (the fault tests)."""
+    torch.manual_seed(7)
+    return nn.Sequential(nn.Linear(4, 4), *(_Pause(seconds / steps) for _ in range(steps)))
 
 
 def double(x: torch.Tensor) -> torch.Tensor:

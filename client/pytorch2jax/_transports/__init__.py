@@ -33,7 +33,7 @@ def open_transport(choice: str, channel: grpc.Channel, target: str) -> Transport
             f"transport must be one of {', '.join(map(repr, TRANSPORTS))}; got {choice!r}"
         )
     if choice == "inline":
-        return InlineTransport()
+        return InlineTransport(channel, target)
     if choice == "cuda_ipc":
         from pytorch2jax._transports.cuda_ipc import CudaIpcTransport  # imports jax's GPU
 
@@ -53,4 +53,4 @@ def open_transport(choice: str, channel: grpc.Channel, target: str) -> Transport
         _log.info("tensors travel inline to %s: %s", target, e)
     except ResourceExhaustedError as e:  # the worker's session limit, or /dev/shm is full
         _log.warning("tensors travel inline to %s: %s", target, e)
-    return InlineTransport()
+    return InlineTransport(channel, target)

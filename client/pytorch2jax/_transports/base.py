@@ -5,17 +5,36 @@ backend opens a ``Call`` (a context manager), turns request arrays into wire ten
 ``put``, sends ``reply_area`` for the worker to write into, reads reply tensors with
 ``get``, and closes the call. What ``get`` returns may alias transport memory; such memory
 stays reserved for as long as any array viewing it lives.
+
+Transports of a client to one worker hold a session (``open_session``): an OpenSession
+stream that lives as long as the transport. When it ends (closed, or this process died)
+the worker drops what it held for the client: shared-memory regions, autograd state.
 """
 
 from __future__ import annotations
 
 import abc
 import sys
+from collections.abc import Sequence
 from typing import Any
 
+import grpc
 import numpy as np
 
-from pytorch2jax_protocol import pb
+from pytorch2jax._exceptions import from_rpc_error
+from pytorch2jax_protocol import pb, pb_grpc
+
+
+def open_session(
+    stub: pb_grpc.BridgeStub, target: str, offers: Sequence[int]
+) -> tuple[Any, pb.SessionInfo]:
+    """A new session offering ``offers`` (transports): its stream (cancel it to end the
+    session) and the worker's answer, which says the transports it allows."""
+    stream = stub.OpenSession(pb.OpenSessionRequest(transports=list(offers)))
+    try:
+        return stream, next(stream)
+    except grpc.RpcError as e:
+        raise from_rpc_error(e, target) from None
 
 
 class Call(abc.ABC):

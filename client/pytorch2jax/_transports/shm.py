@@ -29,7 +29,7 @@ import numpy as np
 
 from pytorch2jax._copy import copy_into
 from pytorch2jax._exceptions import UnsupportedError, WorkerInternalError, from_rpc_error
-from pytorch2jax._transports.base import Call, Transport
+from pytorch2jax._transports.base import Call, Transport, open_session
 from pytorch2jax_protocol import cuda, dtypes, pb, pb_grpc, shm, tensors
 
 _log = logging.getLogger("pytorch2jax")
@@ -202,11 +202,7 @@ class ShmTransport(Transport):
     def _open(self) -> None:
         """Opens a session and registers a first arena, which proves the worker can map our
         segments (same host, same /dev/shm, same user). Raises UnsupportedError if not."""
-        stream = self._stub.OpenSession(pb.OpenSessionRequest(transports=[self._offer]))
-        try:
-            info = next(stream)
-        except grpc.RpcError as e:
-            raise from_rpc_error(e, self._target) from None
+        stream, info = open_session(self._stub, self._target, [self._offer])
         if self._offer not in info.transports:
             stream.cancel()
             raise UnsupportedError(

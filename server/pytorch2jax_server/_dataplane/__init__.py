@@ -20,18 +20,35 @@ from pytorch2jax_server._dataplane.shm import SHARED_MEMORY_POLICIES, Session, S
 from pytorch2jax_server._errors import InvalidRequest
 from pytorch2jax_server._tensors import dense, dense_cpu, wire_dtype
 
-__all__ = ["SHARED_MEMORY_POLICIES", "CallCodec", "Session", "Sessions", "inline", "session_of"]
+__all__ = [
+    "SHARED_MEMORY_POLICIES",
+    "CallCodec",
+    "Session",
+    "Sessions",
+    "inline",
+    "session_id_of",
+    "session_of",
+]
+
+
+def session_id_of(context: grpc.ServicerContext) -> bytes | None:
+    """The session id a call names in its metadata, or None if it names none."""
+    for key, value in context.invocation_metadata():
+        if key == _shm.SESSION_METADATA_KEY:
+            try:
+                return bytes.fromhex(value)
+            except ValueError:
+                raise InvalidRequest(
+                    f"the {_shm.SESSION_METADATA_KEY} metadata entry must be a session id in hex"
+                ) from None
+    return None
 
 
 def session_of(sessions: Sessions, context: grpc.ServicerContext) -> Session:
     """The session a call names in its metadata."""
-    for key, value in context.invocation_metadata():
-        if key == _shm.SESSION_METADATA_KEY:
-            try:
-                session_id = bytes.fromhex(value)
-            except ValueError:
-                break
-            return sessions.get(session_id)
+    session_id = session_id_of(context)
+    if session_id is not None:
+        return sessions.get(session_id)
     raise InvalidRequest(
         "this call refers to shared memory but names no session; open one with OpenSession "
         f"and send its id in hex in the {_shm.SESSION_METADATA_KEY} metadata entry"

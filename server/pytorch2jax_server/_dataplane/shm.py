@@ -3,7 +3,10 @@ them (host segments; GPU pools of ``cuda_ipc`` share the numbering), and validat
 views of those regions.
 
 A session lives as long as its client's OpenSession stream; when the stream ends (the
-client closed it, died, or the worker stops) the session and its regions are dropped.
+client closed it, died, or the worker stops) the session and its regions are dropped, and
+so is what others keep for it (``Sessions.on_close``: its residuals). Clients of every
+transport open one, inline ones too: the stream is how the worker learns that a client
+is gone.
 Dropping only forgets them: a mapping goes away when the last tensor viewing it does, so
 a call still using a region finishes safely (what Triton calls deferring the unregister).
 
@@ -18,7 +21,7 @@ import errno
 import logging
 import secrets
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -164,9 +167,10 @@ class Session:
             )
         return region
 
-    def region_count(self) -> int:
+    def held(self) -> tuple[int, int]:
+        """How many regions the session holds, and their bytes."""
         with self._lock:
-            return len(self._regions)
+            return len(self._regions), sum(r.size for r in self._regions.values())
 
     def drop(self) -> None:
         with self._lock:
@@ -199,6 +203,9 @@ class Sessions:
         self._no_cuda_ipc = cuda_ipc.unavailable_reason(self.device)  # or "" if offered
         self._sessions: dict[bytes, Session] = {}
         self._lock = threading.Lock()
+        #: Called with a session's id once it is closed (not at close_all: the worker
+        #: is stopping and drops everything).
+        self.on_close: list[Callable[[bytes], object]] = []
 
     def open(self, peer: str, wanted: Sequence[int]) -> tuple[Session, str]:
         """A new session for ``peer``, with the transports it may use of ``wanted``, and why
@@ -233,6 +240,8 @@ class Sessions:
         with self._lock:
             self._sessions.pop(session.id, None)
         session.drop()
+        for listener in self.on_close:
+            listener(session.id)
         _log.debug("session closed for %s", session.peer)
 
     def close_all(self) -> None:
@@ -251,8 +260,9 @@ class Sessions:
             )
         return session
 
-    def region_count(self) -> int:
-        """How many regions all sessions hold (for tests and metrics)."""
+    def held(self) -> tuple[int, int, int]:
+        """How many sessions are open, and the regions and bytes they hold (for stats)."""
         with self._lock:
             sessions = list(self._sessions.values())
-        return sum(s.region_count() for s in sessions)
+        held = [s.held() for s in sessions]
+        return len(sessions), sum(n for n, _ in held), sum(b for _, b in held)

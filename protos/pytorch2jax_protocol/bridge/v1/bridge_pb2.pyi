@@ -322,3 +322,29 @@ class ReleaseResidualsResponse(_message.Message):
     RELEASED_FIELD_NUMBER: _ClassVar[int]
     released: int
     def __init__(self, released: _Optional[int] = ...) -> None: ...
+
+class WorkerStatsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class WorkerStats(_message.Message):
+    __slots__ = ("calls_in_flight", "calls_served", "calls_cancelled", "sessions", "regions", "region_bytes", "residuals", "residual_bytes", "resident_bytes")
+    CALLS_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    CALLS_SERVED_FIELD_NUMBER: _ClassVar[int]
+    CALLS_CANCELLED_FIELD_NUMBER: _ClassVar[int]
+    SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    REGIONS_FIELD_NUMBER: _ClassVar[int]
+    REGION_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RESIDUALS_FIELD_NUMBER: _ClassVar[int]
+    RESIDUAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RESIDENT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    calls_in_flight: int
+    calls_served: int
+    calls_cancelled: int
+    sessions: int
+    regions: int
+    region_bytes: int
+    residuals: int
+    residual_bytes: int
+    resident_bytes: int
+    def __init__(self, calls_in_flight: _Optional[int] = ..., calls_served: _Optional[int] = ..., calls_cancelled: _Optional[int] = ..., sessions: _Optional[int] = ..., regions: _Optional[int] = ..., region_bytes: _Optional[int] = ..., residuals: _Optional[int] = ..., residual_bytes: _Optional[int] = ..., resident_bytes: _Optional[int] = ...) -> None: ...

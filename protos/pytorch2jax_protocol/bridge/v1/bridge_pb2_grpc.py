@@ -79,6 +79,11 @@ class BridgeStub:
                 request_serializer=pytorch2jax__protocol_dot_bridge_dot_v1_dot_bridge__pb2.ReleaseResidualsRequest.SerializeToString,
                 response_deserializer=pytorch2jax__protocol_dot_bridge_dot_v1_dot_bridge__pb2.ReleaseResidualsResponse.FromString,
                 _registered_method=True)
+        self.GetWorkerStats = channel.unary_unary(
+                '/pytorch2jax.bridge.v1.Bridge/GetWorkerStats',
+                request_serializer=pytorch2jax__protocol_dot_bridge_dot_v1_dot_bridge__pb2.WorkerStatsRequest.SerializeToString,
+                response_deserializer=pytorch2jax__protocol_dot_bridge_dot_v1_dot_bridge__pb2.WorkerStats.FromString,
+                _registered_method=True)
 
 
 class BridgeServicer:
@@ -156,6 +161,14 @@ class BridgeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetWorkerStats(self, request, context):
+        """What the worker is doing and holding now, for monitoring (and tests that check
+        that a dead client's memory or a cancelled call's work was released).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BridgeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -203,6 +216,11 @@ def add_BridgeServicer_to_server(servicer, server):
                     servicer.ReleaseResiduals,
                     request_deserializer=pytorch2jax__protocol_dot_bridge_dot_v1_dot_bridge__pb2.ReleaseResidualsRequest.FromString,
                     response_serializer=pytorch2jax__protocol_dot_bridge_dot_v1_dot_bridge__pb2.ReleaseResidualsResponse.SerializeToString,
+            ),
+            'GetWorkerStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetWorkerStats,
+                    request_deserializer=pytorch2jax__protocol_dot_bridge_dot_v1_dot_bridge__pb2.WorkerStatsRequest.FromString,
+                    response_serializer=pytorch2jax__protocol_dot_bridge_dot_v1_dot_bridge__pb2.WorkerStats.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -448,6 +466,33 @@ class Bridge:
             '/pytorch2jax.bridge.v1.Bridge/ReleaseResiduals',
             pytorch2jax__protocol_dot_bridge_dot_v1_dot_bridge__pb2.ReleaseResidualsRequest.SerializeToString,
             pytorch2jax__protocol_dot_bridge_dot_v1_dot_bridge__pb2.ReleaseResidualsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetWorkerStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pytorch2jax.bridge.v1.Bridge/GetWorkerStats',
+            pytorch2jax__protocol_dot_bridge_dot_v1_dot_bridge__pb2.WorkerStatsRequest.SerializeToString,
+            pytorch2jax__protocol_dot_bridge_dot_v1_dot_bridge__pb2.WorkerStats.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,92 @@
+"""The calls being served: how many, and stopping those nobody waits for any more.
+
+A call whose deadline passes, or whose client cancels it or dies, goes on running in its
+thread unless the worker stops it: gRPC only marks it terminated. ``Calls.serving`` ties a
+thread to its call for the call's length, and a forward pre-hook on every ``nn.Module``
+(registered once per process) raises ``CallCancelled`` at the next submodule a terminated
+call enters. The servicer checks again between stages and before it keeps a residual, so
+an abandoned call holds no thread for long and leaves no autograd state behind. Plain
+torch functions and a backward pass in progress cannot be interrupted; they finish and
+their result is dropped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+
+import grpc
+import torch
+
+from pytorch2jax_server._errors import CallCancelled
+
+_current = threading.local()
+_hook_lock = threading.Lock()
+_hook_installed = False
+
+
+class Call:
+    """One call being served; ``cancelled`` turns true once gRPC terminated it."""
+
+    __slots__ = ("cancelled", "method")
+
+    def __init__(self, method: str) -> None:
+        self.method = method
+        self.cancelled = False
+
+    def check(self) -> None:
+        """Raises CallCancelled if nobody waits for this call's answer any more."""
+        if self.cancelled:
+            raise CallCancelled(f"{self.method} was cancelled or ran past its deadline")
+
+
+def _stop_cancelled_calls(module: torch.nn.Module, args: object) -> None:
+    call = getattr(_current, "call", None)
+    if call is not None:
+        call.check()
+
+
+def _install_hook() -> None:
+    global _hook_installed
+    with _hook_lock:
+        if not _hook_installed:
+            torch.nn.modules.module.register_module_forward_pre_hook(_stop_cancelled_calls)
+            _hook_installed = True
+
+
+class Calls:
+    """Counts of the calls served, for ``GetWorkerStats``."""
+
+    def __init__(self) -> None:
+        _install_hook()
+        self.in_flight = 0
+        self.served = 0
+        self.cancelled = 0
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def serving(self, method: str, context: grpc.ServicerContext) -> Iterator[Call]:
+        """Tracks one call in this thread. The context's callback runs when the RPC ends
+        for any reason; before the handler returns, that means it was cancelled."""
+        call = Call(method)
+        done = False
+
+        def terminated() -> None:
+            if not done:
+                call.cancelled = True
+
+        if not context.add_callback(terminated):
+            call.cancelled = True  # it had ended before its handler started
+        with self._lock:
+            self.in_flight += 1
+        _current.call = call
+        try:
+            yield call
+        finally:
+            done = True
+            _current.call = None
+            with self._lock:
+                self.in_flight -= 1
+                self.served += 1
+                self.cancelled += call.cancelled
