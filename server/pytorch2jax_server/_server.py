@@ -123,8 +123,10 @@ def create_server(
     no process listens on (a killed worker's) is replaced. ``security`` adds TLS to
     the TCP addresses and a bearer-token check to every call.
     """
-    residuals = residuals or ResidualCache()
-    sessions = sessions or Sessions()
+    # Not `residuals or ...`: an empty cache is falsy (it has a length), and the worker's
+    # --residual-cache-* settings were once dropped that way.
+    residuals = ResidualCache() if residuals is None else residuals
+    sessions = Sessions() if sessions is None else sessions
     sessions.on_close.append(residuals.release_owner)
     security = security or Security()
     calls = Calls()

@@ -1,0 +1,334 @@
+"""Faults, with real processes: a worker killed or restarted mid-call, a client killed
+mid-call, deadlines and cancellation, graceful shutdown under load, and the limits that
+turn overload into RESOURCE_EXHAUSTED."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import grpc
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import pytorch2jax
+from conftest import start_worker
+from pytorch2jax_protocol import pb, pb_grpc
+
+MODELS = {
+    "mlp": "pytorch2jax_server.examples:mlp()",
+    "scale_shift": "pytorch2jax_server.examples:scale_shift",
+}
+#: Where each transport is tested: shared memory over the unix socket, inline over TCP.
+TRANSPORTS = ("inline", "shm")
+
+
+def _slow(folder, seconds: float = 30.0, steps: int = 300) -> tuple[str, str]:
+    """Worker options serving "slow": ``steps`` pauses of ``seconds / steps`` each (by
+    default 0.1 s each, 30 s in all unless the call is stopped)."""
+    path = folder / "slow.toml"
+    path.write_text(
+        '[models.slow]\ntarget = "pytorch2jax_server.examples:slow()"\n'
+        f"kwargs = {{ seconds = {seconds}, steps = {steps} }}\n"
+    )
+    return ("--config", str(path))
+
+
+def _address(worker, transport: str) -> str:
+    return worker.unix if transport == "shm" else worker.tcp
+
+
+def _stats(address: str) -> pb.WorkerStats:
+    """The worker's stats, asked over a channel of its own (no session)."""
+    with grpc.insecure_channel(address) as channel:
+        return pb_grpc.BridgeStub(channel).GetWorkerStats(pb.WorkerStatsRequest(), timeout=10)
+
+
+def _wait_for(predicate, timeout: float = 10.0) -> float:
+    """Seconds until ``predicate()`` held; fails the test after ``timeout``."""
+    start = time.monotonic()
+    while not predicate():
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"not within {timeout} s: {predicate.__doc__ or predicate}")
+        time.sleep(0.02)
+    return time.monotonic() - start
+
+
+def _slow_request() -> pb.ForwardRequest:
+    x = pb.Tensor(dtype=pb.FLOAT32, shape=[2, 4], inline_data=bytes(32))
+    return pb.ForwardRequest(model="slow", arguments=pb.Arguments(args=[pb.Value(tensor=x)]))
+
+
+@pytest.fixture(scope="module")
+def worker(tmp_path_factory):
+    with start_worker(*_slow(tmp_path_factory.mktemp("slow")), models=MODELS) as w:
+        yield w
+
+
+def _in_thread(fn):
+    """Runs ``fn`` in a thread; returns a function that joins it and gives (result or
+    exception, seconds taken)."""
+    out = {}
+
+    def run():
+        start = time.monotonic()
+        try:
+            out["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - handed to the test
+            out["value"] = e
+        out["seconds"] = time.monotonic() - start
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+
+    def join(timeout: float = 60.0):
+        thread.join(timeout)
+        assert not thread.is_alive(), "the call never returned"
+        return out["value"], out["seconds"]
+
+    return join
+
+
+# -- the worker killed -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_worker_killed_mid_call_then_restarted_at_the_same_address(tmp_path, transport):
+    unix = f"unix://{tmp_path}/worker.sock"
+    with start_worker(*_slow(tmp_path), models=MODELS, listen=[unix, "127.0.0.1:0"]) as w:
+        tcp = w.tcp
+        address = _address(w, transport)
+        client = pytorch2jax.connect(address, transport=transport, call_timeout=20, reconnect=2)
+        slow = client.py_to_jax_wrapper("slow")
+        join = _in_thread(lambda: slow(jnp.ones((2, 4))))
+        _wait_for(lambda: _stats(address).calls_in_flight == 1)
+        os.kill(w.process.pid, signal.SIGKILL)
+        w.process.wait()
+        error, seconds = join()
+    assert isinstance(error, pytorch2jax.WorkerUnavailableError), error
+    assert "is the worker running?" in str(error)
+    assert seconds < 20, "raised only at the call's deadline"
+    # A killed worker leaves its socket file; the restarted one replaces it.
+    assert os.path.exists(f"{tmp_path}/worker.sock")
+    with start_worker(*_slow(tmp_path), models=MODELS, listen=[unix, tcp]):
+        # The same Client object: its channel reconnects, its session is opened anew.
+        f = client.py_to_jax_wrapper("scale_shift")
+        x = jnp.arange(float(1 << 14))  # 64 KiB: through shared memory on "shm"
+        np.testing.assert_array_equal(np.asarray(f(x, jnp.float32(0))), 2 * np.asarray(x))
+        grad = jax.jit(jax.grad(lambda x: f(x, jnp.float32(0)).sum()))
+        np.testing.assert_array_equal(np.asarray(grad(x)), 2.0)
+        assert client.transport == transport
+        assert _stats(address).sessions == 1
+        if transport == "shm":
+            assert client.transport_info()["arenas"] == 1  # the new session's
+        client.close()
+
+
+def test_worker_gone_for_good_fails_within_the_reconnect_window(tmp_path):
+    with start_worker(models=MODELS, listen=[f"unix://{tmp_path}/w.sock"]) as w:
+        client = pytorch2jax.connect(w.unix, call_timeout=60, reconnect=1)
+        f = client.py_to_jax_wrapper("scale_shift")
+        os.kill(w.process.pid, signal.SIGKILL)
+        w.process.wait()
+    start = time.monotonic()
+    with pytest.raises(pytorch2jax.WorkerUnavailableError, match="no answer"):
+        f(jnp.ones(3), jnp.float32(0))
+    assert time.monotonic() - start < 5
+    client.close()
+
+
+def test_a_socket_in_use_is_not_taken_over(worker):
+    with pytest.raises(RuntimeError, match="another process is listening there"):
+        with start_worker(models=MODELS, listen=[worker.unix]):
+            pass
+
+
+# -- a client killed ----------------------------------------------------------------------
+
+_CLIENT = textwrap.dedent(
+    """
+    import sys
+    import jax, jax.numpy as jnp
+    import pytorch2jax
+
+    client = pytorch2jax.connect(sys.argv[1], transport=sys.argv[2])
+    mlp = client.py_to_jax_wrapper("mlp")
+    x = jnp.ones((512, 8))  # 16 KiB: through shared memory on "shm"
+    kept = [jax.vjp(mlp, x + i) for i in range(3)]  # three forwards' autograd state
+    print("holding", flush=True)
+    client.py_to_jax_wrapper("slow")(jnp.ones((2, 4)))  # killed in here
+    """
+)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_client_killed_mid_call_releases_what_it_held(worker, transport):
+    address = _address(worker, transport)
+    before = _stats(address)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _CLIENT, address, transport], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout.readline() == "holding\n"
+        _wait_for(lambda: _stats(address).calls_in_flight == before.calls_in_flight + 1)
+        held = _stats(address)
+        assert held.residuals == before.residuals + 3
+        assert held.sessions == before.sessions + 1
+        if transport == "shm":
+            assert held.regions > before.regions
+        proc.kill()
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+
+    def released():
+        """the worker released the killed client's session, regions, residuals and call"""
+        now = _stats(address)
+        return (now.sessions, now.regions, now.residuals, now.calls_in_flight) == (
+            before.sessions,
+            before.regions,
+            before.residuals,
+            before.calls_in_flight,
+        )
+
+    # The slow call had 29 s to go: it stops at its next submodule instead.
+    assert _wait_for(released, timeout=5) < 5
+    assert _stats(address).calls_cancelled > before.calls_cancelled
+    with pytorch2jax.connect(address, transport=transport) as c:  # and serves others
+        y = c.py_to_jax_wrapper("scale_shift")(jnp.ones(3), jnp.float32(0))
+        np.testing.assert_array_equal(np.asarray(y), 2.0)
+
+
+# -- deadlines and cancellation --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_call_past_its_deadline_raises_and_its_work_stops(worker, transport):
+    address = _address(worker, transport)
+    before = _stats(address)
+    with pytorch2jax.connect(address, transport=transport, call_timeout=0.5) as client:
+        slow = client.py_to_jax_wrapper("slow")
+        start = time.monotonic()
+        with pytest.raises(pytorch2jax.WorkerTimeoutError, match="raise call_timeout="):
+            jax.vjp(slow, jnp.ones((2, 4)))  # a forward that would keep autograd state
+        assert time.monotonic() - start < 5
+        # Stopped at its next submodule, not 30 s later; no autograd state kept.
+        _wait_for(lambda: _stats(address).calls_in_flight == before.calls_in_flight, timeout=3)
+        after = _stats(address)
+        assert after.calls_cancelled == before.calls_cancelled + 1
+        assert after.residuals == before.residuals
+        y = client.py_to_jax_wrapper("scale_shift")(jnp.ones(3), jnp.float32(0))  # still fine
+        np.testing.assert_array_equal(np.asarray(y), 2.0)
+
+
+def test_cancelled_call_stops_on_the_worker(worker):
+    before = _stats(worker.unix)
+    with grpc.insecure_channel(worker.unix) as channel:
+        future = pb_grpc.BridgeStub(channel).Forward.future(_slow_request(), timeout=60)
+        _wait_for(lambda: _stats(worker.unix).calls_in_flight == before.calls_in_flight + 1)
+        future.cancel()
+        with pytest.raises(grpc.FutureCancelledError):
+            future.result()
+    _wait_for(lambda: _stats(worker.unix).calls_in_flight == before.calls_in_flight, timeout=3)
+    assert _stats(worker.unix).calls_cancelled == before.calls_cancelled + 1
+
+
+# -- graceful shutdown ------------------------------------------------------------------------
+
+
+def test_sigterm_finishes_calls_in_flight_and_refuses_new_ones(tmp_path):
+    slow = _slow(tmp_path, 2.0, 20)
+    with start_worker(*slow, models=MODELS, listen=[f"unix://{tmp_path}/w.sock", "127.0.0.1:0"]) as w:
+        connected = grpc.insecure_channel(w.tcp)
+        stub = pb_grpc.BridgeStub(connected)
+        stub.ListModels(pb.ListModelsRequest(), timeout=10)  # the connection is up
+        clients = [pytorch2jax.connect(a, call_timeout=30) for a in (w.unix, w.tcp, w.tcp)]
+        joins = [
+            _in_thread(lambda c=c: c.py_to_jax_wrapper("slow")(jnp.full((2, 4), 1.0)))
+            for c in clients
+        ]
+        _wait_for(lambda: _stats(w.tcp).calls_in_flight == 3)
+        w.process.send_signal(signal.SIGTERM)
+        time.sleep(0.2)  # the signal reaches the worker's main thread
+        for channel_kind, call in (
+            ("an open connection", lambda: stub.ListModels(pb.ListModelsRequest(), timeout=5)),
+            ("a new connection", lambda: _stats(w.tcp)),
+        ):
+            with pytest.raises(grpc.RpcError) as refused:
+                call()
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE, channel_kind
+        with pytest.raises(pytorch2jax.WorkerUnavailableError):
+            pytorch2jax.connect(w.unix, timeout=1)
+        for join in joins:  # the calls in flight finished, with their results
+            y, _ = join()
+            assert not isinstance(y, BaseException), y
+            assert np.asarray(y).shape == (2, 4) and np.isfinite(np.asarray(y)).all()
+        assert w.process.wait(timeout=30) == 0
+        for c in clients:
+            c.close()
+        connected.close()
+
+
+# -- limits: overload is RESOURCE_EXHAUSTED, never an unbounded queue -------------------------
+
+
+def test_calls_past_the_concurrency_limit_are_resource_exhausted(tmp_path):
+    # gRPC's limit counts open sessions' streams too: calls + sessions = 2 + 1.
+    limits = ("--max-concurrent-calls", "2", "--max-workers", "2", "--max-sessions", "1")
+    slow = _slow(tmp_path, 1.0, 10)
+    with start_worker(*limits, *slow, models={}, listen=[f"unix://{tmp_path}/w.sock"]) as w:
+        with grpc.insecure_channel(w.unix) as channel:
+            stub = pb_grpc.BridgeStub(channel)
+            futures = [stub.Forward.future(_slow_request(), timeout=30) for _ in range(8)]
+            codes = []
+            for f in futures:
+                try:
+                    f.result()
+                    codes.append(grpc.StatusCode.OK)
+                except grpc.RpcError as e:
+                    codes.append(e.code())
+                    if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                        error = pytorch2jax._exceptions.from_rpc_error(e, w.unix)
+        assert set(codes) == {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}, codes
+        assert 2 <= codes.count(grpc.StatusCode.OK) <= 3, codes
+        assert isinstance(error, pytorch2jax.ResourceExhaustedError)
+        assert "--max-concurrent-calls" in str(error)
+        assert _stats(w.unix).calls_in_flight == 0
+
+
+def test_request_over_the_size_limit_is_resource_exhausted(tmp_path):
+    with start_worker(
+        "--max-message-mb", "1", models=MODELS, listen=[f"unix://{tmp_path}/w.sock"]
+    ) as w:
+        with pytorch2jax.connect(w.unix, transport="inline") as client:
+            f = client.py_to_jax_wrapper("scale_shift")
+            with pytest.raises(pytorch2jax.ResourceExhaustedError, match="larger than max"):
+                f(jnp.ones(1 << 19), jnp.float32(0))  # 2 MiB
+            np.testing.assert_array_equal(np.asarray(f(jnp.ones(3), jnp.float32(0))), 2.0)
+
+
+def test_residual_cache_stays_within_its_bytes(tmp_path):
+    with start_worker(
+        "--residual-cache-mb", "1", models=MODELS, listen=[f"unix://{tmp_path}/w.sock"]
+    ) as w:
+        with pytorch2jax.connect(w.unix) as client:
+            mlp = client.py_to_jax_wrapper("mlp")
+            x = jnp.ones((1024, 8))
+            kept = [jax.vjp(mlp, x * i) for i in range(12)]  # each keeps over 256 KiB
+            stats = _stats(w.unix)
+            assert 0 < stats.residual_bytes <= 1 << 20 and stats.residuals < 12
+            # The evicted ones recompute: every gradient is still right.
+            grads = [np.asarray(vjp(jnp.ones((1024, 1)))[0]) for _, vjp in kept]
+            want = np.asarray(jax.grad(lambda x: mlp(x).sum())(x))
+            np.testing.assert_allclose(grads[1], want, rtol=1e-5)
+            assert all(np.isfinite(g).all() for g in grads)
