@@ -1,13 +1,19 @@
-"""TLS and the bearer token: certificates made by docker/gen-certs.sh (as the README says),
-a worker configured through the environment variables the compose file uses."""
+"""Security: TLS and the bearer token (certificates made by docker/gen-certs.sh, as the
+README says, and a worker configured through the environment variables the compose file
+uses), and the defaults: loopback only, models named only by the worker's own command
+line, no paths or segment names in error messages, shared memory for local peers only."""
 
 from __future__ import annotations
 
+import ast
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
+
+import grpc
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +23,8 @@ import torch
 from conftest import start_worker
 
 import pytorch2jax
-from pytorch2jax_server import examples
+from pytorch2jax_protocol import pb, pb_grpc
+from pytorch2jax_server import _cli, _server, _servicer, examples
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -212,3 +219,107 @@ def test_token_file_wins_over_token_in_environment(certs):
             pytorch2jax.connect(w.unix, token="from-the-environment")
         with pytorch2jax.connect(w.unix, token=_token(certs)) as c:
             assert [m.name for m in c.list_models()] == ["scale_shift"]
+
+
+# -- the defaults ---------------------------------------------------------------------------
+
+
+def test_default_address_is_loopback_only():
+    assert _cli._parser().parse_args(["--model", "f=m:f"]).listen is None  # so the default
+    for address in _server.DEFAULT_LISTEN:
+        host = address.rsplit(":", 1)[0]
+        assert all(info[4][0] in ("127.0.0.1", "::1") for info in socket.getaddrinfo(host, 0))
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["os:system", "pytorch2jax_server.examples:mlp()", "subprocess:run", "../../etc/passwd", ""],
+)
+def test_a_client_cannot_name_code_to_load(name, tmp_path):
+    models = {"scale_shift": "pytorch2jax_server.examples:scale_shift"}
+    with start_worker(models=models, listen=[f"unix://{tmp_path}/w.sock"]) as w:
+        with grpc.insecure_channel(w.unix) as channel:
+            stub = pb_grpc.BridgeStub(channel)
+            for call in (stub.Forward, stub.InferShapes):
+                request = call is stub.Forward and pb.ForwardRequest or pb.InferShapesRequest
+                with pytest.raises(grpc.RpcError) as e:
+                    call(request(model=name), timeout=10)
+                assert e.value.code() == grpc.StatusCode.NOT_FOUND
+                assert "served models: scale_shift" in e.value.details()
+
+
+def test_the_serving_code_imports_nothing_by_name():
+    """Only _loading (run by the command line) turns names into code; what serves calls
+    neither imports it nor imports anything dynamically."""
+    serving = REPO / "server/pytorch2jax_server"
+    for path in [*serving.glob("_s*.py"), *serving.glob("_dataplane/*.py"), serving / "_calls.py"]:
+        tree = ast.parse(path.read_text())
+        names = {
+            n.module if isinstance(n, ast.ImportFrom) else a.name
+            for n in ast.walk(tree)
+            if isinstance(n, (ast.Import, ast.ImportFrom))
+            for a in n.names
+        }
+        calls = {n.func.attr for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)}
+        assert not {"importlib", "pytorch2jax_server._loading"} & names, path.name
+        assert not {"import_module", "__import__"} & calls, path.name
+
+
+@pytest.mark.parametrize(
+    "message, scrubbed",
+    [
+        ("[Errno 2] No such file: '/opt/models/secret/weights.pt'", "[Errno 2] No such file: '<path>'"),
+        ("cannot map /p2j-0123456789abcdef0123456789abcdef", "cannot map <segment>"),
+        ("File /usr/lib/python3.11/site-packages/torch/nn/functional.py, line 3", "File <path>, line 3"),
+        ("shape [2, 3] / [3]; see https://pytorch.org/docs/stable/x.html", None),
+        ("peer unix:/run/p2j.sock, ratio 1/2, float32[4]/x", None),
+    ],
+)
+def test_error_messages_lose_paths_and_segment_names(message, scrubbed):
+    assert _servicer._scrubbed(message) == (message if scrubbed is None else scrubbed)
+
+
+_LEAKY = """
+def leaky(x):
+    raise FileNotFoundError(2, "No such file or directory", "/srv/private/weights.pt")
+"""
+
+
+def test_a_model_error_reaches_the_client_without_the_workers_paths(tmp_path):
+    (tmp_path / "leaky_model.py").write_text(_LEAKY)
+    env = {"PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    models = {"leaky": "leaky_model:leaky"}
+    with start_worker(models=models, listen=[f"unix://{tmp_path}/w.sock"], env=env) as w:
+        with pytorch2jax.connect(w.unix) as client:
+            with pytest.raises(pytorch2jax.InvalidArgumentError) as e:
+                client.py_to_jax_wrapper("leaky", out_shapes=jax.ShapeDtypeStruct((2,), jnp.float32))(jnp.ones(2))
+    # What the worker said, after the client's "worker at <the target it dialled>: ".
+    said = str(e.value).split(".sock: ", 1)[1]
+    assert "FileNotFoundError: [Errno 2] No such file or directory: '<path>'" in said
+    assert "/srv" not in said and "/tmp" not in said
+
+
+def _other_address() -> str | None:
+    """An IPv4 address of this host that is not loopback, if it has one."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("192.0.2.1", 9))  # TEST-NET: nothing is sent, a route is chosen
+            address = s.getsockname()[0]
+        except OSError:
+            return None
+    return None if address.startswith("127.") else address
+
+
+def test_shared_memory_is_refused_to_peers_on_other_hosts():
+    address = _other_address()
+    if address is None:
+        pytest.skip("this host has no address but loopback")
+    models = {"scale_shift": "pytorch2jax_server.examples:scale_shift"}
+    with start_worker(models=models, listen=[f"{address}:0"]) as w:
+        # A peer on this address looks, to the worker, like one on another host.
+        with pytest.raises(pytorch2jax.UnsupportedError, match="only for local peers"):
+            pytorch2jax.connect(w.addresses[0], transport="shm")
+        with pytorch2jax.connect(w.addresses[0]) as client:  # auto: inline
+            assert client.transport == "inline"
+            y = client.py_to_jax_wrapper("scale_shift")(jnp.ones(3), jnp.float32(0))
+            np.testing.assert_array_equal(np.asarray(y), 2.0)
