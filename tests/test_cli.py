@@ -45,6 +45,31 @@ def test_bad_model_specs_exit_with_a_fix(args, message):
     assert re.search(message, result.stderr), result.stderr
 
 
+@pytest.mark.parametrize(
+    ("server_table", "message"),
+    [
+        ("max_workres = 4", r"unknown key 'max_workres' in \[server\]; known keys: listen,"),
+        ('max_workers = "4"', r"\[server\] max_workers = '4' has the wrong type"),
+        ("max_concurrent_calls = 0", r"max_concurrent_calls must be at least 1; got 0"),
+        ('shared_memory = "sometimes"', r"shared_memory must be one of local, any, off"),
+    ],
+)
+def test_bad_server_table_exits_with_a_fix(tmp_path, server_table, message):
+    import re
+
+    config = tmp_path / "worker.toml"
+    config.write_text(f'[server]\n{server_table}\n[models]\nf = "pytorch2jax_server.examples:double"\n')
+    result = _run_cli("--config", str(config))
+    assert result.returncode == 2
+    assert re.search(message, result.stderr), result.stderr
+
+
+def test_limits_below_one_are_refused():
+    result = _run_cli("--model", "f=pytorch2jax_server.examples:double", "--max-workers", "0")
+    assert result.returncode == 2
+    assert "--max-workers: must be at least 1; got 0" in result.stderr, result.stderr
+
+
 def test_config_file(tmp_path):
     sock = tmp_path / "cfg.sock"
     config = tmp_path / "worker.toml"

@@ -40,6 +40,61 @@ _MB = 1 << 20
 _ENV_PREFIX = "PYTORCH2JAX_"
 
 
+#: The keys a config file's [server] table may set (the long options' names, in their
+#: units), and the least value of each number: the command line checks the same bounds.
+_SERVER_KEYS: dict[str, type | tuple[type, ...]] = {
+    "listen": list,
+    "tls_cert": str,
+    "tls_key": str,
+    "tls_client_ca": str,
+    "token_file": str,
+    "device": str,
+    "shared_memory": str,
+    "max_workers": int,
+    "max_concurrent_calls": int,
+    "max_message_mb": int,
+    "max_sessions": int,
+    "shared_memory_mb": int,
+    "residual_cache_mb": int,
+    "residual_cache_entries": int,
+    "residual_ttl": (int, float),
+    "torch_threads": int,
+}
+_AT_LEAST = {"residual_cache_mb": 0, "residual_cache_entries": 0, "residual_ttl": 0}
+
+
+def _check_server_table(settings: dict) -> None:
+    for key, value in settings.items():
+        want = _SERVER_KEYS.get(key)
+        if want is None:
+            raise _loading.ConfigError(
+                f"unknown key {key!r} in [server]; known keys: {', '.join(_SERVER_KEYS)}"
+            )
+        if not isinstance(value, want) or isinstance(value, bool):
+            raise _loading.ConfigError(f"[server] {key} = {value!r} has the wrong type")
+        if key == "shared_memory" and value not in SHARED_MEMORY_POLICIES:
+            raise _loading.ConfigError(
+                f"[server] shared_memory must be one of {', '.join(SHARED_MEMORY_POLICIES)}"
+            )
+        if isinstance(value, (int, float)) and value < _AT_LEAST.get(key, 1):
+            raise _loading.ConfigError(
+                f"[server] {key} must be at least {_AT_LEAST.get(key, 1)}; got {value}"
+            )
+
+
+def _count(least: int):
+    """An argparse type: an integer no smaller than ``least``."""
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be at least {least}; got {value}")
+        return value
+
+    parse.__name__ = "integer"  # what argparse names in its error message
+    return parse
+
+
 def _env(name: str) -> str | None:
     return os.environ.get(_ENV_PREFIX + name) or None
 
@@ -87,16 +142,16 @@ def _parser() -> argparse.ArgumentParser:
         "or give the token itself in PYTORCH2JAX_TOKEN",
         metavar="PATH",
     )
-    p.add_argument("--max-workers", type=int, default=None, help="threads serving calls")
+    p.add_argument("--max-workers", type=_count(1), default=None, help="threads serving calls")
     p.add_argument(
         "--max-concurrent-calls",
-        type=int,
+        type=_count(1),
         default=None,
         help="calls past this many at once get RESOURCE_EXHAUSTED",
     )
-    p.add_argument("--max-message-mb", type=int, default=None, help="largest gRPC message")
-    p.add_argument("--residual-cache-mb", type=int, default=None)
-    p.add_argument("--residual-cache-entries", type=int, default=None)
+    p.add_argument("--max-message-mb", type=_count(1), default=None, help="largest gRPC message")
+    p.add_argument("--residual-cache-mb", type=_count(0), default=None)
+    p.add_argument("--residual-cache-entries", type=_count(0), default=None)
     p.add_argument("--residual-ttl", type=float, default=None, metavar="SECONDS")
     p.add_argument(
         "--shared-memory",
@@ -105,9 +160,12 @@ def _parser() -> argparse.ArgumentParser:
         help="which clients may pass tensors through shared memory: local ones (unix socket, "
         "loopback; the default), any (containers sharing /dev/shm), or none",
     )
-    p.add_argument("--max-sessions", type=int, default=None, help="clients connected at once")
+    p.add_argument("--max-sessions", type=_count(1), default=None, help="clients connected at once")
     p.add_argument(
-        "--shared-memory-mb", type=int, default=None, help="shared memory one client may register"
+        "--shared-memory-mb",
+        type=_count(1),
+        default=None,
+        help="shared memory one client may register",
     )
     _add_env_option(
         p,
@@ -115,7 +173,7 @@ def _parser() -> argparse.ArgumentParser:
         "where models run: cpu (the default), cuda or cuda:N; on a GPU, clients on the "
         "same host and GPU can pass tensors by CUDA IPC",
     )
-    p.add_argument("--torch-threads", type=int, default=None, help="torch intra-op threads")
+    p.add_argument("--torch-threads", type=_count(1), default=None, help="torch intra-op threads")
     p.add_argument("--log-level", default=_env("LOG_LEVEL") or "WARNING")
     return p
 
@@ -133,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         specs = [_loading.parse_model_option(m) for m in args.model]
         if args.config:
             config_specs, settings = _loading.read_config(args.config)
+            _check_server_table(settings)
             specs = config_specs + specs
         if not specs:
             raise _loading.ConfigError(
