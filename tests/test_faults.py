@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 import pytorch2jax
-from conftest import start_worker
+from conftest import RawSession, start_worker
 from pytorch2jax_protocol import pb, pb_grpc
 
 MODELS = {
@@ -332,3 +332,27 @@ def test_residual_cache_stays_within_its_bytes(tmp_path):
             want = np.asarray(jax.grad(lambda x: mlp(x).sum())(x))
             np.testing.assert_allclose(grads[1], want, rtol=1e-5)
             assert all(np.isfinite(g).all() for g in grads)
+
+
+def test_sessions_and_shared_memory_past_their_limits_are_resource_exhausted(tmp_path, caplog):
+    limits = ("--max-sessions", "2", "--shared-memory-mb", "32")
+    with start_worker(*limits, models=MODELS, listen=[f"unix://{tmp_path}/w.sock"]) as w:
+        raw = RawSession(w.unix)
+        try:
+            raw.register(16 << 20)
+            with pytest.raises(grpc.RpcError) as e:
+                raw.register(17 << 20)
+            assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "limit of 33554432 bytes" in e.value.details()
+            with pytorch2jax.connect(w.unix, transport="shm") as second:
+                with pytest.raises(pytorch2jax.ResourceExhaustedError, match="--max-sessions"):
+                    pytorch2jax.connect(w.unix, transport="shm")
+                # An inline client past the limit still works, without a session: the
+                # worker then frees what it keeps for it by TTL only.
+                with pytorch2jax.connect(w.unix, transport="inline") as third:
+                    y = third.py_to_jax_wrapper("scale_shift")(jnp.ones(3), jnp.float32(0))
+                    np.testing.assert_array_equal(np.asarray(y), 2.0)
+                assert "no session with" in caplog.text
+                assert second.transport == "shm"
+        finally:
+            raw.close()
