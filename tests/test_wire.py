@@ -17,6 +17,8 @@ def test_checked_nbytes():
         tensors.checked_nbytes(pb.FLOAT64, [2**20, 2**20], max_bytes=2**30)
     with pytest.raises(tensors.WireFormatError, match="too large to index"):
         tensors.checked_nbytes(pb.FLOAT32, [0, 2**62, 2**62])  # 0 bytes, overflowing strides
+    with pytest.raises(tensors.WireFormatError, match="too large to index"):
+        tensors.checked_nbytes(pb.FLOAT64, [0, 2**60])  # 2**60 elements, but 2**63 bytes
     with pytest.raises(tensors.WireFormatError, match="unknown wire dtype 99"):
         tensors.checked_nbytes(99, [1])
     with pytest.raises(tensors.WireFormatError, match="rank"):

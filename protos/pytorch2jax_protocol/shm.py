@@ -93,7 +93,8 @@ def attach(name: str, size: int) -> mmap.mmap:
         raise SharedMemoryError(
             errno.ENOENT,
             "the worker cannot see this shared-memory segment: it runs on another host or "
-            "in a container that does not share /dev/shm (Docker: ipc: host or shareable)",
+            "in a container that does not share the host's shared memory (Docker: ipc: host "
+            "or shareable)",
         ) from None
     try:
         unlink(name)

@@ -1,8 +1,8 @@
 """Validating and encoding tensors on the wire (inline payloads), with numpy only.
 
 Every size the peer sends is checked before anything is allocated: a known dtype, at most
-``MAX_RANK`` non-negative dimensions, an element count whose byte size neither overflows nor
-passes ``max_bytes``, and a payload of exactly that many bytes.
+``MAX_RANK`` non-negative dimensions, a byte size that 64-bit strides can index and that does
+not pass ``max_bytes``, and a payload of exactly that many bytes.
 """
 
 from __future__ import annotations
@@ -14,7 +14,9 @@ import numpy as np
 from pytorch2jax_protocol import dtypes, pb
 
 MAX_RANK = 64
-MAX_ELEMENTS = 1 << 62
+#: Largest byte size of a tensor's non-zero dimensions. numpy and torch index with signed
+#: 64-bit byte strides, and numpy refuses even an empty array whose other dimensions pass it.
+MAX_INDEXABLE_BYTES = 1 << 62
 
 
 class WireFormatError(ValueError):
@@ -38,7 +40,7 @@ def checked_nbytes(dtype: int, shape: Sequence[int], *, max_bytes: int | None = 
             elements *= d
         else:
             empty = True
-    if elements > MAX_ELEMENTS:
+    if size * elements > MAX_INDEXABLE_BYTES:
         # Even with a zero dimension (0 bytes), strides of such a shape overflow 64 bits.
         raise WireFormatError(f"tensor shape {tuple(shape)} is too large to index")
     nbytes = 0 if empty else size * elements

@@ -22,7 +22,7 @@ from pytorch2jax_server._dataplane import Sessions
 from pytorch2jax_server._models import Registry
 from pytorch2jax_server._residuals import ResidualCache
 from pytorch2jax_server._security import Security
-from pytorch2jax_server._servicer import BridgeServicer
+from pytorch2jax_server._servicer import BridgeServicer, RefuseUndecodable
 
 DEFAULT_LISTEN = ("localhost:50051",)
 DEFAULT_MAX_WORKERS = 16
@@ -138,7 +138,8 @@ def create_server(
         ),
         options=channel_options(max_message_bytes),
         maximum_concurrent_rpcs=max_concurrent_calls + sessions.max_sessions,
-        interceptors=security.interceptors(),
+        # The token is checked first: a refused request is never parsed.
+        interceptors=[*security.interceptors(), RefuseUndecodable()],
     )
     pb_grpc.add_BridgeServicer_to_server(
         BridgeServicer(registry, residuals, sessions, calls), server

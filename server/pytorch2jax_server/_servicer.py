@@ -84,6 +84,46 @@ def _reporting(method):
     return handler
 
 
+_UNDECODABLE = object()  # what a request that does not parse is handed on as
+
+
+class RefuseUndecodable(grpc.ServerInterceptor):
+    """Requests whose bytes do not parse (garbage, truncated, nested too deep, invalid
+    UTF-8) get INVALID_ARGUMENT: left to gRPC, they would be INTERNAL ("Exception
+    deserializing request!") with a traceback in the log for each. Applies to every
+    method with one request message, health and reflection too."""
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None or handler.request_streaming or handler.request_deserializer is None:
+            return handler
+        parse = handler.request_deserializer
+        method = handler_call_details.method.rsplit("/", 1)[-1]
+        refusal = (
+            f"the request is not a valid {method} request message; are the client's and "
+            "the worker's pytorch2jax versions the same?"
+        )
+
+        def tolerant(data: bytes):
+            try:
+                return parse(data)
+            except Exception:  # noqa: BLE001 - DecodeError, RecursionError, UnicodeError...
+                return _UNDECODABLE
+
+        def guarded(behavior):
+            def call(request, context):
+                if request is _UNDECODABLE:
+                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, refusal)
+                return behavior(request, context)
+
+            return call
+
+        kind = "unary_stream" if handler.response_streaming else "unary_unary"
+        return handler._replace(
+            request_deserializer=tolerant, **{kind: guarded(getattr(handler, kind))}
+        )
+
+
 def _serving(method):
     """``_reporting`` for a call that runs a model: counted, and stopped once cancelled
     (``_calls``); the method gets its ``Call`` as a fourth argument."""
