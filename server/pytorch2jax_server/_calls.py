@@ -8,6 +8,10 @@ call enters. The servicer checks again between stages and before it keeps a resi
 an abandoned call holds no thread for long and leaves no autograd state behind. Plain
 torch functions and a backward pass in progress cannot be interrupted; they finish and
 their result is dropped.
+
+The hook costs about 2 us per submodule call (a global hook takes torch off its fast path;
+measured on 151 Linear/ReLU modules of 16x16: 504 -> 786 us): noise beside real layers,
+and the price of freeing a thread within one submodule of a deadline.
 """
 
 from __future__ import annotations
