@@ -122,12 +122,13 @@ class RemoteModel(Backend):
                 except _UNENCODABLE as e:
                     raise InvalidArgumentError(str(e)) from None
                 call.ready()
+                metadata = transport.metadata()
                 try:
-                    reply = self._client._unary(method, request, metadata=transport.metadata())
+                    reply = self._client._unary(method, request, metadata=metadata)
                 except SessionLostError:
                     if attempt:
                         raise
-                    transport.reset()
+                    transport.reset(metadata)
                     continue
                 return decode(reply, call)
         raise AssertionError("unreachable")

@@ -34,7 +34,14 @@ from pytorch2jax_protocol import (
 from pytorch2jax_protocol.tensors import WireFormatError
 from pytorch2jax_server import __version__
 from pytorch2jax_server._calls import Call, Calls
-from pytorch2jax_server._dataplane import CallCodec, Sessions, inline, session_id_of, session_of
+from pytorch2jax_server._dataplane import (
+    CallCodec,
+    Session,
+    Sessions,
+    inline,
+    session_id_of,
+    session_of,
+)
 from pytorch2jax_server._errors import InvalidRequest, ResidualLost, WorkerError
 from pytorch2jax_server._models import Registry, ServedModel, vjp
 from pytorch2jax_server._residuals import ResidualCache
@@ -278,7 +285,7 @@ class BridgeServicer(pb_grpc.BridgeServicer):
     def Forward(self, request, context, call: Call):
         model = self._registry.get(request.model)
         # Checked before the work: a client whose session is gone must open a new one.
-        owner = self._owner(context) if request.keep_residual else b""
+        owner = self._owner(context) if request.keep_residual else None
         codec = CallCodec(
             self._sessions, context, _reply_area(request), keep=request.keep_residual
         )
@@ -295,13 +302,20 @@ class BridgeServicer(pb_grpc.BridgeServicer):
         finally:
             codec.finish()
         call.check()  # keep no autograd state for a caller that is gone
-        handle = self._residuals.put(outcome.residual, owner=owner) if outcome.residual else b""
+        handle = b""
+        if outcome.residual:
+            handle = self._residuals.put(outcome.residual, owner=owner.id if owner else b"")
+            # Its session may have closed meanwhile, after it released its residuals.
+            # (Closing marks it closed first, so one of the two always sees the other.)
+            if owner is not None and owner.closed.is_set():
+                self._residuals.release([handle])
+                handle = b""
         return pb.ForwardResponse(outputs=outputs, residual=handle)
 
-    def _owner(self, context: grpc.ServicerContext) -> bytes:
-        """The id of the session a call names (an unknown one is SessionLost), or b""."""
+    def _owner(self, context: grpc.ServicerContext) -> Session | None:
+        """The session a call names (an unknown one is SessionLost), or None."""
         session_id = session_id_of(context)
-        return b"" if session_id is None else self._sessions.get(session_id).id
+        return None if session_id is None else self._sessions.get(session_id)
 
     @_serving
     def Vjp(self, request, context, call: Call):

@@ -88,8 +88,10 @@ class Transport(abc.ABC):
         """gRPC metadata every call of this transport carries."""
         return ()
 
-    def reset(self) -> None:
-        """Starts over after the worker lost this transport's state (it restarted)."""
+    def reset(self, failed: tuple[tuple[str, str], ...]) -> None:
+        """Starts over after the worker lost this transport's state (it restarted), unless
+        ``failed`` (the metadata of the call that found it lost) is no longer current: then
+        a concurrent call already did, and a second reset would end its new session."""
 
     def close(self) -> None:
         """Frees what the transport holds; arrays still viewing its memory stay valid."""

@@ -37,6 +37,7 @@ class InlineTransport(Transport):
         self._target = target
         self._lock = threading.Lock()
         self._stream: Any = None
+        self._closed = False
         self._metadata: tuple[tuple[str, str], ...] = ()
         self._open()
 
@@ -69,11 +70,14 @@ class InlineTransport(Transport):
     def call(self, request_bytes: int, reply_bytes: int) -> Call:
         return InlineCall()
 
-    def reset(self) -> None:
+    def reset(self, failed: tuple[tuple[str, str], ...]) -> None:
         with self._lock:
+            if self._closed or failed != self._metadata:
+                return
             self._end()
             self._open()
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True
             self._end()

@@ -193,6 +193,7 @@ class ShmTransport(Transport):
         self._returns: collections.deque = collections.deque()
         self._arenas: list[_Arena] = []
         self._stream: Any = None
+        self._closed = False
         self._metadata: tuple[tuple[str, str], ...] = ()
         self._warned = False
         self._open()
@@ -227,13 +228,16 @@ class ShmTransport(Transport):
     def metadata(self) -> tuple[tuple[str, str], ...]:
         return self._metadata
 
-    def reset(self) -> None:
+    def reset(self, failed: tuple[tuple[str, str], ...]) -> None:
         with self._lock:
+            if self._closed or failed != self._metadata:
+                return
             self._end()  # blocks of the old arenas that come back later are dropped (_drain)
             self._open()
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True
             self._end()
 
     # -- memory --------------------------------------------------------------------------
