@@ -24,7 +24,7 @@ from conftest import start_worker
 
 import pytorch2jax
 from pytorch2jax_protocol import pb, pb_grpc
-from pytorch2jax_server import _cli, _server, _servicer, examples
+from pytorch2jax_server import _cli, _server, _status, examples
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -271,12 +271,16 @@ def test_the_serving_code_imports_nothing_by_name():
         ("[Errno 2] No such file: '/opt/models/secret/weights.pt'", "[Errno 2] No such file: '<path>'"),
         ("cannot map /p2j-0123456789abcdef0123456789abcdef", "cannot map <segment>"),
         ("File /usr/lib/python3.11/site-packages/torch/nn/functional.py, line 3", "File <path>, line 3"),
+        ("'/home/alice/My Models/weights.pt' is missing", "'<path>' is missing"),
+        ("cannot open file:///home/alice/secret/w.pt", "cannot open file://<path>"),
+        ("search path /opt/lib:/home/alice/secret/lib", "search path <path>:<path>"),
+        ("peer unix:/run/p2j/worker.sock", "peer unix:<path>"),
         ("shape [2, 3] / [3]; see https://pytorch.org/docs/stable/x.html", None),
-        ("peer unix:/run/p2j.sock, ratio 1/2, float32[4]/x", None),
+        ("ratio 1/2, float32[4]/x, 3/4/5", None),
     ],
 )
 def test_error_messages_lose_paths_and_segment_names(message, scrubbed):
-    assert _servicer._scrubbed(message) == (message if scrubbed is None else scrubbed)
+    assert _status.scrubbed(message) == (message if scrubbed is None else scrubbed)
 
 
 _LEAKY = """

@@ -122,13 +122,12 @@ class RemoteModel(Backend):
                 except _UNENCODABLE as e:
                     raise InvalidArgumentError(str(e)) from None
                 call.ready()
-                metadata = transport.metadata()
                 try:
-                    reply = self._client._unary(method, request, metadata=metadata)
+                    reply = self._client._unary(method, request, metadata=call.metadata)
                 except SessionLostError:
                     if attempt:
                         raise
-                    transport.reset(metadata)
+                    transport.reset(call.metadata)
                     continue
                 return decode(reply, call)
         raise AssertionError("unreachable")

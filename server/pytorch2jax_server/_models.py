@@ -218,6 +218,8 @@ class ServedModel:
                 if not params:
                     return self._obj(*args, **kwargs)
                 return self._reparametrized(params, args, kwargs)
+        except WorkerError:  # e.g. CallCancelled from the module hook of _calls
+            raise
         except Exception as e:
             raise self._rejected(e) from None
 

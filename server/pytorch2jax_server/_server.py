@@ -22,7 +22,8 @@ from pytorch2jax_server._dataplane import Sessions
 from pytorch2jax_server._models import Registry
 from pytorch2jax_server._residuals import ResidualCache
 from pytorch2jax_server._security import Security
-from pytorch2jax_server._servicer import BridgeServicer, RefuseUndecodable
+from pytorch2jax_server._servicer import BridgeServicer
+from pytorch2jax_server._status import RefuseUndecodable
 
 DEFAULT_LISTEN = ("localhost:50051",)
 DEFAULT_MAX_WORKERS = 16

@@ -1,10 +1,8 @@
 """The Bridge gRPC service: decode the request, run the model, encode the reply.
 
 Torch maths lives in ``_models``; this module only moves between wire and torch objects
-and reports failures. Every exception becomes a status code at one place (``_reporting``):
-the worker's own errors carry theirs, malformed messages are INVALID_ARGUMENT, anything
-unexpected is INTERNAL and logged; a bad request never takes the worker down. Messages
-leave without file paths or shared-memory names (``_scrubbed``).
+and reports failures: every exception of a handler becomes a status code at one place
+(``_reporting``, by ``_status.status_of``); a bad request never takes the worker down.
 
 Calls that run a model (``_serving``) are counted and stopped once nobody waits for them
 (see ``_calls``); what they would have kept for a Vjp is kept for the client's session.
@@ -13,9 +11,7 @@ Calls that run a model (``_serving``) are counted and stopped once nobody waits 
 from __future__ import annotations
 
 import functools
-import logging
 import os
-import re
 import secrets
 from collections.abc import Iterator
 from typing import Any
@@ -23,15 +19,7 @@ from typing import Any
 import grpc
 import torch
 
-from pytorch2jax_protocol import (
-    PARAMETER_CHUNK_BYTES,
-    WORKER_ID_METADATA_KEY,
-    dtypes,
-    pb,
-    pb_grpc,
-    values,
-)
-from pytorch2jax_protocol.tensors import WireFormatError
+from pytorch2jax_protocol import PARAMETER_CHUNK_BYTES, WORKER_ID_METADATA_KEY, pb, pb_grpc, values
 from pytorch2jax_server import __version__
 from pytorch2jax_server._calls import Call, Calls
 from pytorch2jax_server._dataplane import (
@@ -45,38 +33,11 @@ from pytorch2jax_server._dataplane import (
 from pytorch2jax_server._errors import InvalidRequest, ResidualLost, WorkerError
 from pytorch2jax_server._models import Registry, ServedModel, vjp
 from pytorch2jax_server._residuals import ResidualCache
+from pytorch2jax_server._status import status_of
 from pytorch2jax_server._tensors import empty_from_spec, to_spec, wire_dtype
 
-_log = logging.getLogger("pytorch2jax_server")
-
-_MALFORMED = (WireFormatError, values.TreeFormatError, dtypes.UnsupportedDTypeError)
-
-
-#: Absolute paths (of two parts or more) and shared-memory segment names. A client needs
-#: neither the worker's file layout nor a segment's name (which would let another local
-#: process open the segment); exceptions from torch or the OS may carry both.
-_PRIVATE = re.compile(r"/p2j-[0-9a-f]{32}|(?<![\w.:/])/(?:[\w.@+~-]+/)+[\w.@+~-]*")
-
-
-def _scrubbed(message: str) -> str:
-    return _PRIVATE.sub(lambda m: "<segment>" if m[0].startswith("/p2j-") else "<path>", message)
-
-
-def _status_of(e: BaseException) -> tuple[grpc.StatusCode, str]:
-    if isinstance(e, WorkerError):
-        code, details = e.code, str(e)
-    elif isinstance(e, _MALFORMED):
-        code, details = grpc.StatusCode.INVALID_ARGUMENT, str(e)
-    elif isinstance(e, (MemoryError, torch.OutOfMemoryError)):
-        code, details = grpc.StatusCode.RESOURCE_EXHAUSTED, f"the worker ran out of memory: {e}"
-    else:
-        _log.exception("internal error while serving a request")
-        code, details = grpc.StatusCode.INTERNAL, f"internal error in the worker: {type(e).__name__}: {e}"
-    return code, _scrubbed(details)
-
-
 def _reporting(method):
-    """Turns any exception of a unary handler into its status code (see ``_status_of``),
+    """Turns any exception of a unary handler into its status code (``status_of``),
     and names the worker in the trailing metadata (for clients of several workers)."""
 
     @functools.wraps(method)
@@ -85,50 +46,10 @@ def _reporting(method):
         try:
             return method(self, request, context)
         except Exception as e:  # noqa: BLE001 - the one boundary where all of them are mapped
-            code, details = _status_of(e)
+            code, details = status_of(e)
         context.abort(code, details)
 
     return handler
-
-
-_UNDECODABLE = object()  # what a request that does not parse is handed on as
-
-
-class RefuseUndecodable(grpc.ServerInterceptor):
-    """Requests whose bytes do not parse (garbage, truncated, nested too deep, invalid
-    UTF-8) get INVALID_ARGUMENT: left to gRPC, they would be INTERNAL ("Exception
-    deserializing request!") with a traceback in the log for each. Applies to every
-    method with one request message, health and reflection too."""
-
-    def intercept_service(self, continuation, handler_call_details):
-        handler = continuation(handler_call_details)
-        if handler is None or handler.request_streaming or handler.request_deserializer is None:
-            return handler
-        parse = handler.request_deserializer
-        method = handler_call_details.method.rsplit("/", 1)[-1]
-        refusal = (
-            f"the request is not a valid {method} request message; are the client's and "
-            "the worker's pytorch2jax versions the same?"
-        )
-
-        def tolerant(data: bytes):
-            try:
-                return parse(data)
-            except Exception:  # noqa: BLE001 - DecodeError, RecursionError, UnicodeError...
-                return _UNDECODABLE
-
-        def guarded(behavior):
-            def call(request, context):
-                if request is _UNDECODABLE:
-                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, refusal)
-                return behavior(request, context)
-
-            return call
-
-        kind = "unary_stream" if handler.response_streaming else "unary_unary"
-        return handler._replace(
-            request_deserializer=tolerant, **{kind: guarded(getattr(handler, kind))}
-        )
 
 
 def _serving(method):
@@ -209,7 +130,7 @@ class BridgeServicer(pb_grpc.BridgeServicer):
         try:
             session, refused = self._sessions.open(context.peer(), list(request.transports))
         except Exception as e:  # noqa: BLE001 - mapped at the boundary
-            context.abort(*_status_of(e))
+            context.abort(*status_of(e))
         context.add_callback(session.closed.set)
         try:
             yield pb.SessionInfo(
@@ -250,7 +171,7 @@ class BridgeServicer(pb_grpc.BridgeServicer):
             for _, t, _ in tensors:
                 wire_dtype(t.dtype)
         except Exception as e:  # noqa: BLE001 - mapped at the boundary
-            context.abort(*_status_of(e))
+            context.abort(*status_of(e))
         for name, t, is_buffer in tensors:
             data = inline.encode(t).inline_data
             first = pb.TensorChunk(

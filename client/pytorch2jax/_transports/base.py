@@ -43,6 +43,11 @@ class Call(abc.ABC):
     #: Where the worker should write the reply's tensors, or None to receive them inline.
     reply_area: pb.SharedMemoryRef | None = None
 
+    #: gRPC metadata the call carries: the session its memory belongs to, taken with that
+    #: memory (a session reset between the two would send the old session's references
+    #: under the new one's id, and region ids repeat across sessions).
+    metadata: tuple[tuple[str, str], ...] = ()
+
     @abc.abstractmethod
     def put(self, array: np.ndarray) -> pb.Tensor:
         """A wire tensor with ``array``'s data (copied: the caller may reuse ``array``)."""
@@ -84,14 +89,11 @@ class Transport(abc.ABC):
         """A Call able to carry ``request_bytes`` of request tensors and ``reply_bytes`` of
         reply tensors (sizes before alignment; larger tensors still travel, inline)."""
 
-    def metadata(self) -> tuple[tuple[str, str], ...]:
-        """gRPC metadata every call of this transport carries."""
-        return ()
-
     def reset(self, failed: tuple[tuple[str, str], ...]) -> None:
         """Starts over after the worker lost this transport's state (it restarted), unless
-        ``failed`` (the metadata of the call that found it lost) is no longer current: then
-        a concurrent call already did, and a second reset would end its new session."""
+        ``failed`` (the ``Call.metadata`` of the call that found it lost) is no longer
+        current: then a concurrent call already did, and a second reset would end its new
+        session."""
 
     def close(self) -> None:
         """Frees what the transport holds; arrays still viewing its memory stay valid."""

@@ -64,11 +64,10 @@ class InlineTransport(Transport):
             self._stream.cancel()
             self._stream = None
 
-    def metadata(self) -> tuple[tuple[str, str], ...]:
-        return self._metadata
-
     def call(self, request_bytes: int, reply_bytes: int) -> Call:
-        return InlineCall()
+        call = InlineCall()
+        call.metadata = self._metadata
+        return call
 
     def reset(self, failed: tuple[tuple[str, str], ...]) -> None:
         with self._lock:

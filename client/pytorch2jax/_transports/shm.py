@@ -225,9 +225,6 @@ class ShmTransport(Transport):
             self._stream = None
         self._arenas = []  # live leases keep their arena's mapping until they die
 
-    def metadata(self) -> tuple[tuple[str, str], ...]:
-        return self._metadata
-
     def reset(self, failed: tuple[tuple[str, str], ...]) -> None:
         with self._lock:
             if self._closed or failed != self._metadata:
@@ -246,7 +243,9 @@ class ShmTransport(Transport):
         with self._lock:
             request = self._lease(request_bytes) if request_bytes else None
             reply = self._lease(reply_bytes) if reply_bytes >= max(self.inline_below, 1) else None
-        return self._call_type(request, reply, self.inline_below)
+            call = self._call_type(request, reply, self.inline_below)
+            call.metadata = self._metadata  # the session of these leases
+        return call
 
     def _drain(self) -> None:
         returns = self._returns

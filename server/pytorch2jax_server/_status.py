@@ -1,0 +1,110 @@
+"""How the worker's failures become gRPC statuses, and what their messages may say.
+
+``status_of`` maps an exception to its code, in one table: the worker's own errors
+(``_errors``) carry theirs, malformed messages are INVALID_ARGUMENT, running out of memory
+is RESOURCE_EXHAUSTED, anything unexpected is INTERNAL and logged with its traceback.
+Every message is ``scrubbed`` of file paths and shared-memory names before it leaves;
+the worker's log keeps the original (at INFO). ``RefuseUndecodable`` does the same for
+requests that never reach a handler because their bytes do not parse.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import grpc
+import torch
+
+from pytorch2jax_protocol import dtypes, values
+from pytorch2jax_protocol.tensors import WireFormatError
+from pytorch2jax_server._errors import WorkerError
+
+_log = logging.getLogger("pytorch2jax_server")
+
+_MALFORMED = (WireFormatError, values.TreeFormatError, dtypes.UnsupportedDTypeError)
+
+
+#: What to take out of a message: absolute paths (of two parts or more; in quotes, with
+#: whatever they hold) and shared-memory segment names. A client needs neither the
+#: worker's file layout nor a segment's name (which would let another local process open
+#: the segment); exceptions from torch or the OS may carry both. Web addresses stay.
+_PRIVATE = re.compile(
+    r"(?P<url>https?://[^\s'\"]+)"
+    r"|(?P<segment>/p2j-[0-9a-f]{32})"
+    r"|(?P<quote>['\"])/[^'\"\n]*(?P=quote)"
+    r"|(?<![\w.])/(?:[\w.@+~-]+/)+[\w.@+~-]*"
+)
+
+
+def _replacement(m: re.Match) -> str:
+    if m["url"]:
+        return m["url"]
+    if m["segment"]:
+        return "<segment>"
+    if m["quote"]:
+        return f"{m['quote']}<path>{m['quote']}"
+    return "<path>"
+
+
+def scrubbed(message: str) -> str:
+    """``message`` without paths or segment names."""
+    return _PRIVATE.sub(_replacement, message)
+
+
+def status_of(e: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The status code and message a failure is reported with."""
+    if isinstance(e, WorkerError):
+        code, details = e.code, str(e)
+    elif isinstance(e, _MALFORMED):
+        code, details = grpc.StatusCode.INVALID_ARGUMENT, str(e)
+    elif isinstance(e, (MemoryError, torch.OutOfMemoryError)):
+        code, details = grpc.StatusCode.RESOURCE_EXHAUSTED, f"the worker ran out of memory: {e}"
+    else:
+        _log.exception("internal error while serving a request")
+        code = grpc.StatusCode.INTERNAL
+        details = f"internal error in the worker: {type(e).__name__}: {e}"
+    said = scrubbed(details)
+    if said != details:
+        _log.info("%s: %s (sent without its paths)", code.name, details)
+    return code, said
+
+
+_UNDECODABLE = object()  # what a request that does not parse is handed on as
+
+
+class RefuseUndecodable(grpc.ServerInterceptor):
+    """Requests whose bytes do not parse (garbage, truncated, nested too deep, invalid
+    UTF-8) get INVALID_ARGUMENT: left to gRPC, they would be INTERNAL ("Exception
+    deserializing request!") with a traceback in the log for each. Applies to every
+    method with one request message, health and reflection too."""
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None or handler.request_streaming or handler.request_deserializer is None:
+            return handler
+        parse = handler.request_deserializer
+        method = handler_call_details.method.rsplit("/", 1)[-1]
+        refusal = (
+            f"the request is not a valid {method} request message; are the client's and "
+            "the worker's pytorch2jax versions the same?"
+        )
+
+        def tolerant(data: bytes):
+            try:
+                return parse(data)
+            except Exception:  # noqa: BLE001 - DecodeError, RecursionError, UnicodeError...
+                return _UNDECODABLE
+
+        def guarded(behavior):
+            def call(request, context):
+                if request is _UNDECODABLE:
+                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, refusal)
+                return behavior(request, context)
+
+            return call
+
+        kind = "unary_stream" if handler.response_streaming else "unary_unary"
+        return handler._replace(
+            request_deserializer=tolerant, **{kind: guarded(getattr(handler, kind))}
+        )
