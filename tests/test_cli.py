@@ -51,6 +51,9 @@ def test_bad_model_specs_exit_with_a_fix(args, message):
         ("max_workres = 4", r"unknown key 'max_workres' in \[server\]; known keys: listen,"),
         ('max_workers = "4"', r"\[server\] max_workers = '4' has the wrong type"),
         ("max_concurrent_calls = 0", r"max_concurrent_calls must be at least 1; got 0"),
+        ("residual_ttl = nan", r"residual_ttl must be at least 0; got nan"),
+        ("max_message_mb = 4096", r"max_message_mb must be at most 2047"),
+        ('listen = ["localhost:0", 5]', r"listen must be a list of address strings"),
         ('shared_memory = "sometimes"', r"shared_memory must be one of local, any, off"),
     ],
 )
@@ -64,10 +67,18 @@ def test_bad_server_table_exits_with_a_fix(tmp_path, server_table, message):
     assert re.search(message, result.stderr), result.stderr
 
 
-def test_limits_below_one_are_refused():
-    result = _run_cli("--model", "f=pytorch2jax_server.examples:double", "--max-workers", "0")
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--max-workers", "0", "--max-workers: must be at least 1; got 0"),
+        ("--max-message-mb", "4096", "--max-message-mb: must be from 1 to 2047; got 4096"),
+        ("--residual-ttl", "nan", "--residual-ttl: must be a number of seconds, 0 or more"),
+    ],
+)
+def test_limits_out_of_bounds_are_refused(flag, value, message):
+    result = _run_cli("--model", "f=pytorch2jax_server.examples:double", flag, value)
     assert result.returncode == 2
-    assert "--max-workers: must be at least 1; got 0" in result.stderr, result.stderr
+    assert message in result.stderr, result.stderr
 
 
 def test_config_file(tmp_path):

@@ -51,6 +51,26 @@ def test_take_consumes_and_release_frees():
     assert cache.release([h2, b"unknown"]) == 1 and len(cache) == 0
 
 
+def test_expire_drops_old_residuals_behind_recent_ones():
+    cache = ResidualCache(ttl_s=0.2)
+    old = cache.put(_residual(8))
+    time.sleep(0.1)
+    recent = cache.put(_residual(8))
+    cache.take(old, keep=True)  # used: now behind `recent` in LRU order, still as old
+    time.sleep(0.15)  # old is past the TTL, recent is not
+    # put/take look at the front only (recent); the sweeper's expire() looks at all.
+    assert cache.expire() == 1 and cache.nbytes == 8
+    assert cache.take(old) is None and cache.take(recent) is not None
+
+
+def test_release_owner_drops_only_that_sessions_residuals():
+    cache = ResidualCache()
+    mine = [cache.put(_residual(8), owner=b"a") for _ in range(3)]
+    theirs = cache.put(_residual(8), owner=b"b")
+    assert cache.release_owner(b"a") == 3 and cache.nbytes == 8
+    assert all(cache.take(h) is None for h in mine) and cache.take(theirs) is not None
+
+
 MODELS = {"mlp": "pytorch2jax_server.examples:mlp()"}
 
 

@@ -435,8 +435,10 @@ class Client:
 
     def _answers_within(self, seconds: float) -> bool:
         """Whether the channel (re)connects to the worker within ``seconds``."""
+        ready = grpc.channel_ready_future(self._channel)
         try:
-            grpc.channel_ready_future(self._channel).result(timeout=seconds)
+            ready.result(timeout=seconds)
         except grpc.FutureTimeoutError:
+            ready.cancel()  # else it stays subscribed to the channel's state
             return False
         return True

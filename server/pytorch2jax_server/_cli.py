@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import signal
 import sys
@@ -61,6 +62,8 @@ _SERVER_KEYS: dict[str, type | tuple[type, ...]] = {
     "torch_threads": int,
 }
 _AT_LEAST = {"residual_cache_mb": 0, "residual_cache_entries": 0, "residual_ttl": 0}
+#: gRPC takes message sizes as 32-bit signed integers.
+_MAX_MESSAGE_MB = 2047
 
 
 def _check_server_table(settings: dict) -> None:
@@ -76,23 +79,38 @@ def _check_server_table(settings: dict) -> None:
             raise _loading.ConfigError(
                 f"[server] shared_memory must be one of {', '.join(SHARED_MEMORY_POLICIES)}"
             )
-        if isinstance(value, (int, float)) and value < _AT_LEAST.get(key, 1):
+        if isinstance(value, (int, float)) and not value >= _AT_LEAST.get(key, 1):  # NaN too
             raise _loading.ConfigError(
                 f"[server] {key} must be at least {_AT_LEAST.get(key, 1)}; got {value}"
             )
+        if key == "residual_ttl" and math.isinf(value):
+            raise _loading.ConfigError("[server] residual_ttl must be finite")
+        if key == "max_message_mb" and value > _MAX_MESSAGE_MB:
+            raise _loading.ConfigError(f"[server] max_message_mb must be at most {_MAX_MESSAGE_MB}")
+        if key == "listen" and not all(isinstance(a, str) for a in value):
+            raise _loading.ConfigError("[server] listen must be a list of address strings")
 
 
-def _count(least: int):
-    """An argparse type: an integer no smaller than ``least``."""
+def _count(least: int, most: int | None = None):
+    """An argparse type: an integer from ``least`` to ``most``."""
 
     def parse(text: str) -> int:
         value = int(text)
-        if value < least:
-            raise argparse.ArgumentTypeError(f"must be at least {least}; got {value}")
+        if value < least or (most is not None and value > most):
+            bounds = f"from {least} to {most}" if most is not None else f"at least {least}"
+            raise argparse.ArgumentTypeError(f"must be {bounds}; got {value}")
         return value
 
     parse.__name__ = "integer"  # what argparse names in its error message
     return parse
+
+
+def _seconds(text: str) -> float:
+    """An argparse type: a finite, non-negative number of seconds."""
+    value = float(text)
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, 0 or more; got {text}")
+    return value
 
 
 def _env(name: str) -> str | None:
@@ -149,10 +167,15 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="calls past this many at once get RESOURCE_EXHAUSTED",
     )
-    p.add_argument("--max-message-mb", type=_count(1), default=None, help="largest gRPC message")
+    p.add_argument(
+        "--max-message-mb",
+        type=_count(1, _MAX_MESSAGE_MB),
+        default=None,
+        help="largest gRPC message; larger requests get RESOURCE_EXHAUSTED",
+    )
     p.add_argument("--residual-cache-mb", type=_count(0), default=None)
     p.add_argument("--residual-cache-entries", type=_count(0), default=None)
-    p.add_argument("--residual-ttl", type=float, default=None, metavar="SECONDS")
+    p.add_argument("--residual-ttl", type=_seconds, default=None, metavar="SECONDS")
     p.add_argument(
         "--shared-memory",
         choices=SHARED_MEMORY_POLICIES,

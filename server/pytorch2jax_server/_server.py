@@ -31,6 +31,16 @@ DEFAULT_MAX_WORKERS = 16
 DEFAULT_MAX_CONCURRENT_CALLS = 64
 
 _PORT = re.compile(r":(\d+)$")
+
+#: The worker pings every connection that is quiet for 30 s and drops it after 10 s more
+#: without an answer: a client whose host or network went away sends no FIN, and its
+#: session (a thread, a --max-sessions slot, its memory and residuals) would stay forever.
+_KEEPALIVE_OPTIONS = [
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+]
 _log = logging.getLogger("pytorch2jax_server")
 
 
@@ -46,17 +56,18 @@ class Worker:
     calls: Calls
     _unix_paths: list[str] = field(default_factory=list)
     _stopping: threading.Event = field(default_factory=threading.Event)
+    _sweeper: threading.Thread | None = None
 
-    def __post_init__(self) -> None:
-        # Residuals past their TTL go even when no call comes to evict them.
+    def _start_sweeping(self) -> None:
+        """Residuals past their TTL go even when no call comes to evict them."""
         period = min(max(self.residuals.ttl_s / 4, 0.05), 5.0)
-        threading.Thread(
-            target=self._sweep, args=(period,), name="p2j-residual-sweeper", daemon=True
-        ).start()
 
-    def _sweep(self, period: float) -> None:
-        while not self._stopping.wait(period):
-            self.residuals.expire()
+        def sweep() -> None:
+            while not self._stopping.wait(period):
+                self.residuals.expire()
+
+        self._sweeper = threading.Thread(target=sweep, name="p2j-residual-sweeper", daemon=True)
+        self._sweeper.start()
 
     def stop(self, grace: float | None = 30.0) -> None:
         """Refuses new calls (UNAVAILABLE; health NOT_SERVING), lets the calls in flight
@@ -64,11 +75,13 @@ class Worker:
         self.health.enter_graceful_shutdown()
         stopped = self.server.stop(grace)
         # Session streams never finish by themselves, and would hold stop for the whole
-        # grace: end them once the calls are done (a session's regions stay mapped for
-        # as long as a call in flight views them, so ending it early would be safe too).
+        # grace: end them now. Calls in flight go on: a region stays mapped for as long
+        # as a tensor of a call views it.
         self.sessions.close_all()
         stopped.wait()
         self._stopping.set()
+        if self._sweeper is not None:
+            self._sweeper.join()
         self.residuals.clear()
         for path in self._unix_paths:
             try:
@@ -137,7 +150,7 @@ def create_server(
         futures.ThreadPoolExecutor(
             max_workers=max_workers + sessions.max_sessions, thread_name_prefix="p2j-worker"
         ),
-        options=channel_options(max_message_bytes),
+        options=channel_options(max_message_bytes) + _KEEPALIVE_OPTIONS,
         maximum_concurrent_rpcs=max_concurrent_calls + sessions.max_sessions,
         # The token is checked first: a refused request is never parsed.
         interceptors=[*security.interceptors(), RefuseUndecodable()],
@@ -175,4 +188,6 @@ def create_server(
     server.start()
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return Worker(server, bound, health_servicer, residuals, sessions, calls, unix_paths)
+    worker = Worker(server, bound, health_servicer, residuals, sessions, calls, unix_paths)
+    worker._start_sweeping()
+    return worker

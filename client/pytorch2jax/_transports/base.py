@@ -15,14 +15,20 @@ from __future__ import annotations
 
 import abc
 import sys
+import threading
 from collections.abc import Sequence
 from typing import Any
 
 import grpc
 import numpy as np
 
-from pytorch2jax._exceptions import from_rpc_error
+from pytorch2jax._exceptions import WorkerUnavailableError, from_rpc_error
 from pytorch2jax_protocol import pb, pb_grpc
+
+
+#: How long opening a session, or registering memory in it, may take: a worker that
+#: accepts connections but does not answer must not hold a call past its deadline.
+SETUP_TIMEOUT_S = 30.0
 
 
 def open_session(
@@ -31,10 +37,20 @@ def open_session(
     """A new session offering ``offers`` (transports): its stream (cancel it to end the
     session) and the worker's answer, which says the transports it allows."""
     stream = stub.OpenSession(pb.OpenSessionRequest(transports=list(offers)))
+    # The stream lives as long as the session, so it takes no deadline: only its first
+    # message does.
+    timer = threading.Timer(SETUP_TIMEOUT_S, stream.cancel)
+    timer.start()
     try:
         return stream, next(stream)
     except grpc.RpcError as e:
+        if e.code() == grpc.StatusCode.CANCELLED:
+            raise WorkerUnavailableError(
+                f"the worker at {target} did not open a session within {SETUP_TIMEOUT_S:g} s"
+            ) from None
         raise from_rpc_error(e, target) from None
+    finally:
+        timer.cancel()
 
 
 class Call(abc.ABC):

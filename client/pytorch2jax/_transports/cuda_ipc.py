@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pytorch2jax._exceptions import UnsupportedError, WorkerInternalError
-from pytorch2jax._transports.base import Call
+from pytorch2jax._transports.base import SETUP_TIMEOUT_S, Call
 from pytorch2jax._transports.shm import ShmTransport, _Arena, _Lease
 from pytorch2jax_protocol import cuda, dtypes, pb, shm, tensors
 
@@ -249,7 +249,9 @@ class CudaIpcTransport(ShmTransport):
 
     def _new_arena(self, size: int) -> _Arena:
         reply = self._stub.CreateCudaPool(
-            pb.CreateCudaPoolRequest(device_uuid=self._uuid, size=size), metadata=self._metadata
+            pb.CreateCudaPoolRequest(device_uuid=self._uuid, size=size),
+            metadata=self._metadata,
+            timeout=SETUP_TIMEOUT_S,
         )
         mapping = _IpcMapping(self._ordinal, reply.ipc_handle)
         return _Arena(reply.region, size, mapping.pointer, mapping)

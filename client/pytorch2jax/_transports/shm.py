@@ -29,7 +29,7 @@ import numpy as np
 
 from pytorch2jax._copy import copy_into
 from pytorch2jax._exceptions import UnsupportedError, WorkerInternalError, from_rpc_error
-from pytorch2jax._transports.base import Call, Transport, open_session
+from pytorch2jax._transports.base import SETUP_TIMEOUT_S, Call, Transport, open_session
 from pytorch2jax_protocol import cuda, dtypes, pb, pb_grpc, shm, tensors
 
 _log = logging.getLogger("pytorch2jax")
@@ -298,7 +298,9 @@ class ShmTransport(Transport):
         name, mapping = shm.create(size)
         try:
             reply = self._stub.RegisterRegion(
-                pb.RegisterRegionRequest(name=name, size=size), metadata=self._metadata
+                pb.RegisterRegionRequest(name=name, size=size),
+                metadata=self._metadata,
+                timeout=SETUP_TIMEOUT_S,
             )
         finally:
             shm.unlink(name)  # the worker unlinked it too, unless it failed to map it

@@ -39,7 +39,8 @@ _log = logging.getLogger("pytorch2jax_server")
 #: Who may use shared memory: "local" (unix sockets and loopback TCP), "any" peer (e.g.
 #: containers that share /dev/shm over a Docker network), or nobody ("off").
 SHARED_MEMORY_POLICIES = ("local", "any", "off")
-DEFAULT_MAX_SESSIONS = 32
+#: Every client of one worker holds one (inline ones too), and a thread of the worker.
+DEFAULT_MAX_SESSIONS = 64
 DEFAULT_MAX_REGIONS_PER_SESSION = 64
 DEFAULT_MAX_SESSION_BYTES = 8 << 30
 _LOCAL_PEERS = ("unix:", "ipv4:127.", "ipv6:[::1]", "ipv6:%5B::1%5D")
@@ -203,8 +204,8 @@ class Sessions:
         self._no_cuda_ipc = cuda_ipc.unavailable_reason(self.device)  # or "" if offered
         self._sessions: dict[bytes, Session] = {}
         self._lock = threading.Lock()
-        #: Called with a session's id once it is closed (not at close_all: the worker
-        #: is stopping and drops everything).
+        #: Called with a session's id once it is closed, after it is marked closed (the
+        #: servicer relies on that order to never keep a residual for a closed session).
         self.on_close: list[Callable[[bytes], object]] = []
 
     def open(self, peer: str, wanted: Sequence[int]) -> tuple[Session, str]:
