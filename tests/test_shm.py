@@ -306,3 +306,29 @@ def test_client_killed_mid_call_leaves_nothing(shm_worker):
     with pytorch2jax.connect(shm_worker.unix) as c:
         y = c.py_to_jax_wrapper("scale_shift")(jnp.ones(3), jnp.float32(0))
         np.testing.assert_array_equal(np.asarray(y), 2.0)
+
+
+def test_a_reset_during_a_call_never_mixes_sessions(shm_worker):
+    """Another thread resets the session (as after a worker restart) between a call taking
+    its slots and sending them: the call must not name the new session with the old
+    session's references (region ids repeat across sessions: wrong numbers, silently)."""
+    client = pytorch2jax.connect(shm_worker.unix, transport="shm")
+    client._transport.inline_below = 0
+    f = client.py_to_jax_wrapper("scale_shift")
+    x = jnp.arange(1.0, 1025.0)
+    np.testing.assert_array_equal(np.asarray(f(x, jnp.float32(0))), 2 * np.asarray(x))
+    transport, resets = client._transport, []
+    take_slots = transport.call
+
+    def take_slots_then_reset(request_bytes, reply_bytes):
+        call = take_slots(request_bytes, reply_bytes)
+        if not resets:
+            resets.append(call.metadata)
+            transport.reset(call.metadata)  # what the other thread did meanwhile
+        return call
+
+    transport.call = take_slots_then_reset
+    x2 = x + 1000.0
+    np.testing.assert_array_equal(np.asarray(f(x2, jnp.float32(0))), 2 * np.asarray(x2))
+    assert resets and client.transport_info()["arenas"] == 1
+    client.close()
