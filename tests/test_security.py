@@ -293,10 +293,13 @@ def test_a_model_error_reaches_the_client_without_the_workers_paths(tmp_path):
     (tmp_path / "leaky_model.py").write_text(_LEAKY)
     env = {"PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     models = {"leaky": "leaky_model:leaky"}
-    with start_worker(models=models, listen=[f"unix://{tmp_path}/w.sock"], env=env) as w:
+    listen = [f"unix://{tmp_path}/w.sock"]
+    with start_worker("--log-level", "INFO", models=models, listen=listen, env=env) as w:
         with pytorch2jax.connect(w.unix) as client:
             with pytest.raises(pytorch2jax.InvalidArgumentError) as e:
                 client.py_to_jax_wrapper("leaky", out_shapes=jax.ShapeDtypeStruct((2,), jnp.float32))(jnp.ones(2))
+        log = w.stderr()
+    assert "/srv/private/weights.pt" in log  # the worker's own log keeps it
     # What the worker said, after the client's "worker at <the target it dialled>: ".
     said = str(e.value).split(".sock: ", 1)[1]
     assert "FileNotFoundError: [Errno 2] No such file or directory: '<path>'" in said
