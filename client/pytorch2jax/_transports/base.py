@@ -117,3 +117,41 @@ class Transport(abc.ABC):
     def describe(self) -> dict[str, Any]:
         """What the transport holds, for ``Client.transport_info()`` and tests."""
         return {"transport": self.name}
+
+
+class SessionTransport(Transport):
+    """A transport that holds a session with its worker (``open_session``): the stream, the
+    metadata that names it on every call, and starting over when the worker lost it.
+    Subclasses open the session in ``_open`` (setting ``_stream`` and ``_metadata``) and
+    free what they hold besides the stream in ``_end``."""
+
+    def __init__(self, channel: grpc.Channel | None, target: str) -> None:
+        self._stub = pb_grpc.BridgeStub(channel) if channel is not None else None
+        self._target = target
+        self._lock = threading.Lock()
+        self._stream: Any = None
+        self._closed = False
+        self._metadata: tuple[tuple[str, str], ...] = ()
+
+    @abc.abstractmethod
+    def _open(self) -> None:
+        """Opens a session (under ``_lock``, or before the transport is shared)."""
+
+    def _end(self) -> None:
+        # The metadata stays: until a new session opens, calls name the old one and the
+        # worker answers ABORTED, which makes the client try again (``reset``).
+        if self._stream is not None:
+            self._stream.cancel()
+            self._stream = None
+
+    def reset(self, failed: tuple[tuple[str, str], ...]) -> None:
+        with self._lock:
+            if self._closed or failed != self._metadata:
+                return
+            self._end()
+            self._open()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self._end()

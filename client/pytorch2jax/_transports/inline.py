@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import logging
-import threading
-from typing import Any
 
 import grpc
 import numpy as np
 
 from pytorch2jax._exceptions import ResourceExhaustedError
-from pytorch2jax._transports.base import Call, Transport, open_session
-from pytorch2jax_protocol import pb, pb_grpc, shm, tensors
+from pytorch2jax._transports.base import Call, SessionTransport, open_session
+from pytorch2jax_protocol import pb, shm, tensors
 
 _log = logging.getLogger("pytorch2jax")
 
@@ -25,7 +23,7 @@ class InlineCall(Call):
         return tensors.from_wire(msg)
 
 
-class InlineTransport(Transport):
+class InlineTransport(SessionTransport):
     """Bytes in the messages. Given a ``channel`` (a client of one worker), it also holds a
     session, with no memory in it: its stream tells the worker when this client is gone,
     so the worker frees the autograd state it kept for us at once, not a TTL later."""
@@ -33,12 +31,7 @@ class InlineTransport(Transport):
     name = "inline"
 
     def __init__(self, channel: grpc.Channel | None = None, target: str = "") -> None:
-        self._stub = pb_grpc.BridgeStub(channel) if channel is not None else None
-        self._target = target
-        self._lock = threading.Lock()
-        self._stream: Any = None
-        self._closed = False
-        self._metadata: tuple[tuple[str, str], ...] = ()
+        super().__init__(channel, target)
         self._open()
 
     def _open(self) -> None:
@@ -57,26 +50,7 @@ class InlineTransport(Transport):
             return
         self._metadata = ((shm.SESSION_METADATA_KEY, info.session.hex()),)
 
-    def _end(self) -> None:
-        # The metadata stays: until a new session opens, calls name the old one and the
-        # worker answers ABORTED, which makes the client try again (``reset``).
-        if self._stream is not None:
-            self._stream.cancel()
-            self._stream = None
-
     def call(self, request_bytes: int, reply_bytes: int) -> Call:
         call = InlineCall()
         call.metadata = self._metadata
         return call
-
-    def reset(self, failed: tuple[tuple[str, str], ...]) -> None:
-        with self._lock:
-            if self._closed or failed != self._metadata:
-                return
-            self._end()
-            self._open()
-
-    def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            self._end()

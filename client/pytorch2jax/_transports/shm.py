@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import threading
 from typing import Any
 
 import grpc
@@ -29,8 +28,8 @@ import numpy as np
 
 from pytorch2jax._copy import copy_into
 from pytorch2jax._exceptions import UnsupportedError, WorkerInternalError, from_rpc_error
-from pytorch2jax._transports.base import SETUP_TIMEOUT_S, Call, Transport, open_session
-from pytorch2jax_protocol import cuda, dtypes, pb, pb_grpc, shm, tensors
+from pytorch2jax._transports.base import SETUP_TIMEOUT_S, Call, SessionTransport, open_session
+from pytorch2jax_protocol import cuda, dtypes, pb, shm, tensors
 
 _log = logging.getLogger("pytorch2jax")
 
@@ -164,7 +163,7 @@ class ShmCall(Call):
         self._request_bytes = self._reply = None
 
 
-class ShmTransport(Transport):
+class ShmTransport(SessionTransport):
     """Shared memory with a worker on this host, under one session (see the module doc)."""
 
     name = "shm"
@@ -184,17 +183,12 @@ class ShmTransport(Transport):
         arena_bytes: int = DEFAULT_ARENA_BYTES,
         inline_below: int = DEFAULT_INLINE_BELOW,
     ) -> None:
+        super().__init__(channel, target)
         self.inline_below = inline_below
-        self._stub = pb_grpc.BridgeStub(channel)
-        self._target = target
         self._max_bytes = max_bytes
         self._arena_bytes = arena_bytes
-        self._lock = threading.Lock()
         self._returns: collections.deque = collections.deque()
         self._arenas: list[_Arena] = []
-        self._stream: Any = None
-        self._closed = False
-        self._metadata: tuple[tuple[str, str], ...] = ()
         self._warned = False
         self._open()
 
@@ -220,22 +214,10 @@ class ShmTransport(Transport):
             raise
 
     def _end(self) -> None:
-        if self._stream is not None:
-            self._stream.cancel()
-            self._stream = None
-        self._arenas = []  # live leases keep their arena's mapping until they die
-
-    def reset(self, failed: tuple[tuple[str, str], ...]) -> None:
-        with self._lock:
-            if self._closed or failed != self._metadata:
-                return
-            self._end()  # blocks of the old arenas that come back later are dropped (_drain)
-            self._open()
-
-    def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            self._end()
+        super()._end()
+        # Live leases keep their arena's mapping until they die; blocks of the old arenas
+        # that come back later are dropped (_drain).
+        self._arenas = []
 
     # -- memory --------------------------------------------------------------------------
 
