@@ -121,16 +121,40 @@ def start_worker(
                 process.stdout.close()
 
 
-def _our_segments() -> set[str]:
+def our_segments() -> set[str]:
+    """The names of our shared-memory segments in /dev/shm."""
     return {n for n in os.listdir("/dev/shm") if n.startswith("p2j-")}
+
+
+def wait_until(condition, timeout: float = 10.0) -> float:
+    """Seconds until ``condition()`` held; fails the test after ``timeout``."""
+    start = time.monotonic()
+    while not condition():
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"not within {timeout} s: {condition.__doc__ or condition}")
+        time.sleep(0.02)
+    return time.monotonic() - start
+
+
+@contextlib.contextmanager
+def client_process(*args: str) -> Iterator[subprocess.Popen]:
+    """``python *args`` with its stdout piped, killed (if still running) on exit."""
+    proc = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, text=True)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
 
 
 @pytest.fixture(scope="session", autouse=True)
 def no_shared_memory_left():
     """After the whole suite, /dev/shm holds no segment of ours that was not there before."""
-    before = _our_segments()
+    before = our_segments()
     yield
-    left = _our_segments() - before
+    left = our_segments() - before
     assert not left, f"shared-memory segments left behind: {sorted(left)}"
 
 

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import textwrap
 import threading
 import time
@@ -19,7 +17,7 @@ import numpy as np
 import pytest
 
 import pytorch2jax
-from conftest import RawSession, start_worker
+from conftest import RawSession, client_process, start_worker, wait_until
 from pytorch2jax_protocol import pb, pb_grpc
 
 MODELS = {
@@ -49,16 +47,6 @@ def _stats(address: str) -> pb.WorkerStats:
     """The worker's stats, asked over a channel of its own (no session)."""
     with grpc.insecure_channel(address) as channel:
         return pb_grpc.BridgeStub(channel).GetWorkerStats(pb.WorkerStatsRequest(), timeout=10)
-
-
-def _wait_for(predicate, timeout: float = 10.0) -> float:
-    """Seconds until ``predicate()`` held; fails the test after ``timeout``."""
-    start = time.monotonic()
-    while not predicate():
-        if time.monotonic() - start > timeout:
-            raise AssertionError(f"not within {timeout} s: {predicate.__doc__ or predicate}")
-        time.sleep(0.02)
-    return time.monotonic() - start
 
 
 def _slow_request() -> pb.ForwardRequest:
@@ -108,7 +96,7 @@ def test_worker_killed_mid_call_then_restarted_at_the_same_address(tmp_path, tra
         client = pytorch2jax.connect(address, transport=transport, call_timeout=20, reconnect=2)
         slow = client.py_to_jax_wrapper("slow")
         join = _in_thread(lambda: slow(jnp.ones((2, 4))))
-        _wait_for(lambda: _stats(address).calls_in_flight == 1)
+        wait_until(lambda: _stats(address).calls_in_flight == 1)
         os.kill(w.process.pid, signal.SIGKILL)
         w.process.wait()
         error, seconds = join()
@@ -172,12 +160,9 @@ _CLIENT = textwrap.dedent(
 def test_client_killed_mid_call_releases_what_it_held(worker, transport):
     address = _address(worker, transport)
     before = _stats(address)
-    proc = subprocess.Popen(
-        [sys.executable, "-c", _CLIENT, address, transport], stdout=subprocess.PIPE, text=True
-    )
-    try:
+    with client_process("-c", _CLIENT, address, transport) as proc:
         assert proc.stdout.readline() == "holding\n"
-        _wait_for(lambda: _stats(address).calls_in_flight == before.calls_in_flight + 1)
+        wait_until(lambda: _stats(address).calls_in_flight == before.calls_in_flight + 1)
         held = _stats(address)
         assert held.residuals == before.residuals + 3
         assert held.sessions == before.sessions + 1
@@ -185,11 +170,6 @@ def test_client_killed_mid_call_releases_what_it_held(worker, transport):
             assert held.regions > before.regions
         proc.kill()
         proc.wait()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stdout.close()
 
     def released():
         """the worker released the killed client's session, regions, residuals and call"""
@@ -202,7 +182,7 @@ def test_client_killed_mid_call_releases_what_it_held(worker, transport):
         )
 
     # The slow call had 29 s to go: it stops at its next submodule instead.
-    assert _wait_for(released, timeout=5) < 5
+    assert wait_until(released, timeout=5) < 5
     assert _stats(address).calls_cancelled > before.calls_cancelled
     with pytorch2jax.connect(address, transport=transport) as c:  # and serves others
         y = c.py_to_jax_wrapper("scale_shift")(jnp.ones(3), jnp.float32(0))
@@ -223,7 +203,7 @@ def test_call_past_its_deadline_raises_and_its_work_stops(worker, transport):
             jax.vjp(slow, jnp.ones((2, 4)))  # a forward that would keep autograd state
         assert time.monotonic() - start < 5
         # Stopped at its next submodule, not 30 s later; no autograd state kept.
-        _wait_for(lambda: _stats(address).calls_in_flight == before.calls_in_flight, timeout=3)
+        wait_until(lambda: _stats(address).calls_in_flight == before.calls_in_flight, timeout=3)
         after = _stats(address)
         assert after.calls_cancelled == before.calls_cancelled + 1
         assert after.residuals == before.residuals
@@ -235,11 +215,11 @@ def test_cancelled_call_stops_on_the_worker(worker):
     before = _stats(worker.unix)
     with grpc.insecure_channel(worker.unix) as channel:
         future = pb_grpc.BridgeStub(channel).Forward.future(_slow_request(), timeout=60)
-        _wait_for(lambda: _stats(worker.unix).calls_in_flight == before.calls_in_flight + 1)
+        wait_until(lambda: _stats(worker.unix).calls_in_flight == before.calls_in_flight + 1)
         future.cancel()
         with pytest.raises(grpc.FutureCancelledError):
             future.result()
-    _wait_for(lambda: _stats(worker.unix).calls_in_flight == before.calls_in_flight, timeout=3)
+    wait_until(lambda: _stats(worker.unix).calls_in_flight == before.calls_in_flight, timeout=3)
     assert _stats(worker.unix).calls_cancelled == before.calls_cancelled + 1
 
 
@@ -257,7 +237,7 @@ def test_sigterm_finishes_calls_in_flight_and_refuses_new_ones(tmp_path):
             _in_thread(lambda c=c: c.py_to_jax_wrapper("slow")(jnp.full((2, 4), 1.0)))
             for c in clients
         ]
-        _wait_for(lambda: _stats(w.tcp).calls_in_flight == 3)
+        wait_until(lambda: _stats(w.tcp).calls_in_flight == 3)
         w.process.send_signal(signal.SIGTERM)
 
         def refuses_new_connections():
@@ -268,7 +248,7 @@ def test_sigterm_finishes_calls_in_flight_and_refuses_new_ones(tmp_path):
                 return e.code() == grpc.StatusCode.UNAVAILABLE
             return False
 
-        _wait_for(refuses_new_connections, timeout=5)  # the calls in flight take 2 s
+        wait_until(refuses_new_connections, timeout=5)  # the calls in flight take 2 s
         with pytest.raises(grpc.RpcError) as refused:  # and new calls on open ones
             stub.ListModels(pb.ListModelsRequest(), timeout=5)
         assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
@@ -371,4 +351,4 @@ def test_expired_residuals_go_on_an_idle_worker(tmp_path):
             kept = jax.vjp(client.py_to_jax_wrapper("mlp"), jnp.ones((4, 8)))  # noqa: F841
             assert _stats(w.unix).residuals == 1
             # No call comes to evict it: the worker's sweeper does, within a TTL and a bit.
-            _wait_for(lambda: _stats(w.unix).residuals == 0, timeout=5)
+            wait_until(lambda: _stats(w.unix).residuals == 0, timeout=5)

@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import textwrap
-import time
 
 import grpc
 import jax
@@ -21,28 +18,15 @@ import numpy as np
 import pytest
 
 import pytorch2jax
-from conftest import RawSession, start_worker
+from conftest import RawSession, client_process, our_segments, start_worker, wait_until
 from pytorch2jax_protocol import pb, shm
 
 MODELS = {"scale_shift": "pytorch2jax_server.examples:scale_shift"}
 
 
-def _ours_in_dev_shm() -> list[str]:
-    return sorted(n for n in os.listdir("/dev/shm") if n.startswith("p2j-"))
-
-
 def _mapped_segments(pid: int) -> list[str]:
     with open(f"/proc/{pid}/maps") as f:
         return [line.split()[-2] for line in f if "/dev/shm/p2j-" in line]
-
-
-def _wait_until(condition, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return condition()
 
 
 def _ref_tensor(region: int, offset: int, nbytes: int, shape=(4,)) -> pb.Tensor:
@@ -183,12 +167,12 @@ def test_register_refuses_a_size_beyond_the_segment(raw):
 
 
 def test_segments_are_private_and_unlinked_once_mapped(shm_worker):
-    before = _ours_in_dev_shm()
+    before = our_segments()
     with pytorch2jax.connect(shm_worker.unix, transport="shm") as c:
         assert c.transport == "shm"
-        assert _ours_in_dev_shm() == before
+        assert our_segments() == before
         assert len(_mapped_segments(shm_worker.process.pid)) >= 1
-    assert _wait_until(lambda: not _mapped_segments(shm_worker.process.pid))
+    wait_until(lambda: not _mapped_segments(shm_worker.process.pid))
 
 
 def test_close_unmaps_in_the_worker_and_arrays_stay_valid(shm_worker):
@@ -196,7 +180,7 @@ def test_close_unmaps_in_the_worker_and_arrays_stay_valid(shm_worker):
     f = c.py_to_jax_wrapper("scale_shift")
     y = f(jnp.arange(1 << 16, dtype=jnp.float32), jnp.float32(0))
     c.close()
-    assert _wait_until(lambda: not _mapped_segments(shm_worker.process.pid))
+    wait_until(lambda: not _mapped_segments(shm_worker.process.pid))
     np.testing.assert_array_equal(np.asarray(y[:3]), [0, 2, 4])
 
 
@@ -227,7 +211,7 @@ def test_slots_are_not_reused_while_an_eager_output_lives(clients):
         jnp.zeros(1).block_until_ready()
         return client.transport_info()["in_use"] < in_use
 
-    assert _wait_until(returned)
+    wait_until(returned)
 
 
 def test_auto_falls_back_to_inline_when_shm_is_off():
@@ -282,27 +266,16 @@ _KILLED_CLIENT = textwrap.dedent(
 
 
 def test_client_killed_mid_call_leaves_nothing(shm_worker):
-    before = _ours_in_dev_shm()
-    proc = subprocess.Popen(
-        [sys.executable, "-c", _KILLED_CLIENT, shm_worker.unix],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None
+    before = our_segments()
+    with client_process("-c", _KILLED_CLIENT, shm_worker.unix) as proc:
         for _ in range(3):  # a few calls in: memory registered, a call in flight
             assert proc.stdout.readline() == "calling\n"
         assert _mapped_segments(shm_worker.process.pid)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stdout.close()
-    assert _ours_in_dev_shm() == before
+    assert our_segments() == before
     # The connection drops, the session ends, and the worker unmaps the client's memory.
-    assert _wait_until(lambda: not _mapped_segments(shm_worker.process.pid))
+    wait_until(lambda: not _mapped_segments(shm_worker.process.pid))
     with pytorch2jax.connect(shm_worker.unix) as c:
         y = c.py_to_jax_wrapper("scale_shift")(jnp.ones(3), jnp.float32(0))
         np.testing.assert_array_equal(np.asarray(y), 2.0)
