@@ -22,14 +22,7 @@ import torch
 from pytorch2jax_protocol import PARAMETER_CHUNK_BYTES, WORKER_ID_METADATA_KEY, pb, pb_grpc, values
 from pytorch2jax_server import __version__
 from pytorch2jax_server._calls import Call, Calls
-from pytorch2jax_server._dataplane import (
-    CallCodec,
-    Session,
-    Sessions,
-    inline,
-    session_id_of,
-    session_of,
-)
+from pytorch2jax_server._dataplane import CallCodec, Sessions, inline, named_session, session_of
 from pytorch2jax_server._errors import InvalidRequest, ResidualLost, WorkerError
 from pytorch2jax_server._models import Registry, ServedModel, vjp
 from pytorch2jax_server._residuals import ResidualCache
@@ -206,7 +199,7 @@ class BridgeServicer(pb_grpc.BridgeServicer):
     def Forward(self, request, context, call: Call):
         model = self._registry.get(request.model)
         # Checked before the work: a client whose session is gone must open a new one.
-        owner = self._owner(context) if request.keep_residual else None
+        owner = named_session(self._sessions, context) if request.keep_residual else None
         codec = CallCodec(
             self._sessions, context, _reply_area(request), keep=request.keep_residual
         )
@@ -232,11 +225,6 @@ class BridgeServicer(pb_grpc.BridgeServicer):
                 self._residuals.release([handle])
                 handle = b""
         return pb.ForwardResponse(outputs=outputs, residual=handle)
-
-    def _owner(self, context: grpc.ServicerContext) -> Session | None:
-        """The session a call names (an unknown one is SessionLost), or None."""
-        session_id = session_id_of(context)
-        return None if session_id is None else self._sessions.get(session_id)
 
     @_serving
     def Vjp(self, request, context, call: Call):

@@ -26,29 +26,31 @@ __all__ = [
     "Session",
     "Sessions",
     "inline",
-    "session_id_of",
+    "named_session",
     "session_of",
 ]
 
 
-def session_id_of(context: grpc.ServicerContext) -> bytes | None:
-    """The session id a call names in its metadata, or None if it names none."""
+def named_session(sessions: Sessions, context: grpc.ServicerContext) -> Session | None:
+    """The session a call names in its metadata (an unknown one is SessionLost), or None
+    if it names none."""
     for key, value in context.invocation_metadata():
         if key == _shm.SESSION_METADATA_KEY:
             try:
-                return bytes.fromhex(value)
+                session_id = bytes.fromhex(value)
             except ValueError:
                 raise InvalidRequest(
                     f"the {_shm.SESSION_METADATA_KEY} metadata entry must be a session id in hex"
                 ) from None
+            return sessions.get(session_id)
     return None
 
 
 def session_of(sessions: Sessions, context: grpc.ServicerContext) -> Session:
-    """The session a call names in its metadata."""
-    session_id = session_id_of(context)
-    if session_id is not None:
-        return sessions.get(session_id)
+    """The session a call names in its metadata, which it must."""
+    session = named_session(sessions, context)
+    if session is not None:
+        return session
     raise InvalidRequest(
         "this call refers to shared memory but names no session; open one with OpenSession "
         f"and send its id in hex in the {_shm.SESSION_METADATA_KEY} metadata entry"
