@@ -126,6 +126,12 @@ def our_segments() -> set[str]:
     return {n for n in os.listdir("/dev/shm") if n.startswith("p2j-")}
 
 
+def worker_stats(address: str) -> pb.WorkerStats:
+    """The worker's stats, asked over a channel of its own (no session)."""
+    with grpc.insecure_channel(address) as channel:
+        return pb_grpc.BridgeStub(channel).GetWorkerStats(pb.WorkerStatsRequest(), timeout=10)
+
+
 def wait_until(condition, timeout: float = 10.0) -> float:
     """Seconds until ``condition()`` held; fails the test after ``timeout``."""
     start = time.monotonic()

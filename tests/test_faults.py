@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import pytorch2jax
-from conftest import RawSession, client_process, start_worker, wait_until
+from conftest import RawSession, client_process, start_worker, wait_until, worker_stats
 from pytorch2jax_protocol import pb, pb_grpc
 
 MODELS = {
@@ -41,12 +41,6 @@ def _slow(folder, seconds: float = 30.0, steps: int = 300) -> tuple[str, str]:
 
 def _address(worker, transport: str) -> str:
     return worker.unix if transport == "shm" else worker.tcp
-
-
-def _stats(address: str) -> pb.WorkerStats:
-    """The worker's stats, asked over a channel of its own (no session)."""
-    with grpc.insecure_channel(address) as channel:
-        return pb_grpc.BridgeStub(channel).GetWorkerStats(pb.WorkerStatsRequest(), timeout=10)
 
 
 def _slow_request() -> pb.ForwardRequest:
@@ -96,7 +90,7 @@ def test_worker_killed_mid_call_then_restarted_at_the_same_address(tmp_path, tra
         client = pytorch2jax.connect(address, transport=transport, call_timeout=20, reconnect=2)
         slow = client.py_to_jax_wrapper("slow")
         join = _in_thread(lambda: slow(jnp.ones((2, 4))))
-        wait_until(lambda: _stats(address).calls_in_flight == 1)
+        wait_until(lambda: worker_stats(address).calls_in_flight == 1)
         os.kill(w.process.pid, signal.SIGKILL)
         w.process.wait()
         error, seconds = join()
@@ -113,7 +107,7 @@ def test_worker_killed_mid_call_then_restarted_at_the_same_address(tmp_path, tra
         grad = jax.jit(jax.grad(lambda x: f(x, jnp.float32(0)).sum()))
         np.testing.assert_array_equal(np.asarray(grad(x)), 2.0)
         assert client.transport == transport
-        assert _stats(address).sessions == 1
+        assert worker_stats(address).sessions == 1
         if transport == "shm":
             assert client.transport_info()["arenas"] == 1  # the new session's
         client.close()
@@ -159,11 +153,11 @@ _CLIENT = textwrap.dedent(
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_client_killed_mid_call_releases_what_it_held(worker, transport):
     address = _address(worker, transport)
-    before = _stats(address)
+    before = worker_stats(address)
     with client_process("-c", _CLIENT, address, transport) as proc:
         assert proc.stdout.readline() == "holding\n"
-        wait_until(lambda: _stats(address).calls_in_flight == before.calls_in_flight + 1)
-        held = _stats(address)
+        wait_until(lambda: worker_stats(address).calls_in_flight == before.calls_in_flight + 1)
+        held = worker_stats(address)
         assert held.residuals == before.residuals + 3
         assert held.sessions == before.sessions + 1
         if transport == "shm":
@@ -173,7 +167,7 @@ def test_client_killed_mid_call_releases_what_it_held(worker, transport):
 
     def released():
         """the worker released the killed client's session, regions, residuals and call"""
-        now = _stats(address)
+        now = worker_stats(address)
         return (now.sessions, now.regions, now.residuals, now.calls_in_flight) == (
             before.sessions,
             before.regions,
@@ -183,7 +177,7 @@ def test_client_killed_mid_call_releases_what_it_held(worker, transport):
 
     # The slow call had 29 s to go: it stops at its next submodule instead.
     assert wait_until(released, timeout=5) < 5
-    assert _stats(address).calls_cancelled > before.calls_cancelled
+    assert worker_stats(address).calls_cancelled > before.calls_cancelled
     with pytorch2jax.connect(address, transport=transport) as c:  # and serves others
         y = c.py_to_jax_wrapper("scale_shift")(jnp.ones(3), jnp.float32(0))
         np.testing.assert_array_equal(np.asarray(y), 2.0)
@@ -195,7 +189,7 @@ def test_client_killed_mid_call_releases_what_it_held(worker, transport):
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_call_past_its_deadline_raises_and_its_work_stops(worker, transport):
     address = _address(worker, transport)
-    before = _stats(address)
+    before = worker_stats(address)
     with pytorch2jax.connect(address, transport=transport, call_timeout=0.5) as client:
         slow = client.py_to_jax_wrapper("slow")
         start = time.monotonic()
@@ -203,8 +197,8 @@ def test_call_past_its_deadline_raises_and_its_work_stops(worker, transport):
             jax.vjp(slow, jnp.ones((2, 4)))  # a forward that would keep autograd state
         assert time.monotonic() - start < 5
         # Stopped at its next submodule, not 30 s later; no autograd state kept.
-        wait_until(lambda: _stats(address).calls_in_flight == before.calls_in_flight, timeout=3)
-        after = _stats(address)
+        wait_until(lambda: worker_stats(address).calls_in_flight == before.calls_in_flight, timeout=3)
+        after = worker_stats(address)
         assert after.calls_cancelled == before.calls_cancelled + 1
         assert after.residuals == before.residuals
         y = client.py_to_jax_wrapper("scale_shift")(jnp.ones(3), jnp.float32(0))  # still fine
@@ -212,15 +206,15 @@ def test_call_past_its_deadline_raises_and_its_work_stops(worker, transport):
 
 
 def test_cancelled_call_stops_on_the_worker(worker):
-    before = _stats(worker.unix)
+    before = worker_stats(worker.unix)
     with grpc.insecure_channel(worker.unix) as channel:
         future = pb_grpc.BridgeStub(channel).Forward.future(_slow_request(), timeout=60)
-        wait_until(lambda: _stats(worker.unix).calls_in_flight == before.calls_in_flight + 1)
+        wait_until(lambda: worker_stats(worker.unix).calls_in_flight == before.calls_in_flight + 1)
         future.cancel()
         with pytest.raises(grpc.FutureCancelledError):
             future.result()
-    wait_until(lambda: _stats(worker.unix).calls_in_flight == before.calls_in_flight, timeout=3)
-    assert _stats(worker.unix).calls_cancelled == before.calls_cancelled + 1
+    wait_until(lambda: worker_stats(worker.unix).calls_in_flight == before.calls_in_flight, timeout=3)
+    assert worker_stats(worker.unix).calls_cancelled == before.calls_cancelled + 1
 
 
 # -- graceful shutdown ------------------------------------------------------------------------
@@ -237,13 +231,13 @@ def test_sigterm_finishes_calls_in_flight_and_refuses_new_ones(tmp_path):
             _in_thread(lambda c=c: c.py_to_jax_wrapper("slow")(jnp.full((2, 4), 1.0)))
             for c in clients
         ]
-        wait_until(lambda: _stats(w.tcp).calls_in_flight == 3)
+        wait_until(lambda: worker_stats(w.tcp).calls_in_flight == 3)
         w.process.send_signal(signal.SIGTERM)
 
         def refuses_new_connections():
             """the worker refuses new connections"""
             try:
-                _stats(w.tcp)
+                worker_stats(w.tcp)
             except grpc.RpcError as e:
                 return e.code() == grpc.StatusCode.UNAVAILABLE
             return False
@@ -288,7 +282,7 @@ def test_calls_past_the_concurrency_limit_are_resource_exhausted(tmp_path):
         assert 2 <= codes.count(grpc.StatusCode.OK) <= 3, codes
         assert isinstance(error, pytorch2jax.ResourceExhaustedError)
         assert "--max-concurrent-calls" in str(error)
-        assert _stats(w.unix).calls_in_flight == 0
+        assert worker_stats(w.unix).calls_in_flight == 0
 
 
 def test_request_over_the_size_limit_is_resource_exhausted(tmp_path):
@@ -310,7 +304,7 @@ def test_residual_cache_stays_within_its_bytes(tmp_path):
             mlp = client.py_to_jax_wrapper("mlp")
             x = jnp.ones((1024, 8))
             kept = [jax.vjp(mlp, x * i) for i in range(12)]  # each keeps over 256 KiB
-            stats = _stats(w.unix)
+            stats = worker_stats(w.unix)
             assert 0 < stats.residual_bytes <= 1 << 20 and stats.residuals < 12
             # The evicted ones recompute: every gradient is still right.
             grads = [np.asarray(vjp(jnp.ones((1024, 1)))[0]) for _, vjp in kept]
@@ -349,6 +343,6 @@ def test_expired_residuals_go_on_an_idle_worker(tmp_path):
     ) as w:
         with pytorch2jax.connect(w.unix) as client:
             kept = jax.vjp(client.py_to_jax_wrapper("mlp"), jnp.ones((4, 8)))  # noqa: F841
-            assert _stats(w.unix).residuals == 1
+            assert worker_stats(w.unix).residuals == 1
             # No call comes to evict it: the worker's sweeper does, within a TTL and a bit.
-            wait_until(lambda: _stats(w.unix).residuals == 0, timeout=5)
+            wait_until(lambda: worker_stats(w.unix).residuals == 0, timeout=5)

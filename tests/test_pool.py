@@ -4,13 +4,14 @@ that kept its forward's residual, and training goes on when one worker is killed
 from __future__ import annotations
 
 import contextlib
+import gc
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import start_worker
+from conftest import start_worker, wait_until, worker_stats
 
 import pytorch2jax
 from pytorch2jax_server import examples
@@ -74,6 +75,22 @@ def test_calls_spread_and_gradients_survive_a_killed_worker(two_workers):
         _check(loss, grads, x)
         survivor = next(p for p in before if p != holder)
         assert c.workers()[survivor] >= before[survivor] + 10  # 5 forwards, 5 VJPs
+
+
+def test_unused_vjps_are_released_on_the_workers_holding_them(two_workers):
+    def held() -> int:
+        return sum(worker_stats(w.tcp).residuals for w in two_workers)
+
+    with pytorch2jax.connect([w.tcp for w in two_workers]) as c:
+        mlp = c.py_to_jax_wrapper("mlp")
+        x = jnp.ones((4, 8), jnp.float32)
+        kept = [jax.vjp(mlp, x) for _ in range(4)]
+        assert held() == 4 and len(set(c._pool._pins.values())) == 2  # on both workers
+        del kept
+        gc.collect()
+        mlp(x)  # sends each worker its handles
+        wait_until(lambda: held() == 0, timeout=5)
+        assert not c._pool._pins
 
 
 def test_pool_refuses_zero_copy_transports(two_workers):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import time
+import weakref
 
 import grpc
 import jax
@@ -11,7 +13,7 @@ import pytest
 import torch
 
 import pytorch2jax
-from conftest import start_worker, tree_allclose
+from conftest import start_worker, tree_allclose, wait_until, worker_stats
 from pytorch2jax_protocol import pb, pb_grpc
 from pytorch2jax_server import ResidualCache
 from pytorch2jax_server._residuals import Residual
@@ -116,3 +118,57 @@ def test_lost_handle_without_inputs_is_failed_precondition(worker):
             stub.Vjp(pb.VjpRequest(model="mlp", residual=b"\0" * 15 + b"\1"), timeout=10)
         assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert "send the arguments again to recompute" in info.value.details()
+
+
+@pytest.mark.parametrize("transport", ["inline", "shm"])
+def test_an_unused_eager_vjp_frees_its_residual(transport):
+    """A forward whose backward never runs (``jax.vjp`` dropped unused) frees its autograd
+    state on the worker once JAX drops its handle, not at the TTL or the session's end."""
+    with start_worker(models=MODELS) as w:
+        with pytorch2jax.connect(w.unix, transport=transport) as client:
+            mlp = client.py_to_jax_wrapper("mlp")
+            x = jnp.ones((4, 8))
+            kept = [jax.vjp(mlp, x * i) for i in range(3)]
+            assert worker_stats(w.unix).residuals == 3
+            _, used = kept.pop()
+            used(jnp.ones((4, 1)))  # its backward took it
+            assert worker_stats(w.unix).residuals == 2
+            del kept, used
+            gc.collect()
+            mlp(x)  # the next forward tells the worker, without waiting for it
+            wait_until(lambda: worker_stats(w.unix).residuals == 0, timeout=5)
+            # Eager gradients, whose backward runs at once, release nothing twice.
+            grad = jax.grad(lambda x: mlp(x).sum())
+            p_ref, x_ref = _reference_grad(None, x)
+            for _ in range(3):
+                tree_allclose(grad(x), x_ref)
+            gc.collect()
+            mlp(x)
+            assert worker_stats(w.unix).residuals == 0
+
+
+def test_an_unused_eager_vjp_frees_its_residual_in_process():
+    class Recording(torch.nn.Module):
+        """A Linear that remembers (weakly) every output it made."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = torch.nn.Linear(3, 2)
+            self.outputs: list[weakref.ref] = []
+
+        def forward(self, x):
+            y = self.linear(x)
+            self.outputs.append(weakref.ref(y))
+            return y
+
+    module = Recording()
+    apply_fn, params = pytorch2jax.convert_pytnn_to_jax(module)
+    _, vjp_fn = jax.vjp(apply_fn, params, jnp.ones((5, 3)))
+    (kept,) = module.outputs
+    gc.collect()
+    assert kept() is not None  # the residual holds the output and its graph
+    del vjp_fn
+    gc.collect()
+    apply_fn(params, jnp.ones((5, 3)))  # frees what the dropped vjp held
+    gc.collect()
+    assert kept() is None

@@ -13,7 +13,10 @@ How a call runs:
   elsewhere ``jax.pure_callback``. Under ``vmap`` the callback loops over the batch.
 - The forward of a differentiated call asks the backend to keep torch's autograd state and
   carries its handle (16 bytes) as a residual, so the backward need not re-run the forward;
-  the inputs are kept too, so it can when the handle is gone.
+  the inputs are kept too, so it can when the handle is gone. An eager forward whose
+  backward never runs (``jax.vjp`` left unused) frees that state once JAX drops its handle
+  (``_UnusedResiduals``); under tracing the handle lives in XLA, and the backend's own
+  bounds (bytes, entries, age, the session) free it.
 
 The key differences to a hand-written ``jax.custom_vjp`` around ``pure_callback``: shapes
 need no example inputs, the forward is not recomputed for the backward, and integer inputs
@@ -26,6 +29,7 @@ import collections
 import functools
 import math
 import threading
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -110,6 +114,39 @@ def _check_containers(tree: Any, where: str) -> None:
             _check_containers(x, where)
 
 
+class _UnusedResiduals:
+    """Residual handles of eager forwards, watched until their backward runs; those JAX
+    drops unused are handed back (``drain``) for the backend to free.
+
+    The finaliser runs wherever the handle's last reference goes, inside any code that
+    drops a reference, so it only appends to a deque: the backend is called at the next
+    forward, outside of whatever the finaliser interrupted.
+    """
+
+    def __init__(self) -> None:
+        self._watched: set[bytes] = set()
+        self._dropped: collections.deque[bytes] = collections.deque()
+
+    def watch(self, array: jax.Array, handle: bytes) -> None:
+        self._watched.add(handle)
+        weakref.finalize(array, self._drop, handle)
+
+    def used(self, handle: bytes) -> None:
+        """The backward took it: the backend freed it, nothing to send."""
+        self._watched.discard(handle)
+
+    def _drop(self, handle: bytes) -> None:
+        if handle in self._watched:
+            self._watched.discard(handle)
+            self._dropped.append(handle)
+
+    def drain(self) -> list[bytes]:
+        out = []
+        while self._dropped:
+            out.append(self._dropped.popleft())
+        return out
+
+
 class TorchFunction:
     """A torch model or function, run by ``backend``, as a differentiable JAX function.
 
@@ -122,6 +159,7 @@ class TorchFunction:
         self._out_shapes = out_shapes
         self._infer_cache: dict[Any, Any] = {}
         self._lock = threading.Lock()
+        self._unused = _UnusedResiduals()
         call = jax.custom_vjp(self._primal, nondiff_argnums=(0,))
         call.defvjp(self._fwd, self._bwd)
         self._call = call
@@ -180,8 +218,10 @@ class TorchFunction:
             for i, ct in zip(diff_out, ct_np):
                 full_cts[i] = ct
             args, kwargs = sig.rebuild(list(a_np))
+            handle_bytes = _host_bytes(handle_np)
+            self._unused.used(handle_bytes)
             p_grads, a_grads = self.backend.vjp(
-                _host_bytes(handle_np),
+                handle_bytes,
                 dict(zip(sig.param_names, p_np)),
                 args,
                 kwargs,
@@ -201,6 +241,9 @@ class TorchFunction:
         n_params = len(p)
 
         def host(*arrays, reply_bytes=None):
+            dropped = self._unused.drain()
+            if dropped:
+                self.backend.release(dropped)
             args, kwargs = sig.rebuild(list(arrays[n_params:]))
             params = dict(zip(sig.param_names, arrays[:n_params]))
             return self.backend.forward(
@@ -218,7 +261,12 @@ class TorchFunction:
                 # copy (device_put wraps 64-byte aligned host memory on CPU); others are copied.
                 to_jax = jax.device_put if self.backend.owns_outputs else jnp.asarray
             outputs = jax.tree_util.tree_map(to_jax, outputs)
-            return outputs, (jnp.asarray(_handle_array(handle)) if keep else None)
+            if not keep:
+                return outputs, None
+            handle_array = jnp.asarray(_handle_array(handle))
+            if handle:
+                self._unused.watch(handle_array, handle)
+            return outputs, handle_array
 
         structs = self._output_structs(sig, p, a)
         out_leaves, out_def = jax.tree_util.tree_flatten(structs)

@@ -68,3 +68,7 @@ class Backend(abc.ABC):
         differentiable. The residual may be gone; the backend then recomputes from the
         inputs. Argument leaves that are not differentiable get None.
         """
+
+    def release(self, residuals: list[bytes]) -> None:
+        """Frees the residuals of forwards whose backward will never run (an unused
+        ``jax.vjp``, say). Must not block on the worker; unknown handles are ignored."""

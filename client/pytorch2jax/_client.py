@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -192,6 +193,9 @@ class Client:
         self._infos: dict[str, ModelInfo] | None = None
         # connect() negotiates a better one; a bare Client sends tensors inline, sessionless.
         self._transport: Transport = InlineTransport()
+        # ReleaseResiduals calls sent without waiting (see _release_residuals).
+        self._detached: set[grpc.Future] = set()
+        self._detached_lock = threading.Lock()
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -432,6 +436,28 @@ class Client:
                 if now >= give_up or not self._answers_within(give_up - now):
                     raise from_rpc_error(e, self.target) from None
                 time.sleep(min(0.05, max(give_up - time.monotonic(), 0)))  # never spin
+
+    def _release_residuals(self, handles: list[bytes]) -> None:
+        """Asks the worker holding them to free these residuals, without waiting. One that
+        does not answer loses nothing: they go with the session, or at the TTL."""
+        if self._pool is not None:
+            holders = self._pool.holders(handles)
+        else:
+            holders = [(self._stub, handles)]
+        for stub, held in holders:
+            request = pb.ReleaseResidualsRequest(residuals=held)
+            try:
+                future = stub.ReleaseResiduals.future(request, timeout=self.call_timeout)
+            except ValueError:  # the channel is closed: so is the session, which freed them
+                return
+            # gRPC cancels a call whose future is garbage-collected: hold it until done.
+            with self._detached_lock:
+                self._detached.add(future)
+            future.add_done_callback(self._forget_detached)
+
+    def _forget_detached(self, future: grpc.Future) -> None:
+        with self._detached_lock:
+            self._detached.discard(future)
 
     def _answers_within(self, seconds: float) -> bool:
         """Whether the channel (re)connects to the worker within ``seconds``."""

@@ -175,6 +175,9 @@ class LocalModel(Backend):
         handle = self._residuals.put(outcome.residual) if outcome.residual else b""
         return _map_tree(outcome.outputs, _torch_to_np), handle
 
+    def release(self, residuals):
+        self._residuals.release(residuals)
+
     def vjp(self, residual, params, args, kwargs, cotangents):
         from pytorch2jax_server._models import vjp
 

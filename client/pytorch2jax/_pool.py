@@ -213,6 +213,18 @@ class Pool:
             self.routed_vjps += 1
         return reply
 
+    def holders(self, handles: list[bytes]) -> list[tuple[pb_grpc.BridgeStub, list[bytes]]]:
+        """Which worker holds which of these residuals (forgetting them): a stub of each,
+        with its handles. Handles of workers no longer known are left out."""
+        by_address: dict[str, list[bytes]] = collections.defaultdict(list)
+        with self._lock:
+            for handle in handles:
+                worker = self._pins.pop(handle, None)
+                address = self._address_of.get(worker) if worker is not None else None
+                if address is not None and address in self._direct:
+                    by_address[address].append(handle)
+        return [(self._direct[a][1], held) for a, held in by_address.items()]
+
     def _lost(self) -> None:
         with self._lock:
             self.lost_residuals += 1

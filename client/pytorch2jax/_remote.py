@@ -152,6 +152,9 @@ class RemoteModel(Backend):
             reply_bytes = max(self._reply_bytes, request_bytes)
         return self._exchange("Forward", request_bytes, reply_bytes, build, decode)
 
+    def release(self, residuals):
+        self._client._release_residuals(residuals)
+
     def vjp(self, residual, params, args, kwargs, cotangents):
         small = self._client._transport.inline_below
         inputs = [*params.values(), *jax.tree_util.tree_leaves((args, kwargs))]
