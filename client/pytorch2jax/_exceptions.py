@@ -109,17 +109,41 @@ _HINTS: dict[type[Pytorch2JaxError], str] = {
 }
 
 
-#: gRPC's own words for its limits, said with what to do.
-_LIMITS = {
-    "Concurrent RPC limit exceeded!": "the worker is serving as many calls as it accepts at "
-    "once (pytorch2jax-server --max-concurrent-calls); retry later",
-}
+#: gRPC's own words for its limits (how they begin), and what to say with them.
+_LIMITS = (
+    (
+        "Concurrent RPC limit exceeded!",
+        "the worker is serving as many RPCs as it accepts at once (pytorch2jax-server "
+        "--max-concurrent-calls, --max-sessions); retry later",
+    ),
+    (
+        "Received message larger than max",
+        "{}: a message is larger than the worker's --max-message-mb or this client's "
+        "max_message_bytes= allow; send smaller batches, raise both, or, on one host, use "
+        "transport='shm', which sends tensors outside the messages",
+    ),
+    (
+        "Sent message larger than max",
+        "{}: the request is larger than this client's max_message_bytes= allows; send "
+        "smaller batches, or raise it and the worker's --max-message-mb",
+    ),
+)
+
+
+def _explained(details: str) -> str:
+    for prefix, explanation in _LIMITS:
+        if details.startswith(prefix):
+            return explanation.format(details)
+    return details
 
 
 def from_status(code: grpc.StatusCode, message: str) -> Pytorch2JaxError:
-    """The exception for a failure with status ``code``, its message ending in a hint."""
+    """The exception for a failure with status ``code``, its message ending in a hint
+    (unless it already names the worker setting to change)."""
     cls = _BY_CODE.get(code, WorkerInternalError)
     hint = _HINTS.get(cls)
+    if cls is ResourceExhaustedError and " --" in message:
+        hint = None
     return cls(f"{message}; {hint}" if hint else message)
 
 
@@ -130,5 +154,5 @@ def from_rpc_error(error: grpc.RpcError, target: str) -> Pytorch2JaxError:
     if code == grpc.StatusCode.UNAVAILABLE:
         details = f"no answer ({details})"
     elif code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-        details = _LIMITS.get(details, details)
+        details = _explained(details)
     return from_status(code, f"worker at {target}: {details}")

@@ -12,6 +12,12 @@ their result is dropped.
 The hook costs about 2 us per submodule call (a global hook takes torch off its fast path;
 measured on 151 Linear/ReLU modules of 16x16: 504 -> 786 us): noise beside real layers,
 and the price of freeing a thread within one submodule of a deadline.
+
+Admission: at most ``max_calls`` calls at once, counted here (gRPC's own limit counts the
+sessions' streams too, and calls waiting for a thread are invisible to handlers); past it
+a call is refused with RESOURCE_EXHAUSTED at once. Of those admitted, at most ``max_running``
+run at a time; the others wait for a turn (``waiting_for``), and so do calls of a module
+that another call is running. A wait is given up once the call is cancelled.
 """
 
 from __future__ import annotations
@@ -23,7 +29,10 @@ from collections.abc import Iterator
 import grpc
 import torch
 
-from pytorch2jax_server._errors import CallCancelled
+from pytorch2jax_server._errors import CallCancelled, LimitExceeded
+
+#: How often a call waiting for its turn looks whether it was cancelled meanwhile.
+_WAIT_SLICE_S = 0.05
 
 _current = threading.local()
 _hook_lock = threading.Lock()
@@ -59,20 +68,48 @@ def _install_hook() -> None:
             _hook_installed = True
 
 
-class Calls:
-    """Counts of the calls served, for ``GetWorkerStats``."""
+@contextlib.contextmanager
+def waiting_for(lock: threading.Lock | threading.Semaphore) -> Iterator[None]:
+    """Holds ``lock``; while waiting for it, raises CallCancelled once the call this
+    thread serves (if any) is cancelled, instead of waiting on for nobody."""
+    call = getattr(_current, "call", None)
+    while not lock.acquire(timeout=_WAIT_SLICE_S):
+        if call is not None:
+            call.check()
+    try:
+        yield
+    finally:
+        lock.release()
 
-    def __init__(self) -> None:
+
+class Calls:
+    """Admits calls (``serving``) within the worker's limits, and counts them for
+    ``GetWorkerStats``."""
+
+    def __init__(self, *, max_calls: int, max_running: int) -> None:
         _install_hook()
+        self.max_calls = max_calls
         self.in_flight = 0
         self.served = 0
         self.cancelled = 0
+        self.refused = 0
         self._lock = threading.Lock()
+        self._turns = threading.Semaphore(max_running)
 
     @contextlib.contextmanager
     def serving(self, method: str, context: grpc.ServicerContext) -> Iterator[Call]:
-        """Tracks one call in this thread. The context's callback runs when the RPC ends
-        for any reason; before the handler returns, that means it was cancelled."""
+        """Admits one call and tracks it in this thread, once its turn came: LimitExceeded
+        past ``max_calls``, CallCancelled if it is cancelled before its turn. The context's
+        callback runs when the RPC ends for any reason; before the handler returns, that
+        means it was cancelled."""
+        with self._lock:
+            if self.in_flight >= self.max_calls:
+                self.refused += 1
+                raise LimitExceeded(
+                    f"the worker is serving {self.max_calls} calls, as many as it accepts at "
+                    "once; retry later, or start it with a larger --max-concurrent-calls"
+                )
+            self.in_flight += 1
         call = Call(method)
         done = False
 
@@ -80,13 +117,13 @@ class Calls:
             if not done:
                 call.cancelled = True
 
-        if not context.add_callback(terminated):
-            call.cancelled = True  # it had ended before its handler started
-        with self._lock:
-            self.in_flight += 1
         _current.call = call
         try:
-            yield call
+            if not context.add_callback(terminated):
+                call.cancelled = True  # it had ended before its handler started
+            call.check()
+            with waiting_for(self._turns):
+                yield call
         finally:
             done = True
             _current.call = None

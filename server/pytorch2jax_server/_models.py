@@ -21,6 +21,7 @@ from torch._subclasses.fake_tensor import (
 )
 
 from pytorch2jax_protocol import pb
+from pytorch2jax_server._calls import waiting_for
 from pytorch2jax_server._errors import (
     CannotInferShapes,
     InvalidRequest,
@@ -91,7 +92,8 @@ class ServedModel:
         else:
             self.parameters, self.buffers = {}, {}
         # Calls with the client's parameters swap them into the module object while it
-        # runs, so two calls of one module must not overlap.
+        # runs, so two calls of one module must not overlap (one waiting for its turn
+        # gives up once it is cancelled: _calls.waiting_for).
         self._lock = threading.Lock()
         # (positional count, keyword names) that bind to the signature: binding is ~2 us.
         self._arities: set[tuple[int, tuple[str, ...]]] = set()
@@ -165,7 +167,7 @@ class ServedModel:
                 # updates its buffers (BatchNorm in training mode) leaves the real ones be.
                 state = {n: mode.from_tensor(t) for n, t in self.parameters.items()}
                 state.update((n, mode.from_tensor(t)) for n, t in self.buffers.items())
-                with self._lock:
+                with waiting_for(self._lock):
                     return self._reparametrized(state, args, kwargs)
         except _CANNOT_TRACE as e:
             raise CannotInferShapes(
@@ -214,7 +216,7 @@ class ServedModel:
         try:
             if not self.is_module:
                 return self._obj(*args, **kwargs)
-            with self._lock:
+            with waiting_for(self._lock):
                 if not params:
                     return self._obj(*args, **kwargs)
                 return self._reparametrized(params, args, kwargs)

@@ -26,9 +26,14 @@ from pytorch2jax_server._servicer import BridgeServicer
 from pytorch2jax_server._status import RefuseUndecodable
 
 DEFAULT_LISTEN = ("localhost:50051",)
+#: Calls (Forward, Vjp, InferShapes) that run at once; other admitted ones wait their turn.
 DEFAULT_MAX_WORKERS = 16
-#: Calls past this many at once are refused with RESOURCE_EXHAUSTED instead of queueing.
+#: Calls past this many at once (running or waiting their turn) are refused with
+#: RESOURCE_EXHAUSTED instead of queueing.
 DEFAULT_MAX_CONCURRENT_CALLS = 64
+#: Threads for the quick RPCs beside the calls and the sessions' streams: ListModels,
+#: health checks, stats, registering memory, releasing residuals.
+_CONTROL_RPCS = 8
 
 _PORT = re.compile(r":(\d+)$")
 
@@ -75,10 +80,11 @@ class Worker:
         self.health.enter_graceful_shutdown()
         stopped = self.server.stop(grace)
         # Session streams never finish by themselves, and would hold stop for the whole
-        # grace: end them now. Calls in flight go on: a region stays mapped for as long
-        # as a tensor of a call views it.
-        self.sessions.close_all()
+        # grace: end them now, but keep the sessions (their memory, their residuals) for
+        # the calls in flight, and drop them once those are done.
+        self.sessions.end_streams()
         stopped.wait()
+        self.sessions.close_all()
         self._stopping.set()
         if self._sweeper is not None:
             self._sweeper.join()
@@ -143,15 +149,16 @@ def create_server(
     sessions = Sessions() if sessions is None else sessions
     sessions.on_close.append(residuals.release_owner)
     security = security or Security()
-    calls = Calls()
-    # Each open session holds one thread and one RPC slot (its stream) for its lifetime:
-    # on top of those that serve calls, so that clients cannot starve each other.
+    calls = Calls(max_calls=max_concurrent_calls, max_running=max_workers)
+    # Every RPC gRPC admits gets a thread at once: a call never waits unseen in the
+    # executor's queue (where no limit, deadline or cancellation reaches it). Calls are
+    # limited by ``calls`` itself; each open session holds a thread (its stream) for its
+    # lifetime; gRPC's own limit only bounds the total.
+    threads = max_concurrent_calls + sessions.max_sessions + _CONTROL_RPCS
     server = grpc.server(
-        futures.ThreadPoolExecutor(
-            max_workers=max_workers + sessions.max_sessions, thread_name_prefix="p2j-worker"
-        ),
+        futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="p2j-worker"),
         options=channel_options(max_message_bytes) + _KEEPALIVE_OPTIONS,
-        maximum_concurrent_rpcs=max_concurrent_calls + sessions.max_sessions,
+        maximum_concurrent_rpcs=threads,
         # The token is checked first: a refused request is never parsed.
         interceptors=[*security.interceptors(), RefuseUndecodable()],
     )

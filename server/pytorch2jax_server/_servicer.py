@@ -29,6 +29,7 @@ from pytorch2jax_server._residuals import ResidualCache
 from pytorch2jax_server._status import status_of
 from pytorch2jax_server._tensors import empty_from_spec, to_spec, wire_dtype
 
+
 def _reporting(method):
     """Turns any exception of a unary handler into its status code (``status_of``),
     and names the worker in the trailing metadata (for clients of several workers)."""
@@ -108,23 +109,23 @@ class BridgeServicer(pb_grpc.BridgeServicer):
         registry: Registry,
         residuals: ResidualCache,
         sessions: Sessions,
-        calls: Calls | None = None,
+        calls: Calls,
     ) -> None:
         self._registry = registry
         self._residuals = residuals
         self._sessions = sessions
-        self._calls = calls or Calls()
+        self._calls = calls
         # Tells a client of several workers where a residual lives (see the client's _pool).
         self._identity = ((WORKER_ID_METADATA_KEY, secrets.token_hex(8)),)
 
     def OpenSession(self, request, context) -> Iterator[pb.SessionInfo]:
         # The stream is the session's lifetime: it ends when the client closes it or its
-        # connection drops (the callback fires), or when the worker stops (close_all).
+        # connection drops (the callback fires), or when the worker stops (end_streams).
         try:
             session, refused = self._sessions.open(context.peer(), list(request.transports))
         except Exception as e:  # noqa: BLE001 - mapped at the boundary
             context.abort(*status_of(e))
-        context.add_callback(session.closed.set)
+        context.add_callback(session.ended.set)
         try:
             yield pb.SessionInfo(
                 session=session.id,
@@ -132,7 +133,7 @@ class BridgeServicer(pb_grpc.BridgeServicer):
                 server_version=__version__,
                 refused=refused,
             )
-            session.closed.wait()
+            session.ended.wait()
         finally:
             self._sessions.close(session)
 
@@ -279,6 +280,7 @@ class BridgeServicer(pb_grpc.BridgeServicer):
             calls_in_flight=calls.in_flight,
             calls_served=calls.served,
             calls_cancelled=calls.cancelled,
+            calls_refused=calls.refused,
             sessions=sessions,
             regions=regions,
             region_bytes=region_bytes,

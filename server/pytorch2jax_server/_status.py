@@ -26,14 +26,17 @@ _MALFORMED = (WireFormatError, values.TreeFormatError, dtypes.UnsupportedDTypeEr
 
 
 #: What to take out of a message: absolute paths (of two parts or more; in quotes, with
-#: whatever they hold) and shared-memory segment names. A client needs neither the
-#: worker's file layout nor a segment's name (which would let another local process open
-#: the segment); exceptions from torch or the OS may carry both. Web addresses stay.
+#: whatever they hold), paths from the home or the current folder (``~/``, ``./``,
+#: ``../``), and shared-memory segment names, with or without their slash. A client needs
+#: neither the worker's file layout nor a segment's name (which would let another local
+#: process open the segment); exceptions from torch or the OS may carry both. Web
+#: addresses stay. (An unquoted path with a space loses only its part before the space.)
 _PRIVATE = re.compile(
     r"(?P<url>https?://[^\s'\"]+)"
-    r"|(?P<segment>/p2j-[0-9a-f]{32})"
-    r"|(?P<quote>['\"])/[^'\"\n]*(?P=quote)"
+    r"|(?P<segment>(?<![\w-])/?p2j-[0-9a-f]{32})"
+    r"|(?P<quote>['\"])(?:/|~/|\.\.?/)[^'\"\n]*(?P=quote)"
     r"|(?<![\w.])/(?:[\w.@+~-]+/)+[\w.@+~-]*"
+    r"|(?<![\w.~/])(?:~|\.\.?)/[\w.@+~-]+(?:/[\w.@+~-]*)*"
 )
 
 

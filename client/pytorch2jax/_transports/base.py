@@ -14,21 +14,33 @@ the worker drops what it held for the client: shared-memory regions, autograd st
 from __future__ import annotations
 
 import abc
+import logging
+import math
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
 import grpc
 import numpy as np
 
-from pytorch2jax._exceptions import WorkerUnavailableError, from_rpc_error
+from pytorch2jax._exceptions import (
+    Pytorch2JaxError,
+    UnsupportedError,
+    WorkerUnavailableError,
+    from_rpc_error,
+)
 from pytorch2jax_protocol import pb, pb_grpc
 
+_log = logging.getLogger("pytorch2jax")
 
 #: How long opening a session, or registering memory in it, may take: a worker that
 #: accepts connections but does not answer must not hold a call past its deadline.
 SETUP_TIMEOUT_S = 30.0
+#: A transport whose worker gave it no new session (at its --max-sessions, restarting)
+#: sends its calls without one, inline, and asks again after this long.
+REOPEN_AFTER_S = 1.0
 
 
 def open_session(
@@ -132,6 +144,8 @@ class SessionTransport(Transport):
         self._stream: Any = None
         self._closed = False
         self._metadata: tuple[tuple[str, str], ...] = ()
+        self._reopen_at = math.inf  # when to ask again for a session the worker refused
+        self._warned_no_session = False
 
     @abc.abstractmethod
     def _open(self) -> None:
@@ -149,7 +163,38 @@ class SessionTransport(Transport):
             if self._closed or failed != self._metadata:
                 return
             self._end()
+            self._reopen()
+
+    def _reopen(self) -> None:
+        """Opens a new session (under ``_lock``); if the worker gives none now, goes on
+        without one, so that calls still work (inline), and asks again later."""
+        try:
             self._open()
+        except Pytorch2JaxError as e:
+            self._end()
+            self._without_session(e)
+        else:
+            self._reopen_at = math.inf
+
+    def _without_session(self, why: Pytorch2JaxError) -> None:
+        # Calls name no session: the worker keeps nothing for this client past a TTL.
+        self._metadata = ()
+        again = not isinstance(why, UnsupportedError)  # a refusal that will not change
+        self._reopen_at = time.monotonic() + REOPEN_AFTER_S if again else math.inf
+        if not self._warned_no_session:
+            self._warned_no_session = True
+            _log.warning(
+                "no session with %s (%s); calls go inline without one%s, and the worker "
+                "frees what it keeps for this client only after its TTL",
+                self._target,
+                why,
+                f", asking again every {REOPEN_AFTER_S:g} s" if again else "",
+            )
+
+    def _reopen_if_due(self) -> None:
+        """Under ``_lock``: a session again, if the last one was lost and it is time."""
+        if self._stream is None and not self._closed and time.monotonic() >= self._reopen_at:
+            self._reopen()
 
     def close(self) -> None:
         with self._lock:

@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import logging
-
 import grpc
 import numpy as np
 
 from pytorch2jax._exceptions import ResourceExhaustedError
 from pytorch2jax._transports.base import Call, SessionTransport, open_session
 from pytorch2jax_protocol import pb, shm, tensors
-
-_log = logging.getLogger("pytorch2jax")
 
 
 class InlineCall(Call):
@@ -40,17 +36,14 @@ class InlineTransport(SessionTransport):
         try:
             self._stream, info = open_session(self._stub, self._target, [pb.INLINE])
         except ResourceExhaustedError as e:  # the worker's session limit
-            self._metadata = ()
-            _log.warning(
-                "no session with %s (%s); the worker frees what it keeps for this client "
-                "only after its TTL",
-                self._target,
-                e,
-            )
+            self._without_session(e)
             return
         self._metadata = ((shm.SESSION_METADATA_KEY, info.session.hex()),)
 
     def call(self, request_bytes: int, reply_bytes: int) -> Call:
+        if self._stream is None and self._stub is not None:
+            with self._lock:
+                self._reopen_if_due()
         call = InlineCall()
         call.metadata = self._metadata
         return call

@@ -14,7 +14,7 @@ the last of them dies, so a slot is never reused while an array aliases it.
 Why raw slots and not Arrow's tensor IPC format (pyarrow): the tensor's dtype and shape
 already travel in the gRPC message, so Arrow's flatbuffer header would only repeat them;
 Arrow tensors have no bfloat16 or complex types, which we must carry; and a raw slot is
-read with no parsing at all. ``benchmarks/transfer.py`` measures both.
+read with no parsing at all. ``benchmarks/data_planes.py`` measures both.
 """
 
 from __future__ import annotations
@@ -223,6 +223,7 @@ class ShmTransport(SessionTransport):
 
     def call(self, request_bytes: int, reply_bytes: int) -> Call:
         with self._lock:
+            self._reopen_if_due()
             request = self._lease(request_bytes) if request_bytes else None
             reply = self._lease(reply_bytes) if reply_bytes >= max(self.inline_below, 1) else None
             call = self._call_type(request, reply, self.inline_below)
@@ -252,7 +253,7 @@ class ShmTransport(SessionTransport):
 
     def _grow(self, need: int, *, strict: bool = False) -> _Arena | None:
         if self._stream is None:
-            return None  # closed
+            return None  # closed, or no session for now (see SessionTransport._reopen)
         held = sum(a.size for a in self._arenas)
         size = max(need, self._arena_bytes, 2 * self._arenas[-1].size if self._arenas else 0)
         size = min(size, self._max_bytes - held)

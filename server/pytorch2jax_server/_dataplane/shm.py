@@ -72,9 +72,16 @@ class Session:
     transports: list[int]
     max_regions: int
     max_bytes: int
+    #: Set when its stream is to end: the client went away, or the worker is stopping.
+    ended: threading.Event = field(default_factory=threading.Event)
+    #: Set once it is dropped: its regions are forgotten, its residuals released.
     closed: threading.Event = field(default_factory=threading.Event)
     _regions: dict[int, Region | cuda_ipc.DevicePool] = field(default_factory=dict)
     _next_id: int = 1  # 0 stays invalid: it is proto3's default
+    #: Regions being mapped or allocated, and their bytes: counted against the limits
+    #: from the check until they are added, so concurrent registrations cannot pass them.
+    _pending: int = 0
+    _pending_bytes: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def register(self, name: str, size: int) -> int:
@@ -84,14 +91,18 @@ class Session:
                 f"(peer {self.peer}); use transport='inline', or start the worker with "
                 "--shared-memory any if the peer is on this host"
             )
-        self._check_room(size)
+        self._reserve(size)
         try:
             mapping = shm.attach(name, size)
         except shm.SharedMemoryError as e:
+            self._unreserve(size)
             if e.errno in (errno.ENOENT, errno.EPERM):
                 # Another host or container, or another user: the client should go inline.
                 raise Unsupported(str(e.strerror)) from None
             raise InvalidRequest(f"cannot use this shared-memory segment: {e.strerror}") from None
+        except BaseException:
+            self._unreserve(size)
+            raise
         return self._add(Region(size, np.frombuffer(mapping, np.uint8)))
 
     def create_pool(self, device: torch.device, uuid: bytes, size: int) -> tuple[int, bytes]:
@@ -104,25 +115,46 @@ class Session:
         device = cuda_ipc.serving_device(device, uuid)
         if size <= 0:
             raise InvalidRequest(f"a CUDA pool needs a positive size; got {size}")
-        self._check_room(size)
+        self._reserve(size)
         try:
             pool = cuda_ipc.DevicePool(device, size)
         except (cuda.CudaError, torch.OutOfMemoryError) as e:
+            self._unreserve(size)
             raise LimitExceeded(f"cannot allocate {size} bytes on the worker's GPU: {e}") from None
+        except BaseException:
+            self._unreserve(size)
+            raise
         return self._add(pool), pool.handle
 
-    def _check_room(self, size: int) -> None:
+    def _reserve(self, size: int) -> None:
+        """Counts a region of ``size`` bytes against the limits until ``_add`` (or
+        ``_unreserve``); LimitExceeded if it does not fit."""
         with self._lock:
-            if len(self._regions) >= self.max_regions:
-                raise LimitExceeded(f"a session may hold at most {self.max_regions} regions")
-            if size > self.max_bytes - sum(r.size for r in self._regions.values()):
+            if len(self._regions) + self._pending >= self.max_regions:
+                raise LimitExceeded(
+                    f"a session may hold at most {self.max_regions} regions (pytorch2jax's "
+                    "client needs a few: its arenas double in size as they fill)"
+                )
+            held = sum(r.size for r in self._regions.values()) + self._pending_bytes
+            if size > self.max_bytes - held:
                 raise LimitExceeded(
                     f"{size} more bytes of shared or GPU memory would pass this session's "
-                    f"limit of {self.max_bytes} bytes"
+                    f"limit of {self.max_bytes} bytes; start the worker with a larger "
+                    "--shared-memory-mb"
                 )
+            self._pending += 1
+            self._pending_bytes += size
+
+    def _unreserve(self, size: int) -> None:
+        with self._lock:
+            self._pending -= 1
+            self._pending_bytes -= size
 
     def _add(self, region: Region | cuda_ipc.DevicePool) -> int:
+        """Adds a region that ``_reserve`` counted (by ``region.size``)."""
         with self._lock:
+            self._pending -= 1
+            self._pending_bytes -= region.size
             if self.closed.is_set():
                 raise SessionLost("the shared-memory session was closed; open a new one")
             region_id, self._next_id = self._next_id, self._next_id + 1
@@ -204,6 +236,7 @@ class Sessions:
         self._no_cuda_ipc = cuda_ipc.unavailable_reason(self.device)  # or "" if offered
         self._sessions: dict[bytes, Session] = {}
         self._lock = threading.Lock()
+        self._stopping = False
         #: Called with a session's id once it is closed, after it is marked closed (the
         #: servicer relies on that order to never keep a residual for a closed session).
         self.on_close: list[Callable[[bytes], object]] = []
@@ -238,18 +271,36 @@ class Sessions:
         return session, refused
 
     def close(self, session: Session) -> None:
+        """Drops ``session`` (its stream ended); while the worker stops, ``close_all`` does."""
         with self._lock:
+            if self._stopping:
+                return
             self._sessions.pop(session.id, None)
+        self._drop(session)
+
+    def end_streams(self) -> None:
+        """Ends every session's stream, which would otherwise hold a stopping server for
+        its whole grace, but keeps the sessions: the calls still in flight use their
+        memory and residuals. ``close_all`` drops them once those calls are done."""
+        with self._lock:
+            self._stopping = True
+            sessions = list(self._sessions.values())
+        for s in sessions:
+            s.ended.set()
+
+    def close_all(self) -> None:
+        with self._lock:
+            self._stopping = True
+            sessions, self._sessions = list(self._sessions.values()), {}
+        for s in sessions:
+            s.ended.set()
+            self._drop(s)
+
+    def _drop(self, session: Session) -> None:
         session.drop()
         for listener in self.on_close:
             listener(session.id)
         _log.debug("session closed for %s", session.peer)
-
-    def close_all(self) -> None:
-        with self._lock:
-            sessions, self._sessions = list(self._sessions.values()), {}
-        for s in sessions:
-            s.drop()
 
     def get(self, session_id: bytes) -> Session:
         with self._lock:

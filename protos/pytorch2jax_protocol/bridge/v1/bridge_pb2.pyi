@@ -328,7 +328,7 @@ class WorkerStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerStats(_message.Message):
-    __slots__ = ("calls_in_flight", "calls_served", "calls_cancelled", "sessions", "regions", "region_bytes", "residuals", "residual_bytes", "resident_bytes")
+    __slots__ = ("calls_in_flight", "calls_served", "calls_cancelled", "sessions", "regions", "region_bytes", "residuals", "residual_bytes", "resident_bytes", "calls_refused")
     CALLS_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
     CALLS_SERVED_FIELD_NUMBER: _ClassVar[int]
     CALLS_CANCELLED_FIELD_NUMBER: _ClassVar[int]
@@ -338,6 +338,7 @@ class WorkerStats(_message.Message):
     RESIDUALS_FIELD_NUMBER: _ClassVar[int]
     RESIDUAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     RESIDENT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CALLS_REFUSED_FIELD_NUMBER: _ClassVar[int]
     calls_in_flight: int
     calls_served: int
     calls_cancelled: int
@@ -347,4 +348,5 @@ class WorkerStats(_message.Message):
     residuals: int
     residual_bytes: int
     resident_bytes: int
-    def __init__(self, calls_in_flight: _Optional[int] = ..., calls_served: _Optional[int] = ..., calls_cancelled: _Optional[int] = ..., sessions: _Optional[int] = ..., regions: _Optional[int] = ..., region_bytes: _Optional[int] = ..., residuals: _Optional[int] = ..., residual_bytes: _Optional[int] = ..., resident_bytes: _Optional[int] = ...) -> None: ...
+    calls_refused: int
+    def __init__(self, calls_in_flight: _Optional[int] = ..., calls_served: _Optional[int] = ..., calls_cancelled: _Optional[int] = ..., sessions: _Optional[int] = ..., regions: _Optional[int] = ..., region_bytes: _Optional[int] = ..., residuals: _Optional[int] = ..., residual_bytes: _Optional[int] = ..., resident_bytes: _Optional[int] = ..., calls_refused: _Optional[int] = ...) -> None: ...
