@@ -78,8 +78,9 @@ DEFAULT_WARMUP_ROUNDS = 5
 DEFAULT_TIMEOUT_S = 600.0
 DEFAULT_MAX_RSS_GROWTH = 0.10
 DEFAULT_TORCH_THREADS = 1
-#: The worker's default --max-sessions; more clients need more.
-WORKER_MAX_SESSIONS = 32
+#: The worker's default --max-sessions (not imported: this script never imports torch);
+#: more clients need more.
+WORKER_MAX_SESSIONS = 64
 #: Distinct errors printed; all are counted.
 SHOWN_ERRORS = 10
 #: Against the pure-JAX reference, relative to the largest entry of each output (torch and

@@ -15,8 +15,8 @@ How a call runs:
   carries its handle (16 bytes) as a residual, so the backward need not re-run the forward;
   the inputs are kept too, so it can when the handle is gone. An eager forward whose
   backward never runs (``jax.vjp`` left unused) frees that state once JAX drops its handle
-  (``_UnusedResiduals``); under tracing the handle lives in XLA, and the backend's own
-  bounds (bytes, entries, age, the session) free it.
+  (``_UnusedResiduals``); under tracing the handle lives in XLA, unseen, and the backend's
+  own bounds (bytes, entries, age, the session) free it.
 
 The key differences to a hand-written ``jax.custom_vjp`` around ``pure_callback``: shapes
 need no example inputs, the forward is not recomputed for the backward, and integer inputs

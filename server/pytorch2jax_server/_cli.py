@@ -160,12 +160,19 @@ def _parser() -> argparse.ArgumentParser:
         "or give the token itself in PYTORCH2JAX_TOKEN",
         metavar="PATH",
     )
-    p.add_argument("--max-workers", type=_count(1), default=None, help="threads serving calls")
+    p.add_argument(
+        "--max-workers",
+        type=_count(1),
+        default=None,
+        help="calls (Forward, Vjp, InferShapes) that run at once; other admitted calls wait "
+        "their turn (default 16)",
+    )
     p.add_argument(
         "--max-concurrent-calls",
         type=_count(1),
         default=None,
-        help="calls past this many at once get RESOURCE_EXHAUSTED",
+        help="calls admitted at once, running or waiting their turn; past it a call gets "
+        "RESOURCE_EXHAUSTED at once (default 64)",
     )
     p.add_argument(
         "--max-message-mb",
@@ -183,7 +190,12 @@ def _parser() -> argparse.ArgumentParser:
         help="which clients may pass tensors through shared memory: local ones (unix socket, "
         "loopback; the default), any (containers sharing /dev/shm), or none",
     )
-    p.add_argument("--max-sessions", type=_count(1), default=None, help="clients connected at once")
+    p.add_argument(
+        "--max-sessions",
+        type=_count(1),
+        default=None,
+        help="clients connected at once, each with a session (default 64)",
+    )
     p.add_argument(
         "--shared-memory-mb",
         type=_count(1),
