@@ -68,18 +68,27 @@ def _install_hook() -> None:
             _hook_installed = True
 
 
-@contextlib.contextmanager
-def waiting_for(lock: threading.Lock | threading.Semaphore) -> Iterator[None]:
+class waiting_for:  # noqa: N801 - used as a function: ``with waiting_for(lock):``
     """Holds ``lock``; while waiting for it, raises CallCancelled once the call this
-    thread serves (if any) is cancelled, instead of waiting on for nobody."""
-    call = getattr(_current, "call", None)
-    while not lock.acquire(timeout=_WAIT_SLICE_S):
-        if call is not None:
-            call.check()
-    try:
-        yield
-    finally:
-        lock.release()
+    thread serves (if any) is cancelled, instead of waiting on for nobody. (A class, not
+    a generator: this is on every call's path, twice.)"""
+
+    __slots__ = ("_lock",)
+
+    def __init__(self, lock: threading.Lock | threading.Semaphore) -> None:
+        self._lock = lock
+
+    def __enter__(self) -> None:
+        lock = self._lock
+        if lock.acquire(blocking=False):
+            return
+        call = getattr(_current, "call", None)
+        while not lock.acquire(timeout=_WAIT_SLICE_S):
+            if call is not None:
+                call.check()
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()
 
 
 class Calls:
