@@ -156,7 +156,7 @@ class Session:
             self._pending -= 1
             self._pending_bytes -= region.size
             if self.closed.is_set():
-                raise SessionLost("the shared-memory session was closed; open a new one")
+                raise SessionLost("this session was closed; open a new one with OpenSession")
             region_id, self._next_id = self._next_id, self._next_id + 1
             self._regions[region_id] = region
         return region_id
@@ -307,7 +307,7 @@ class Sessions:
             session = self._sessions.get(session_id)
         if session is None:
             raise SessionLost(
-                "the worker has no such shared-memory session (it restarted, or the session "
+                "the worker has no such session (it restarted, or the session "
                 "was closed); open a new one"
             )
         return session
