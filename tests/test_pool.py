@@ -84,8 +84,11 @@ def test_unused_vjps_are_released_on_the_workers_holding_them(two_workers):
     with pytorch2jax.connect([w.tcp for w in two_workers]) as c:
         mlp = c.py_to_jax_wrapper("mlp")
         x = jnp.ones((4, 8), jnp.float32)
-        kept = [jax.vjp(mlp, x) for _ in range(4)]
-        assert held() == 4 and len(set(c._pool._pins.values())) == 2  # on both workers
+        kept = []
+        while len(set(c._pool._pins.values())) < 2:  # until both workers hold some
+            assert len(kept) < 20, "every forward went to one worker"
+            kept.append(jax.vjp(mlp, x))
+        assert held() == len(kept)
         del kept
         gc.collect()
         mlp(x)  # sends each worker its handles

@@ -121,11 +121,19 @@ def test_lost_handle_without_inputs_is_failed_precondition(worker):
 
 
 @pytest.mark.parametrize("transport", ["inline", "shm"])
-def test_an_unused_eager_vjp_frees_its_residual(transport):
+def test_an_unused_eager_vjp_frees_its_residual(transport, monkeypatch):
     """A forward whose backward never runs (``jax.vjp`` dropped unused) frees its autograd
     state on the worker once JAX drops its handle, not at the TTL or the session's end."""
     with start_worker(models=MODELS) as w:
         with pytorch2jax.connect(w.unix, transport=transport) as client:
+            sent: list[bytes] = []
+            release = client._release_residuals
+
+            def counting(handles):
+                sent.extend(handles)
+                release(handles)
+
+            monkeypatch.setattr(client, "_release_residuals", counting)
             mlp = client.py_to_jax_wrapper("mlp")
             x = jnp.ones((4, 8))
             kept = [jax.vjp(mlp, x * i) for i in range(3)]
@@ -137,14 +145,15 @@ def test_an_unused_eager_vjp_frees_its_residual(transport):
             gc.collect()
             mlp(x)  # the next forward tells the worker, without waiting for it
             wait_until(lambda: worker_stats(w.unix).residuals == 0, timeout=5)
-            # Eager gradients, whose backward runs at once, release nothing twice.
+            assert len(sent) == 2  # the two unused ones, not the one its backward took
+            # Eager gradients, whose backward takes the residual at once: nothing to send.
             grad = jax.grad(lambda x: mlp(x).sum())
-            p_ref, x_ref = _reference_grad(None, x)
+            _, x_ref = _reference_grad(None, x)
             for _ in range(3):
                 tree_allclose(grad(x), x_ref)
             gc.collect()
             mlp(x)
-            assert worker_stats(w.unix).residuals == 0
+            assert len(sent) == 2 and worker_stats(w.unix).residuals == 0
 
 
 def test_an_unused_eager_vjp_frees_its_residual_in_process():

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import logging
 import math
 import threading
 import weakref
@@ -53,6 +54,8 @@ _HANDLE = jax.ShapeDtypeStruct((HANDLE_BYTES,), jnp.uint8)
 _NO_HANDLE = np.zeros(HANDLE_BYTES, np.uint8)
 _ARRAY_TYPES = (jax.Array, np.ndarray, np.generic, jax.core.Tracer)
 _STATIC_TYPES = (bool, int, float, str, type(None))
+
+_log = logging.getLogger("pytorch2jax")
 
 OutShapes = Any  # a pytree of jax.ShapeDtypeStruct, or a callable from input specs to one
 _MAX_SIGNATURES = 4096
@@ -142,9 +145,11 @@ class _UnusedResiduals:
 
     def drain(self) -> list[bytes]:
         out = []
-        while self._dropped:
-            out.append(self._dropped.popleft())
-        return out
+        while True:
+            try:  # forwards run on several threads: another may take the last one first
+                out.append(self._dropped.popleft())
+            except IndexError:
+                return out
 
 
 class TorchFunction:
@@ -243,7 +248,10 @@ class TorchFunction:
         def host(*arrays, reply_bytes=None):
             dropped = self._unused.drain()
             if dropped:
-                self.backend.release(dropped)
+                try:
+                    self.backend.release(dropped)
+                except Exception:  # noqa: BLE001 - they expire on the worker all the same
+                    _log.debug("could not release %d residuals", len(dropped), exc_info=True)
             args, kwargs = sig.rebuild(list(arrays[n_params:]))
             params = dict(zip(sig.param_names, arrays[:n_params]))
             return self.backend.forward(

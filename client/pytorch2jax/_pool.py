@@ -221,9 +221,10 @@ class Pool:
             for handle in handles:
                 worker = self._pins.pop(handle, None)
                 address = self._address_of.get(worker) if worker is not None else None
-                if address is not None and address in self._direct:
+                if address is not None:
                     by_address[address].append(handle)
-        return [(self._direct[a][1], held) for a, held in by_address.items()]
+        direct = {a: self._direct.get(a) for a in by_address}  # None once closed
+        return [(d[1], by_address[a]) for a, d in direct.items() if d is not None]
 
     def _lost(self) -> None:
         with self._lock:

@@ -16,12 +16,14 @@ and the price of freeing a thread within one submodule of a deadline.
 Admission: at most ``max_calls`` calls at once, counted here (gRPC's own limit counts the
 sessions' streams too, and calls waiting for a thread are invisible to handlers); past it
 a call is refused with RESOURCE_EXHAUSTED at once. Of those admitted, at most ``max_running``
-run at a time; the others wait for a turn (``waiting_for``), and so do calls of a module
-that another call is running. A wait is given up once the call is cancelled.
+run at a time; the others wait for a turn, first come first served (``_Turns``), and
+calls of a module that another call is running wait for it (``waiting_for``). A wait is
+given up once the call is cancelled.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import threading
 from collections.abc import Iterator
@@ -71,11 +73,11 @@ def _install_hook() -> None:
 class waiting_for:  # noqa: N801 - used as a function: ``with waiting_for(lock):``
     """Holds ``lock``; while waiting for it, raises CallCancelled once the call this
     thread serves (if any) is cancelled, instead of waiting on for nobody. (A class, not
-    a generator: this is on every call's path, twice.)"""
+    a generator: this is on every call's path.)"""
 
     __slots__ = ("_lock",)
 
-    def __init__(self, lock: threading.Lock | threading.Semaphore) -> None:
+    def __init__(self, lock: threading.Lock) -> None:
         self._lock = lock
 
     def __enter__(self) -> None:
@@ -91,6 +93,42 @@ class waiting_for:  # noqa: N801 - used as a function: ``with waiting_for(lock):
         self._lock.release()
 
 
+class _Turns:
+    """``size`` turns to run, handed out first come, first served: a freed turn goes
+    straight to the call that has waited longest (a semaphore's timed waits would send a
+    waiter to the back each time it looks whether it was cancelled)."""
+
+    def __init__(self, size: int) -> None:
+        self._free = size
+        self._waiting: collections.deque[threading.Event] = collections.deque()
+        self._lock = threading.Lock()
+
+    def take(self, call: Call) -> None:
+        """Waits for a turn; CallCancelled (holding none) once ``call`` is cancelled."""
+        with self._lock:
+            if self._free and not self._waiting:
+                self._free -= 1
+                return
+            turn = threading.Event()
+            self._waiting.append(turn)
+        while not turn.wait(_WAIT_SLICE_S):
+            if call.cancelled:
+                with self._lock:
+                    granted = turn.is_set()
+                    if not granted:
+                        self._waiting.remove(turn)
+                if granted:
+                    self.give_back()
+                call.check()
+
+    def give_back(self) -> None:
+        with self._lock:
+            if self._waiting:
+                self._waiting.popleft().set()
+            else:
+                self._free += 1
+
+
 class Calls:
     """Admits calls (``serving``) within the worker's limits, and counts them for
     ``GetWorkerStats``."""
@@ -103,7 +141,7 @@ class Calls:
         self.cancelled = 0
         self.refused = 0
         self._lock = threading.Lock()
-        self._turns = threading.Semaphore(max_running)
+        self._turns = _Turns(max_running)
 
     @contextlib.contextmanager
     def serving(self, method: str, context: grpc.ServicerContext) -> Iterator[Call]:
@@ -131,8 +169,11 @@ class Calls:
             if not context.add_callback(terminated):
                 call.cancelled = True  # it had ended before its handler started
             call.check()
-            with waiting_for(self._turns):
+            self._turns.take(call)
+            try:
                 yield call
+            finally:
+                self._turns.give_back()
         finally:
             done = True
             _current.call = None

@@ -10,7 +10,8 @@
     ├── CannotInferShapes    UNIMPLEMENTED       output shapes depend on data; declare them
     ├── Unsupported          UNIMPLEMENTED       a transport this worker or client cannot use
     ├── SessionLost          ABORTED             unknown or closed session: open a new one
-    └── CallCancelled        CANCELLED           the deadline passed or the client cancelled
+    ├── CallCancelled        CANCELLED           the deadline passed or the client cancelled
+    └── ShuttingDown         UNAVAILABLE         the worker is stopping
 
 Anything else raised while serving is reported as INTERNAL by the servicer, at one place.
 """
@@ -72,3 +73,9 @@ class CallCancelled(WorkerError):
     """The call's deadline passed or its client cancelled it: its work is abandoned."""
 
     code = grpc.StatusCode.CANCELLED
+
+
+class ShuttingDown(WorkerError):
+    """The worker is stopping: it opens no new session."""
+
+    code = grpc.StatusCode.UNAVAILABLE

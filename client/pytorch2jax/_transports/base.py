@@ -25,12 +25,7 @@ from typing import Any
 import grpc
 import numpy as np
 
-from pytorch2jax._exceptions import (
-    Pytorch2JaxError,
-    UnsupportedError,
-    WorkerUnavailableError,
-    from_rpc_error,
-)
+from pytorch2jax._exceptions import Pytorch2JaxError, WorkerUnavailableError, from_rpc_error
 from pytorch2jax_protocol import pb, pb_grpc
 
 _log = logging.getLogger("pytorch2jax")
@@ -39,8 +34,10 @@ _log = logging.getLogger("pytorch2jax")
 #: accepts connections but does not answer must not hold a call past its deadline.
 SETUP_TIMEOUT_S = 30.0
 #: A transport whose worker gave it no new session (at its --max-sessions, restarting)
-#: sends its calls without one, inline, and asks again after this long.
+#: sends its calls without one, inline, and asks again after this long, then twice as
+#: long after each refusal, up to REOPEN_AT_MOST_S.
 REOPEN_AFTER_S = 1.0
+REOPEN_AT_MOST_S = 30.0
 
 
 def open_session(
@@ -145,6 +142,7 @@ class SessionTransport(Transport):
         self._closed = False
         self._metadata: tuple[tuple[str, str], ...] = ()
         self._reopen_at = math.inf  # when to ask again for a session the worker refused
+        self._reopen_after = REOPEN_AFTER_S
         self._warned_no_session = False
 
     @abc.abstractmethod
@@ -174,21 +172,21 @@ class SessionTransport(Transport):
             self._end()
             self._without_session(e)
         else:
-            self._reopen_at = math.inf
+            self._reopen_after = REOPEN_AFTER_S
 
     def _without_session(self, why: Pytorch2JaxError) -> None:
         # Calls name no session: the worker keeps nothing for this client past a TTL.
         self._metadata = ()
-        again = not isinstance(why, UnsupportedError)  # a refusal that will not change
-        self._reopen_at = time.monotonic() + REOPEN_AFTER_S if again else math.inf
+        self._reopen_at = time.monotonic() + self._reopen_after
+        self._reopen_after = min(2 * self._reopen_after, REOPEN_AT_MOST_S)
         if not self._warned_no_session:
             self._warned_no_session = True
             _log.warning(
-                "no session with %s (%s); calls go inline without one%s, and the worker "
-                "frees what it keeps for this client only after its TTL",
+                "no session with %s (%s); calls go inline without one, and the worker frees "
+                "what it keeps for this client only after its TTL; asking again in %g s",
                 self._target,
                 why,
-                f", asking again every {REOPEN_AFTER_S:g} s" if again else "",
+                self._reopen_at - time.monotonic(),
             )
 
     def _reopen_if_due(self) -> None:

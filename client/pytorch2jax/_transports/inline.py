@@ -28,16 +28,15 @@ class InlineTransport(SessionTransport):
 
     def __init__(self, channel: grpc.Channel | None = None, target: str = "") -> None:
         super().__init__(channel, target)
-        self._open()
+        try:
+            self._open()
+        except ResourceExhaustedError as e:  # the worker's session limit: works without
+            self._without_session(e)
 
     def _open(self) -> None:
         if self._stub is None:
             return
-        try:
-            self._stream, info = open_session(self._stub, self._target, [pb.INLINE])
-        except ResourceExhaustedError as e:  # the worker's session limit
-            self._without_session(e)
-            return
+        self._stream, info = open_session(self._stub, self._target, [pb.INLINE])
         self._metadata = ((shm.SESSION_METADATA_KEY, info.session.hex()),)
 
     def call(self, request_bytes: int, reply_bytes: int) -> Call:

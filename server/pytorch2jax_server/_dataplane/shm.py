@@ -30,7 +30,13 @@ import torch
 from pytorch2jax_protocol import cuda, pb, shm
 from pytorch2jax_protocol.tensors import WireFormatError
 
-from pytorch2jax_server._errors import InvalidRequest, LimitExceeded, SessionLost, Unsupported
+from pytorch2jax_server._errors import (
+    InvalidRequest,
+    LimitExceeded,
+    SessionLost,
+    ShuttingDown,
+    Unsupported,
+)
 from pytorch2jax_server._dataplane import cuda_ipc
 from pytorch2jax_server._tensors import from_bytes, torch_dtype
 
@@ -261,6 +267,9 @@ class Sessions:
         refused = "; ".join(dict.fromkeys(refused))  # each reason once
         session = Session(secrets.token_bytes(16), peer, allowed, self._max_regions, self._max_bytes)
         with self._lock:
+            if self._stopping:
+                # Its stream would hold the stopping server for its whole grace.
+                raise ShuttingDown("the worker is stopping; connect to it again once restarted")
             if len(self._sessions) >= self.max_sessions:
                 raise LimitExceeded(
                     f"the worker has {self.max_sessions} sessions open, its limit; close unused "
