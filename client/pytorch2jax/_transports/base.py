@@ -177,8 +177,9 @@ class SessionTransport(Transport):
     def _without_session(self, why: Pytorch2JaxError) -> None:
         # Calls name no session: the worker keeps nothing for this client past a TTL.
         self._metadata = ()
-        self._reopen_at = time.monotonic() + self._reopen_after
-        self._reopen_after = min(2 * self._reopen_after, REOPEN_AT_MOST_S)
+        delay = self._reopen_after
+        self._reopen_at = time.monotonic() + delay
+        self._reopen_after = min(2 * delay, REOPEN_AT_MOST_S)
         if not self._warned_no_session:
             self._warned_no_session = True
             _log.warning(
@@ -186,7 +187,7 @@ class SessionTransport(Transport):
                 "what it keeps for this client only after its TTL; asking again in %g s",
                 self._target,
                 why,
-                self._reopen_at - time.monotonic(),
+                delay,
             )
 
     def _reopen_if_due(self) -> None:

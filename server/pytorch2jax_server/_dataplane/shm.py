@@ -17,11 +17,12 @@ caller's session, ``offset + nbytes`` must lie inside it (with an overflow guard
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import secrets
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -97,18 +98,16 @@ class Session:
                 f"(peer {self.peer}); use transport='inline', or start the worker with "
                 "--shared-memory any if the peer is on this host"
             )
-        self._reserve(size)
-        try:
-            mapping = shm.attach(name, size)
-        except shm.SharedMemoryError as e:
-            self._unreserve(size)
-            if e.errno in (errno.ENOENT, errno.EPERM):
-                # Another host or container, or another user: the client should go inline.
-                raise Unsupported(str(e.strerror)) from None
-            raise InvalidRequest(f"cannot use this shared-memory segment: {e.strerror}") from None
-        except BaseException:
-            self._unreserve(size)
-            raise
+        with self._room(size):
+            try:
+                mapping = shm.attach(name, size)
+            except shm.SharedMemoryError as e:
+                if e.errno in (errno.ENOENT, errno.EPERM):
+                    # Another host or container, or another user: the client should go inline.
+                    raise Unsupported(str(e.strerror)) from None
+                raise InvalidRequest(
+                    f"cannot use this shared-memory segment: {e.strerror}"
+                ) from None
         return self._add(Region(size, np.frombuffer(mapping, np.uint8)))
 
     def create_pool(self, device: torch.device, uuid: bytes, size: int) -> tuple[int, bytes]:
@@ -121,20 +120,28 @@ class Session:
         device = cuda_ipc.serving_device(device, uuid)
         if size <= 0:
             raise InvalidRequest(f"a CUDA pool needs a positive size; got {size}")
+        with self._room(size):
+            try:
+                pool = cuda_ipc.DevicePool(device, size)
+            except (cuda.CudaError, torch.OutOfMemoryError) as e:
+                raise LimitExceeded(
+                    f"cannot allocate {size} bytes on the worker's GPU: {e}"
+                ) from None
+        return self._add(pool), pool.handle
+
+    @contextlib.contextmanager
+    def _room(self, size: int) -> Iterator[None]:
+        """Counts a region of ``size`` bytes against the limits while it is mapped or
+        allocated (LimitExceeded if it does not fit), until ``_add`` takes it over; given
+        back if making it fails."""
         self._reserve(size)
         try:
-            pool = cuda_ipc.DevicePool(device, size)
-        except (cuda.CudaError, torch.OutOfMemoryError) as e:
-            self._unreserve(size)
-            raise LimitExceeded(f"cannot allocate {size} bytes on the worker's GPU: {e}") from None
+            yield
         except BaseException:
             self._unreserve(size)
             raise
-        return self._add(pool), pool.handle
 
     def _reserve(self, size: int) -> None:
-        """Counts a region of ``size`` bytes against the limits until ``_add`` (or
-        ``_unreserve``); LimitExceeded if it does not fit."""
         with self._lock:
             if len(self._regions) + self._pending >= self.max_regions:
                 raise LimitExceeded(
@@ -298,11 +305,10 @@ class Sessions:
             s.ended.set()
 
     def close_all(self) -> None:
+        self.end_streams()
         with self._lock:
-            self._stopping = True
             sessions, self._sessions = list(self._sessions.values()), {}
         for s in sessions:
-            s.ended.set()
             self._drop(s)
 
     def _drop(self, session: Session) -> None:
