@@ -1,5 +1,5 @@
 """The worker's admission of calls (``_calls``): turns first come, first served, and
-waits that end once their call is cancelled."""
+waits that end once their call is cancelled (the engine's ``waiting_for``)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from pytorch2jax_server._calls import Call, _current, _Turns, waiting_for
-from pytorch2jax_server._errors import CallCancelled
+from pytorch2jax_server._calls import _Turns
+from pytorch2jax_server.engine import Call, CallCancelledError, waiting_for
 
 
 def _waiting(target, *args) -> tuple[threading.Thread, dict]:
@@ -56,7 +56,7 @@ def test_a_cancelled_wait_for_a_turn_leaves_the_queue():
     time.sleep(0.1)
     call.cancelled = True
     thread.join(1)
-    assert isinstance(out["value"], CallCancelled)
+    assert isinstance(out["value"], CallCancelledError)
     turns.give_back()
     turns.take(Call("next"))  # the freed turn did not go to the cancelled call
 
@@ -67,15 +67,14 @@ def test_a_cancelled_wait_for_a_lock_raises():
     call = Call("Forward")
 
     def wait() -> None:
-        _current.call = call
-        with waiting_for(lock):
+        with call, waiting_for(lock):
             pass
 
     thread, out = _waiting(wait)
     time.sleep(0.1)
     call.cancelled = True
     thread.join(1)
-    assert isinstance(out["value"], CallCancelled)
+    assert isinstance(out["value"], CallCancelledError)
     lock.release()
     with waiting_for(lock):  # not held by the cancelled waiter
         assert lock.locked()
@@ -85,5 +84,5 @@ def test_call_check():
     call = Call("Vjp")
     call.check()
     call.cancelled = True
-    with pytest.raises(CallCancelled, match="Vjp was cancelled or ran past its deadline"):
+    with pytest.raises(CallCancelledError, match="Vjp was cancelled or ran past its deadline"):
         call.check()

@@ -14,8 +14,7 @@ import pytorch2jax
 from conftest import tree_allclose
 from pytorch2jax import convert_pytnn_to_jax, py_to_jax_wrapper
 from pytorch2jax_protocol import pb, pb_grpc
-from pytorch2jax_server import ResidualCache
-from pytorch2jax_server._residuals import Residual
+from pytorch2jax_server.engine import Residual, ResidualCache
 
 
 def test_static_arguments_of_equal_value_but_other_type_are_not_confused():

@@ -7,7 +7,7 @@ import torch
 from torch.func import functional_call
 from torch.nn.utils import parametrizations
 
-from pytorch2jax_server._reparametrize import Reparametrizer
+from pytorch2jax_server.engine._reparametrize import Reparametrizer
 
 
 class Tied(torch.nn.Module):

@@ -15,8 +15,7 @@ import torch
 import pytorch2jax
 from conftest import start_worker, tree_allclose, wait_until, worker_stats
 from pytorch2jax_protocol import pb, pb_grpc
-from pytorch2jax_server import ResidualCache
-from pytorch2jax_server._residuals import Residual
+from pytorch2jax_server.engine import Residual, ResidualCache
 
 
 def _residual(nbytes: int) -> Residual:

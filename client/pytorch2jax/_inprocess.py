@@ -28,6 +28,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
+import grpc
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -93,10 +94,10 @@ class _Unwrap:
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        from pytorch2jax_server._errors import WorkerError
+        from pytorch2jax_server.engine import WorkerError
 
         if isinstance(exc, WorkerError):
-            raise from_status(exc.code, str(exc)) from None
+            raise from_status(grpc.StatusCode[exc.status], str(exc)) from None
         return False
 
 
@@ -104,8 +105,7 @@ class LocalModel(Backend):
     """Runs a torch module or function in this process."""
 
     def __init__(self, obj: Any, name: str) -> None:
-        from pytorch2jax_server._models import ServedModel
-        from pytorch2jax_server._residuals import ResidualCache
+        from pytorch2jax_server.engine import ResidualCache, ServedModel
 
         self._model = ServedModel(name, obj)
         self._residuals = ResidualCache()
@@ -179,7 +179,7 @@ class LocalModel(Backend):
         self._residuals.release(residuals)
 
     def vjp(self, residual, params, args, kwargs, cotangents):
-        from pytorch2jax_server._models import vjp
+        from pytorch2jax_server.engine import vjp
 
         found = self._residuals.take(residual) if any(residual) else None
         if found is None:
@@ -194,13 +194,13 @@ class LocalModel(Backend):
 
 
 def _torch_dtype(dtype: Any):
-    from pytorch2jax_server._tensors import torch_dtype
+    from pytorch2jax_server.engine import torch_dtype
 
     return torch_dtype(dtypes.from_numpy(dtype))
 
 
 def _np_dtype(dtype: Any) -> np.dtype:
-    from pytorch2jax_server._tensors import wire_dtype
+    from pytorch2jax_server.engine import wire_dtype
 
     return dtypes.to_numpy(wire_dtype(dtype))
 

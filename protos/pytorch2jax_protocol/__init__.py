@@ -2,11 +2,19 @@
 
 Holds the generated protobuf/gRPC stubs (``bridge.v1``) and the small numpy-only code both
 sides need: the dtype table (``dtypes``), the tensor codec with its validation (``tensors``)
-and the pytree <-> ``Value`` encoding (``values``). It imports neither torch nor jax.
+and the pytree <-> ``Value`` encoding (``values``). It imports neither torch nor jax, and
+grpc only once ``pb_grpc`` (the service stubs) is first used: the messages and the numpy
+codecs do without it (the worker's torch engine imports ``dtypes``).
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
 from pytorch2jax_protocol.bridge.v1 import bridge_pb2 as pb
-from pytorch2jax_protocol.bridge.v1 import bridge_pb2_grpc as pb_grpc
+
+if TYPE_CHECKING:
+    from pytorch2jax_protocol.bridge.v1 import bridge_pb2_grpc as pb_grpc
 
 #: gRPC's default 4 MiB receive limit is far too small for tensors; both ends raise it to
 #: this unless told otherwise. Protobuf itself cannot serialize a message of 2 GiB or more.
@@ -27,6 +35,16 @@ AUTHORIZATION_METADATA_KEY = "authorization"
 WORKER_ID_METADATA_KEY = "p2j-worker-id"
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Bridge"].full_name
+
+
+def __getattr__(name: str) -> Any:
+    # PEP 562: the gRPC stubs import grpc, which the messages and codecs do not need.
+    if name == "pb_grpc":
+        from pytorch2jax_protocol.bridge.v1 import bridge_pb2_grpc
+
+        globals()["pb_grpc"] = bridge_pb2_grpc  # later lookups skip this function
+        return bridge_pb2_grpc
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:

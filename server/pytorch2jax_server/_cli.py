@@ -16,19 +16,19 @@ from pytorch2jax_protocol import DEFAULT_MAX_MESSAGE_BYTES
 from pytorch2jax_server import _loading
 from pytorch2jax_server._dataplane import SHARED_MEMORY_POLICIES, Sessions
 from pytorch2jax_server._dataplane.shm import DEFAULT_MAX_SESSION_BYTES, DEFAULT_MAX_SESSIONS
-from pytorch2jax_server._models import Registry
-from pytorch2jax_server._residuals import (
-    DEFAULT_MAX_BYTES,
-    DEFAULT_MAX_ENTRIES,
-    DEFAULT_TTL_S,
-    ResidualCache,
-)
 from pytorch2jax_server._security import Security, SecurityError
 from pytorch2jax_server._server import (
     DEFAULT_LISTEN,
     DEFAULT_MAX_CONCURRENT_CALLS,
     DEFAULT_MAX_WORKERS,
     create_server,
+)
+from pytorch2jax_server.engine import (
+    DEFAULT_MAX_BYTES,
+    DEFAULT_MAX_ENTRIES,
+    DEFAULT_TTL_S,
+    Registry,
+    ResidualCache,
 )
 
 #: Printed first on the line that names the bound addresses, so scripts can wait for it.

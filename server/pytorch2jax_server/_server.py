@@ -19,11 +19,10 @@ from grpc_reflection.v1alpha import reflection
 from pytorch2jax_protocol import DEFAULT_MAX_MESSAGE_BYTES, SERVICE_NAME, channel_options, pb_grpc
 from pytorch2jax_server._calls import Calls
 from pytorch2jax_server._dataplane import Sessions
-from pytorch2jax_server._models import Registry
-from pytorch2jax_server._residuals import ResidualCache
 from pytorch2jax_server._security import Security
 from pytorch2jax_server._servicer import BridgeServicer
 from pytorch2jax_server._status import RefuseUndecodable
+from pytorch2jax_server.engine import Registry, ResidualCache
 
 DEFAULT_LISTEN = ("localhost:50051",)
 #: Calls (Forward, Vjp, InferShapes) that run at once; other admitted ones wait their turn.

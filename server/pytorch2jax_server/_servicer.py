@@ -1,8 +1,9 @@
 """The Bridge gRPC service: decode the request, run the model, encode the reply.
 
-Torch maths lives in ``_models``; this module only moves between wire and torch objects
-and reports failures: every exception of a handler becomes a status code at one place
-(``_reporting``, by ``_status.status_of``); a bad request never takes the worker down.
+Torch maths lives in the engine (``engine``); this module only moves between wire and
+torch objects (with ``_wire`` and ``_dataplane``) and reports failures: every exception of
+a handler becomes a status code at one place (``_reporting``, by ``_status.status_of``); a
+bad request never takes the worker down.
 
 Calls that run a model (``_serving``) are counted and stopped once nobody waits for them
 (see ``_calls``); what they would have kept for a Vjp is kept for the client's session.
@@ -20,14 +21,21 @@ import grpc
 import torch
 
 from pytorch2jax_protocol import PARAMETER_CHUNK_BYTES, WORKER_ID_METADATA_KEY, pb, pb_grpc, values
-from pytorch2jax_server import __version__
-from pytorch2jax_server._calls import Call, Calls
+from pytorch2jax_server._calls import Calls
 from pytorch2jax_server._dataplane import CallCodec, Sessions, inline, named_session, session_of
-from pytorch2jax_server._errors import InvalidRequest, ResidualLost, WorkerError
-from pytorch2jax_server._models import Registry, ServedModel, vjp
-from pytorch2jax_server._residuals import ResidualCache
 from pytorch2jax_server._status import status_of
-from pytorch2jax_server._tensors import empty_from_spec, to_spec, wire_dtype
+from pytorch2jax_server._version import __version__
+from pytorch2jax_server._wire import empty_from_spec, model_info, to_spec
+from pytorch2jax_server.engine import (
+    Call,
+    InvalidRequestError,
+    Registry,
+    ResidualCache,
+    ResidualLostError,
+    ServedModel,
+    vjp,
+    wire_dtype,
+)
 
 
 def _reporting(method):
@@ -78,7 +86,7 @@ class _Decoded:
         self.params: dict[str, torch.Tensor] = {}
         for named in parameters:
             if named.name in self.params:
-                raise InvalidRequest(f"parameter {named.name!r} is sent twice")
+                raise InvalidRequestError(f"parameter {named.name!r} is sent twice")
             self.params[named.name] = codec.decode(named.tensor)
 
     def _leaf(self, msg: pb.Tensor) -> torch.Tensor:
@@ -91,7 +99,7 @@ def _encode_outputs(model: ServedModel, outputs: Any, leaf) -> pb.Value:
     def checked(obj: Any):
         if isinstance(obj, torch.Tensor):
             return leaf(obj)
-        raise InvalidRequest(
+        raise InvalidRequestError(
             f"model {model.name!r} returned a {type(obj).__name__}; served models must return "
             "tensors, or tuples, lists and dicts of them"
         )
@@ -151,7 +159,7 @@ class BridgeServicer(pb_grpc.BridgeServicer):
     @_reporting
     def ListModels(self, request, context):
         return pb.ListModelsResponse(
-            models=[m.info() for m in self._registry], server_version=__version__
+            models=[model_info(m) for m in self._registry], server_version=__version__
         )
 
     def GetParameters(self, request, context) -> Iterator[pb.TensorChunk]:
@@ -250,7 +258,7 @@ class BridgeServicer(pb_grpc.BridgeServicer):
             )
         if residual is None:
             if not request.HasField("arguments"):
-                raise ResidualLost(
+                raise ResidualLostError(
                     f"the worker no longer holds the autograd state of this forward of model "
                     f"{model.name!r} (evicted or expired); send the arguments again to recompute"
                 )

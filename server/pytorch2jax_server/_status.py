@@ -1,8 +1,9 @@
 """How the worker's failures become gRPC statuses, and what their messages may say.
 
-``status_of`` maps an exception to its code, in one table: the worker's own errors
-(``_errors``) carry theirs, malformed messages are INVALID_ARGUMENT, running out of memory
-is RESOURCE_EXHAUSTED, anything unexpected is INTERNAL and logged with its traceback.
+``status_of`` maps an exception to its code, in one table: the engine's errors
+(``engine.WorkerError``) carry the name of theirs (``status``, a plain string: the engine
+knows no gRPC), malformed messages are INVALID_ARGUMENT, running out of memory is
+RESOURCE_EXHAUSTED, anything unexpected is INTERNAL and logged with its traceback.
 Every message is ``scrubbed`` of file paths and shared-memory names before it leaves;
 the worker's log keeps the original (at INFO). ``RefuseUndecodable`` does the same for
 requests that never reach a handler because their bytes do not parse.
@@ -18,7 +19,7 @@ import torch
 
 from pytorch2jax_protocol import dtypes, values
 from pytorch2jax_protocol.tensors import WireFormatError
-from pytorch2jax_server._errors import WorkerError
+from pytorch2jax_server.engine import WorkerError
 
 _log = logging.getLogger("pytorch2jax_server")
 
@@ -58,7 +59,7 @@ def scrubbed(message: str) -> str:
 def status_of(e: BaseException) -> tuple[grpc.StatusCode, str]:
     """The status code and message a failure is reported with."""
     if isinstance(e, WorkerError):
-        code, details = e.code, str(e)
+        code, details = grpc.StatusCode[e.status], str(e)
     elif isinstance(e, _MALFORMED):
         code, details = grpc.StatusCode.INVALID_ARGUMENT, str(e)
     elif isinstance(e, (MemoryError, torch.OutOfMemoryError)):

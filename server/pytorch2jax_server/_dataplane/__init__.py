@@ -17,8 +17,7 @@ from pytorch2jax_protocol import pb, shm as _shm
 
 from pytorch2jax_server._dataplane import inline
 from pytorch2jax_server._dataplane.shm import SHARED_MEMORY_POLICIES, Session, Sessions
-from pytorch2jax_server._errors import InvalidRequest
-from pytorch2jax_server._tensors import dense, dense_cpu, wire_dtype
+from pytorch2jax_server.engine import InvalidRequestError, dense, dense_cpu, wire_dtype
 
 __all__ = [
     "SHARED_MEMORY_POLICIES",
@@ -32,14 +31,14 @@ __all__ = [
 
 
 def named_session(sessions: Sessions, context: grpc.ServicerContext) -> Session | None:
-    """The session a call names in its metadata (an unknown one is SessionLost), or None
+    """The session a call names in its metadata (an unknown one is SessionLostError), or None
     if it names none."""
     for key, value in context.invocation_metadata():
         if key == _shm.SESSION_METADATA_KEY:
             try:
                 session_id = bytes.fromhex(value)
             except ValueError:
-                raise InvalidRequest(
+                raise InvalidRequestError(
                     f"the {_shm.SESSION_METADATA_KEY} metadata entry must be a session id in hex"
                 ) from None
             return sessions.get(session_id)
@@ -51,7 +50,7 @@ def session_of(sessions: Sessions, context: grpc.ServicerContext) -> Session:
     session = named_session(sessions, context)
     if session is not None:
         return session
-    raise InvalidRequest(
+    raise InvalidRequestError(
         "this call refers to shared memory but names no session; open one with OpenSession "
         f"and send its id in hex in the {_shm.SESSION_METADATA_KEY} metadata entry"
     )

@@ -17,7 +17,7 @@ import torch
 
 from pytorch2jax_protocol import cuda
 
-from pytorch2jax_server._errors import InvalidRequest, Unsupported
+from pytorch2jax_server.engine import InvalidRequestError, UnsupportedError
 
 
 class _Allocation:
@@ -44,18 +44,18 @@ class DevicePool:
 
 
 def serving_device(device: torch.device, uuid: bytes) -> torch.device:
-    """``device`` if it is the GPU with ``uuid`` and can export IPC memory; else Unsupported
+    """``device`` if it is the GPU with ``uuid`` and can export IPC memory; else UnsupportedError
     with what the client should do."""
     if device.type != "cuda":
-        raise Unsupported(
+        raise UnsupportedError(
             "this worker serves on the CPU, so it has no CUDA IPC transport; start it with "
             "--device cuda, or use transport='shm'"
         )
     if len(uuid) != cuda.UUID_BYTES:
-        raise InvalidRequest(f"a GPU UUID has {cuda.UUID_BYTES} bytes; got {len(uuid)}")
+        raise InvalidRequestError(f"a GPU UUID has {cuda.UUID_BYTES} bytes; got {len(uuid)}")
     ordinal = device.index if device.index is not None else torch.cuda.current_device()
     if cuda.device_uuid(ordinal) != uuid:
-        raise Unsupported(
+        raise UnsupportedError(
             "the client's arrays are on another GPU than the one this worker serves on; "
             "put them on the worker's GPU, or use transport='shm'"
         )

@@ -8,8 +8,8 @@ import torch
 from pytorch2jax_protocol import pb
 from pytorch2jax_protocol.tensors import WireFormatError, inline_payload
 
-from pytorch2jax_server._errors import InvalidRequest
-from pytorch2jax_server._tensors import dense_cpu, from_bytes, wire_dtype
+from pytorch2jax_server._wire import from_bytes
+from pytorch2jax_server.engine import InvalidRequestError, dense_cpu, wire_dtype
 
 
 def decode(msg: pb.Tensor) -> torch.Tensor:
@@ -21,7 +21,7 @@ def decode(msg: pb.Tensor) -> torch.Tensor:
     try:
         data = inline_payload(msg)
     except WireFormatError as e:
-        raise InvalidRequest(str(e)) from None
+        raise InvalidRequestError(str(e)) from None
     # numpy's copy is aligned for every dtype, which protobuf's bytes need not be.
     return from_bytes(np.frombuffer(data, np.uint8).copy(), msg.dtype, msg.shape)
 

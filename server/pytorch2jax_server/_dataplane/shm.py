@@ -31,15 +31,16 @@ import torch
 from pytorch2jax_protocol import cuda, pb, shm
 from pytorch2jax_protocol.tensors import WireFormatError
 
-from pytorch2jax_server._errors import (
-    InvalidRequest,
-    LimitExceeded,
-    SessionLost,
-    ShuttingDown,
-    Unsupported,
-)
 from pytorch2jax_server._dataplane import cuda_ipc
-from pytorch2jax_server._tensors import from_bytes, torch_dtype
+from pytorch2jax_server._wire import from_bytes
+from pytorch2jax_server.engine import (
+    InvalidRequestError,
+    LimitExceededError,
+    SessionLostError,
+    ShuttingDownError,
+    UnsupportedError,
+    torch_dtype,
+)
 
 _log = logging.getLogger("pytorch2jax_server")
 
@@ -62,7 +63,7 @@ def is_local_peer(peer: str) -> bool:
 class Region:
     """A client's segment as mapped into the worker, as a byte array over all of it.
 
-    Every tensor viewing it (``_tensors.from_bytes``) keeps the mapping alive, so it is
+    Every tensor viewing it (``_wire.from_bytes``) keeps the mapping alive, so it is
     unmapped only after the last one dies.
     """
 
@@ -93,7 +94,7 @@ class Session:
 
     def register(self, name: str, size: int) -> int:
         if pb.SHM not in self.transports:
-            raise Unsupported(
+            raise UnsupportedError(
                 "this worker does not accept shared memory from this client "
                 f"(peer {self.peer}); use transport='inline', or start the worker with "
                 "--shared-memory any if the peer is on this host"
@@ -104,8 +105,8 @@ class Session:
             except shm.SharedMemoryError as e:
                 if e.errno in (errno.ENOENT, errno.EPERM):
                     # Another host or container, or another user: the client should go inline.
-                    raise Unsupported(str(e.strerror)) from None
-                raise InvalidRequest(
+                    raise UnsupportedError(str(e.strerror)) from None
+                raise InvalidRequestError(
                     f"cannot use this shared-memory segment: {e.strerror}"
                 ) from None
         return self._add(Region(size, np.frombuffer(mapping, np.uint8)))
@@ -113,18 +114,18 @@ class Session:
     def create_pool(self, device: torch.device, uuid: bytes, size: int) -> tuple[int, bytes]:
         """A new GPU pool of ``size`` bytes: its region id and CUDA IPC handle."""
         if pb.CUDA_IPC not in self.transports:
-            raise Unsupported(
+            raise UnsupportedError(
                 f"this worker does not offer CUDA IPC to this client (peer {self.peer}); use "
                 "transport='shm' or 'inline'"
             )
         device = cuda_ipc.serving_device(device, uuid)
         if size <= 0:
-            raise InvalidRequest(f"a CUDA pool needs a positive size; got {size}")
+            raise InvalidRequestError(f"a CUDA pool needs a positive size; got {size}")
         with self._room(size):
             try:
                 pool = cuda_ipc.DevicePool(device, size)
             except (cuda.CudaError, torch.OutOfMemoryError) as e:
-                raise LimitExceeded(
+                raise LimitExceededError(
                     f"cannot allocate {size} bytes on the worker's GPU: {e}"
                 ) from None
         return self._add(pool), pool.handle
@@ -132,7 +133,7 @@ class Session:
     @contextlib.contextmanager
     def _room(self, size: int) -> Iterator[None]:
         """Counts a region of ``size`` bytes against the limits while it is mapped or
-        allocated (LimitExceeded if it does not fit), until ``_add`` takes it over; given
+        allocated (LimitExceededError if it does not fit), until ``_add`` takes it over; given
         back if making it fails."""
         self._reserve(size)
         try:
@@ -144,13 +145,13 @@ class Session:
     def _reserve(self, size: int) -> None:
         with self._lock:
             if len(self._regions) + self._pending >= self.max_regions:
-                raise LimitExceeded(
+                raise LimitExceededError(
                     f"a session may hold at most {self.max_regions} regions (pytorch2jax's "
                     "client needs a few: its arenas double in size as they fill)"
                 )
             held = sum(r.size for r in self._regions.values()) + self._pending_bytes
             if size > self.max_bytes - held:
-                raise LimitExceeded(
+                raise LimitExceededError(
                     f"{size} more bytes of shared or GPU memory would pass this session's "
                     f"limit of {self.max_bytes} bytes; start the worker with a larger "
                     "--shared-memory-mb"
@@ -169,7 +170,7 @@ class Session:
             self._pending -= 1
             self._pending_bytes -= region.size
             if self.closed.is_set():
-                raise SessionLost("this session was closed; open a new one with OpenSession")
+                raise SessionLostError("this session was closed; open a new one with OpenSession")
             region_id, self._next_id = self._next_id, self._next_id + 1
             self._regions[region_id] = region
         return region_id
@@ -181,19 +182,19 @@ class Session:
         in a host region, or with ``gpu`` in a GPU pool."""
         region = self._region(ref.region)
         if isinstance(region, cuda_ipc.DevicePool) != gpu:
-            raise InvalidRequest(
+            raise InvalidRequestError(
                 f"region {ref.region} is {'a GPU pool' if not gpu else 'host memory'}; "
                 f"reference it as {'cuda_ipc' if not gpu else 'shm'}"
             )
         if ref.offset % shm.ALIGNMENT:
             # Also what makes the dtype view below valid for every itemsize.
-            raise InvalidRequest(
+            raise InvalidRequestError(
                 f"shared-memory offsets must be multiples of {shm.ALIGNMENT}; got {ref.offset}"
             )
         try:
             shm.check_ref(ref.offset, ref.nbytes, region.size, dtype, shape)
         except WireFormatError as e:
-            raise InvalidRequest(str(e)) from None
+            raise InvalidRequestError(str(e)) from None
         if gpu:
             raw = region.bytes[ref.offset : ref.offset + ref.nbytes]
             return raw.view(torch_dtype(dtype)).view(tuple(shape))
@@ -208,7 +209,7 @@ class Session:
         with self._lock:
             region = self._regions.get(region_id)
         if region is None:
-            raise InvalidRequest(
+            raise InvalidRequestError(
                 f"unknown shared-memory region {region_id} for this session; register it first"
             )
         return region
@@ -276,9 +277,11 @@ class Sessions:
         with self._lock:
             if self._stopping:
                 # Its stream would hold the stopping server for its whole grace.
-                raise ShuttingDown("the worker is stopping; connect to it again once restarted")
+                raise ShuttingDownError(
+                    "the worker is stopping; connect to it again once restarted"
+                )
             if len(self._sessions) >= self.max_sessions:
-                raise LimitExceeded(
+                raise LimitExceededError(
                     f"the worker has {self.max_sessions} sessions open, its limit; close unused "
                     "clients or start it with a larger --max-sessions"
                 )
@@ -321,7 +324,7 @@ class Sessions:
         with self._lock:
             session = self._sessions.get(session_id)
         if session is None:
-            raise SessionLost(
+            raise SessionLostError(
                 "the worker has no such session (it restarted, or the session "
                 "was closed); open a new one"
             )

@@ -1,7 +1,7 @@
 """Served models: calling them on decoded arguments, inferring output shapes, and VJPs.
 
-No gRPC here: this module takes and returns torch objects and raises the worker's own
-errors (``_errors``); the servicer does the wire work.
+No gRPC and no protobuf here: this module takes and returns torch objects and raises the
+engine's own errors (``_errors``); the servicer and ``_wire`` do the wire work.
 """
 
 from __future__ import annotations
@@ -20,18 +20,17 @@ from torch._subclasses.fake_tensor import (
     UnsupportedOperatorException,
 )
 
-from pytorch2jax_protocol import pb
-from pytorch2jax_server._calls import waiting_for
-from pytorch2jax_server._errors import (
-    CannotInferShapes,
-    InvalidRequest,
-    LimitExceeded,
-    ModelNotFound,
+from pytorch2jax_server.engine._cancel import waiting_for
+from pytorch2jax_server.engine._errors import (
+    CannotInferShapesError,
+    InvalidRequestError,
+    LimitExceededError,
+    ModelNotFoundError,
     WorkerError,
 )
-from pytorch2jax_server._reparametrize import Reparametrizer
-from pytorch2jax_server._residuals import Residual
-from pytorch2jax_server._tensors import is_differentiable, shape_str, to_spec
+from pytorch2jax_server.engine._reparametrize import Reparametrizer
+from pytorch2jax_server.engine._residuals import Residual
+from pytorch2jax_server.engine._tensors import is_differentiable, shape_str
 
 _X64_NARROWED = {
     torch.float64: torch.float32,
@@ -93,21 +92,10 @@ class ServedModel:
             self.parameters, self.buffers = {}, {}
         # Calls with the client's parameters swap them into the module object while it
         # runs, so two calls of one module must not overlap (one waiting for its turn
-        # gives up once it is cancelled: _calls.waiting_for).
+        # gives up once it is cancelled: _cancel.waiting_for).
         self._lock = threading.Lock()
         # (positional count, keyword names) that bind to the signature: binding is ~2 us.
         self._arities: set[tuple[int, tuple[str, ...]]] = set()
-
-    def info(self) -> pb.ModelInfo:
-        kind = pb.ModelInfo.MODULE if self.is_module else pb.ModelInfo.FUNCTION
-        return pb.ModelInfo(
-            name=self.name,
-            kind=kind,
-            parameters=[pb.NamedSpec(name=n, spec=to_spec(p)) for n, p in self.parameters.items()],
-            buffers=[pb.NamedSpec(name=n, spec=to_spec(b)) for n, b in self.buffers.items()],
-            signature=self.plain_signature,
-            doc=self.doc,
-        )
 
     def check_arity(self, args: tuple, kwargs: dict) -> None:
         arity = (len(args), tuple(kwargs))
@@ -116,7 +104,7 @@ class ServedModel:
         try:
             self.signature.bind(*args, **kwargs)
         except TypeError as e:
-            raise InvalidRequest(
+            raise InvalidRequestError(
                 f"model {self.name!r} takes {self.plain_signature}; it cannot be called with "
                 f"{len(args)} positional argument(s) and keywords {sorted(kwargs)}: {e}"
             ) from None
@@ -130,20 +118,20 @@ class ServedModel:
         as float32 (int32, complex64); such values are widened back to the module's dtype.
         """
         if params and not self.is_module:
-            raise InvalidRequest(f"model {self.name!r} is a function; it takes no parameters")
+            raise InvalidRequestError(f"model {self.name!r} is a function; it takes no parameters")
         checked = {}
         for name, value in params.items():
             # Buffers may be given too (e.g. BatchNorm statistics kept by the client).
             own = self.parameters.get(name, self.buffers.get(name))
             if own is None:
                 known = ", ".join(self.parameters) or "none"
-                raise InvalidRequest(
+                raise InvalidRequestError(
                     f"model {self.name!r} has no parameter {name!r}; its parameters: {known}"
                 )
             if value.dtype != own.dtype and _X64_NARROWED.get(own.dtype) == value.dtype:
                 value = value.to(own.dtype)
             if value.shape != own.shape or value.dtype != own.dtype:
-                raise InvalidRequest(
+                raise InvalidRequestError(
                     f"parameter {name!r} of model {self.name!r} is "
                     f"{str(own.dtype).removeprefix('torch.')}{shape_str(own.shape)}; got "
                     f"{str(value.dtype).removeprefix('torch.')}{shape_str(value.shape)}"
@@ -170,7 +158,7 @@ class ServedModel:
                 with waiting_for(self._lock):
                     return self._reparametrized(state, args, kwargs)
         except _CANNOT_TRACE as e:
-            raise CannotInferShapes(
+            raise CannotInferShapesError(
                 f"the output shapes of model {self.name!r} depend on its input data ({e}), "
                 "so they cannot be inferred from shapes alone; declare them on the client "
                 "with out_shapes=..."
@@ -220,17 +208,17 @@ class ServedModel:
                 if not params:
                     return self._obj(*args, **kwargs)
                 return self._reparametrized(params, args, kwargs)
-        except WorkerError:  # e.g. CallCancelled from the module hook of _calls
+        except WorkerError:  # e.g. CallCancelledError from the module hook (_cancel)
             raise
         except Exception as e:
             raise self._rejected(e) from None
 
     def _rejected(self, e: Exception) -> WorkerError:
         if isinstance(e, (MemoryError, torch.OutOfMemoryError)):
-            return LimitExceeded(f"model {self.name!r} ran out of memory: {e}")
+            return LimitExceededError(f"model {self.name!r} ran out of memory: {e}")
         # Any other exception from the model's own code on the caller's inputs: the
         # arguments are what must change, so it is INVALID_ARGUMENT with torch's message.
-        return InvalidRequest(
+        return InvalidRequestError(
             f"model {self.name!r} failed on its arguments: {type(e).__name__}: {e}"
         )
 
@@ -247,7 +235,7 @@ def vjp(
     """
     outputs = residual.outputs
     if len(cotangents) != len(outputs):
-        raise InvalidRequest(
+        raise InvalidRequestError(
             f"{len(cotangents)} cotangent(s) sent for {len(outputs)} output tensor(s) of "
             f"model {residual.model!r}"
         )
@@ -256,7 +244,7 @@ def vjp(
         if ct is None or not out.requires_grad:
             continue
         if ct.shape != out.shape:
-            raise InvalidRequest(
+            raise InvalidRequestError(
                 f"cotangent {i} of model {residual.model!r} has shape {shape_str(ct.shape)}; "
                 f"the output has {shape_str(out.shape)}"
             )
@@ -303,7 +291,7 @@ class Registry:
         model = self._models.get(name)
         if model is None:
             served = ", ".join(sorted(self._models)) or "none"
-            raise ModelNotFound(f"model {name!r} is not served; served models: {served}")
+            raise ModelNotFoundError(f"model {name!r} is not served; served models: {served}")
         return model
 
 

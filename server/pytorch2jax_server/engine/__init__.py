@@ -1,0 +1,121 @@
+"""The worker's torch engine: served models, their VJPs, and what a VJP keeps meanwhile.
+
+The engine is torch only: it takes and returns torch objects and raises its own errors,
+and imports neither gRPC, nor the protobuf stubs, nor jax. Two front ends share it, so
+that a model behaves the same served and in process: the gRPC servicer
+(``pytorch2jax_server._servicer``, which decodes requests into torch objects and encodes
+the results) and the client's in-process backend (``pytorch2jax._inprocess``, which hands
+it JAX arrays viewed as tensors).
+
+Example::
+
+    import torch
+    from pytorch2jax_server.engine import Registry, ResidualCache, vjp
+
+    model = Registry({"lin": torch.nn.Linear(3, 2)}).get("lin")
+    x = torch.ones(4, 3)
+    outcome = model.run((x,), {}, [x], {}, keep_autograd=True)
+    cache = ResidualCache()
+    handle = cache.put(outcome.residual)  # ...until the backward comes
+    arg_grads, param_grads = vjp(cache.take(handle), [torch.ones(4, 2)])
+    # arg_grads: one per argument leaf; param_grads: of the parameters given to run()
+
+The surface:
+
+Models
+    ``Registry`` (the models a worker serves, by name), ``ServedModel`` (one of them:
+    ``run``, ``infer``, ``check_parameters``), ``Outcome`` (a forward's outputs and its
+    ``Residual``), ``vjp`` (gradients of a kept forward) and ``tensor_leaves`` (an output
+    pytree's tensors in wire order).
+Residuals
+    ``Residual`` (the autograd state of one forward) and ``ResidualCache`` (the bounded
+    cache that keeps them between a Forward and its Vjp), with its defaults
+    ``DEFAULT_MAX_ENTRIES``, ``DEFAULT_MAX_BYTES`` and ``DEFAULT_TTL_S``.
+Tensors and dtypes
+    ``torch_dtype`` and ``wire_dtype`` (torch dtypes <-> the protocol's dtype codes),
+    ``is_differentiable``, ``check_dense``, ``dense``, ``dense_cpu`` and ``shape_str``.
+Errors
+    ``WorkerError`` and one subclass per failure, each with the name of its status code
+    in ``status`` (the tree is drawn in ``_errors``).
+Cancellation
+    ``Call`` (one call's token: ``with call:`` ties it to this thread; setting
+    ``cancelled`` stops its torch work at the next submodule), ``install_cancellation_hook``
+    (the module hook that does so), ``waiting_for`` (a lock wait that gives up once the
+    call is cancelled) and ``WAIT_SLICE_S`` (how often such waits look).
+"""
+
+from pytorch2jax_server.engine._cancel import (
+    WAIT_SLICE_S,
+    Call,
+    install_cancellation_hook,
+    waiting_for,
+)
+from pytorch2jax_server.engine._errors import (
+    CallCancelledError,
+    CannotInferShapesError,
+    InvalidRequestError,
+    LimitExceededError,
+    ModelNotFoundError,
+    ResidualLostError,
+    SessionLostError,
+    ShuttingDownError,
+    UnsupportedError,
+    WorkerError,
+)
+from pytorch2jax_server.engine._models import (
+    Outcome,
+    Registry,
+    ServedModel,
+    tensor_leaves,
+    vjp,
+)
+from pytorch2jax_server.engine._residuals import (
+    DEFAULT_MAX_BYTES,
+    DEFAULT_MAX_ENTRIES,
+    DEFAULT_TTL_S,
+    Residual,
+    ResidualCache,
+)
+from pytorch2jax_server.engine._tensors import (
+    check_dense,
+    dense,
+    dense_cpu,
+    is_differentiable,
+    shape_str,
+    torch_dtype,
+    wire_dtype,
+)
+
+__all__ = [
+    "DEFAULT_MAX_BYTES",
+    "DEFAULT_MAX_ENTRIES",
+    "DEFAULT_TTL_S",
+    "WAIT_SLICE_S",
+    "Call",
+    "CallCancelledError",
+    "CannotInferShapesError",
+    "InvalidRequestError",
+    "LimitExceededError",
+    "ModelNotFoundError",
+    "Outcome",
+    "Registry",
+    "Residual",
+    "ResidualCache",
+    "ResidualLostError",
+    "ServedModel",
+    "SessionLostError",
+    "ShuttingDownError",
+    "UnsupportedError",
+    "WorkerError",
+    "check_dense",
+    "dense",
+    "dense_cpu",
+    "install_cancellation_hook",
+    "is_differentiable",
+    "shape_str",
+    "tensor_leaves",
+    "torch_dtype",
+    "vjp",
+    "waiting_for",
+    "wire_dtype",
+]
