@@ -54,11 +54,32 @@ def test_shape_inference_leaves_training_buffers_alone():
     assert torch.equal(bn.running_mean, torch.zeros(3))
 
 
-def test_higher_order_derivatives_are_refused_clearly():
-    apply_fn, params = convert_pytnn_to_jax(torch.nn.Linear(3, 1))
-    f = lambda x: apply_fn(params, x).sum()  # noqa: E731
-    with pytest.raises(pytorch2jax.UnsupportedError, match="only first-order gradients"):
-        jax.hessian(f)(jnp.ones(3))
+class _OldStyleSquare(torch.autograd.Function):
+    """A custom autograd.Function without setup_context: torch.func cannot transform it."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * x
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return 2 * x * g
+
+
+def test_a_backward_torch_func_cannot_differentiate_names_the_model_and_torchs_reason():
+    square = py_to_jax_wrapper(_OldStyleSquare.apply)
+    loss = lambda x: square(x).sum()  # noqa: E731
+    x = jnp.arange(3.0)
+    # First order runs torch's own autograd: the custom backward works, eagerly and jitted.
+    tree_allclose(jax.grad(loss)(x), 2 * x)
+    tree_allclose(jax.jit(jax.grad(loss))(x), 2 * x)
+    with pytest.raises(
+        pytorch2jax.InvalidArgumentError,
+        match=r"model 'apply' failed on its arguments as jvp∘(vjp∘)?model: .*setup_context",
+    ):
+        jax.jvp(jax.grad(loss), (x,), (jnp.ones(3),))
 
 
 def test_custom_pytree_containers_are_refused_clearly(client):

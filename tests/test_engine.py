@@ -59,13 +59,18 @@ def test_every_worker_error_is_public_and_reported_with_its_status(cls):
 def test_the_docstring_example_runs():
     model = engine.Registry({"lin": torch.nn.Linear(3, 2)}).get("lin")
     x = torch.ones(4, 3)
-    outcome = model.run((x,), {}, [x], {}, keep_autograd=True)
+    outcome = model.run((x,), {}, [x], {}, keep=model.floating_inputs([x], {}))
     cache = engine.ResidualCache()
     handle = cache.put(outcome.residual)
     arg_grads, param_grads = engine.vjp(cache.take(handle), [torch.ones(4, 2)])
     weight = dict(model.parameters)["weight"]
     torch.testing.assert_close(arg_grads[0], torch.ones(4, 2) @ weight.detach())
     assert param_grads == {}  # only of the parameters given to run()
+
+    xs, ts = torch.randn(8, 4, 3), torch.randn(8, 4, 3)
+    program = (engine.Jvp(wrt=(0,), outputs=(0,)), engine.Vmap(in_dims=(0, 0), size=8))
+    (tangents,) = model.run((xs,), {}, [xs], {}, program=program, extras=[ts]).outputs
+    torch.testing.assert_close(tangents, ts @ weight.detach().T)
 
 
 def test_a_cancelled_call_stops_at_the_next_submodule():

@@ -1,56 +1,72 @@
-"""The JAX side of every bridged call: a ``jax.custom_vjp`` whose forward and backward run
-torch through a Backend, usable under ``jit``, ``grad``, ``vmap``, ``lax.scan`` and
-``jax.checkpoint``.
+"""The JAX side of every bridged call: one JAX primitive, ``torch_call``, that every JAX
+transformation composes through, to any depth, with torch doing the work.
+
+Why a primitive. A ``jax.custom_vjp`` function cannot be differentiated in forward mode
+or twice, and under ``vmap`` its callback loops over the batch. ``custom_jvp`` plus a
+custom transpose plus ``custom_vmap`` could get there, but those three do not compose with
+each other (a ``custom_vmap`` function cannot be differentiated, for one). A primitive has
+one rule per transformation, and each rule only adds a transform to the *program* the call
+runs (``_backend``: ``Jvp``, ``Vjp``, ``Vmap``), which torch executes as the same stack of
+``torch.func`` transforms:
+
+- JVP rule: the primal call, keeping torch's autograd state (a residual handle, 16 bytes),
+  and a call of ``program + Jvp``, linear in the tangents, that carries the handle;
+- transpose rule: ``program + Jvp`` transposes to ``program + Vjp`` and back (each is the
+  other's adjoint); the Vjp call carries the handle, so the backward of a forward need not
+  re-run it (the training step stays one forward and one backward). A call that gets a
+  handle it cannot use (a Jvp, a batched Vjp) frees it;
+- batching rule: ``program + Vmap(in_dims)``, one torch call for the whole batch;
+  unbatched inputs (params under ``in_axes=None``) are sent once. Under ``vmap`` the
+  forward keeps nothing (a batched backward recomputes under ``torch.func.vmap``);
+- abstract evaluation: output shapes follow from the model's (``Backend.infer``, asked
+  once per input signature) through the transforms, so no example inputs are needed;
+- lowering: a callback (``_callbacks``: ``buffer_callback`` on CPU, zero-copy);
+- a DCE rule: a forward whose handle nobody uses (a ``has_aux`` output, say) keeps nothing.
 
 How a call runs:
 
-- With concrete arrays (no transformation, or eager ``jax.grad``), the backend is called
-  directly: no compilation, and its exceptions reach the caller as they are.
-- Under tracing, output shapes come from ``Backend.infer`` (cached per input signature, or
-  declared with ``out_shapes=``) and the call becomes a callback: on CPU
-  ``jax.experimental.buffer_callback``, which hands over XLA's buffers without copies; on
-  GPU with the ``cuda_ipc`` transport the same, with XLA's device buffers and stream;
-  elsewhere ``jax.pure_callback``. Under ``vmap`` the callback loops over the batch.
-- The forward of a differentiated call asks the backend to keep torch's autograd state and
-  carries its handle (16 bytes) as a residual, so the backward need not re-run the forward;
-  the inputs are kept too, so it can when the handle is gone. An eager forward whose
-  backward never runs (``jax.vjp`` left unused) frees that state once JAX drops its handle
-  (``_UnusedResiduals``); under tracing the handle lives in XLA, unseen, and the backend's
-  own bounds (bytes, entries, age, the session) free it.
+- With concrete arrays and no transformation, the backend is called directly: no
+  compilation, data-dependent output shapes work, exceptions reach the caller as they are.
+- Otherwise through the primitive: eagerly (``impl``) or compiled (the callback).
+- An eager forward whose backward never runs (``jax.vjp`` left unused) frees its residual
+  once JAX drops the handle (``_UnusedResiduals``); under ``jit`` the DCE rule and the
+  backend's own bounds (bytes, entries, age, the session) free what is not used.
 
-The key differences to a hand-written ``jax.custom_vjp`` around ``pure_callback``: shapes
-need no example inputs, the forward is not recomputed for the backward, and integer inputs
-and outputs are handled (they get no gradient).
+Integer and boolean inputs and outputs get no tangents (float0), as in JAX.
 """
 
 from __future__ import annotations
 
 import collections
-import functools
 import logging
-import math
 import threading
+import warnings
 import weakref
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.extend.core import Primitive
+from jax.interpreters import ad, batching, mlir
+from jax.interpreters import partial_eval as pe
 
-from pytorch2jax._backend import HANDLE_BYTES, Backend
-from pytorch2jax._copy import copy_into
-from pytorch2jax._exceptions import InvalidArgumentError, UnsupportedError
-from pytorch2jax._transports import cuda_ipc
-from pytorch2jax_protocol import cuda, shm
-
-try:
-    from jax.experimental.buffer_callback import buffer_callback as _buffer_callback
-except ImportError:  # older jax: pure_callback everywhere
-    _buffer_callback = None
+from pytorch2jax._backend import (
+    HANDLE_BYTES,
+    VMAP_METHODS,
+    Backend,
+    Jvp,
+    Result,
+    Run,
+    Transform,
+    Vjp,
+    Vmap,
+)
+from pytorch2jax._exceptions import InvalidArgumentError, VmapFallbackWarning
 
 _HANDLE = jax.ShapeDtypeStruct((HANDLE_BYTES,), jnp.uint8)
+_HANDLE_AVAL = jax.core.ShapedArray((HANDLE_BYTES,), jnp.uint8)
 _NO_HANDLE = np.zeros(HANDLE_BYTES, np.uint8)
 _ARRAY_TYPES = (jax.Array, np.ndarray, np.generic, jax.core.Tracer)
 _STATIC_TYPES = (bool, int, float, str, type(None))
@@ -74,6 +90,14 @@ def _spec(x: Any) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(np.shape(x), jax.dtypes.canonicalize_dtype(x.dtype))
 
 
+def _aval(x: Any) -> jax.core.ShapedArray:
+    return jax.core.ShapedArray(tuple(np.shape(x)), jax.dtypes.canonicalize_dtype(x.dtype))
+
+
+def _struct(aval: jax.core.ShapedArray) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(aval.shape, aval.dtype)
+
+
 @dataclass(frozen=True)
 class _Signature:
     """Everything about a call except the array data: hashable, static under jit."""
@@ -83,6 +107,11 @@ class _Signature:
     # hash alike but can give the model different output dtypes.
     statics: tuple
     param_names: tuple[str, ...]
+
+    @property
+    def n_inputs(self) -> int:
+        """Flat inputs of the model's own function: parameters, then argument arrays."""
+        return len(self.param_names) + self.treedef.num_leaves - len(self.statics)
 
     def rebuild(self, arrays: list[Any]) -> tuple[tuple, dict]:
         leaves: list[Any] = [None] * self.treedef.num_leaves
@@ -123,7 +152,7 @@ class _UnusedResiduals:
 
     The finaliser runs wherever the handle's last reference goes, inside any code that
     drops a reference, so it only appends to a deque: the backend is called at the next
-    forward, outside of whatever the finaliser interrupted.
+    call, outside of whatever the finaliser interrupted.
     """
 
     def __init__(self) -> None:
@@ -135,7 +164,7 @@ class _UnusedResiduals:
         weakref.finalize(array, self._drop, handle)
 
     def used(self, handle: bytes) -> None:
-        """The backward took it: the backend freed it, nothing to send."""
+        """A call took it: the backend uses or frees it, nothing to send."""
         self._watched.discard(handle)
 
     def _drop(self, handle: bytes) -> None:
@@ -146,28 +175,38 @@ class _UnusedResiduals:
     def drain(self) -> list[bytes]:
         out = []
         while True:
-            try:  # forwards run on several threads: another may take the last one first
+            try:  # calls run on several threads: another may take the last one first
                 out.append(self._dropped.popleft())
             except IndexError:
                 return out
 
 
 class TorchFunction:
-    """A torch model or function, run by ``backend``, as a differentiable JAX function.
+    """A torch model or function, run by ``backend``, as a JAX function that every JAX
+    transformation composes through.
 
-    Call it as ``fn(params, *args, **kwargs)`` (``params`` a dict of arrays by parameter
+    Call it as ``fn(params, args, kwargs)`` (``params`` a dict of arrays by parameter
     name, possibly empty) through the wrappers ``_client``/``_inprocess`` build on it.
+    ``vmap_method`` says how a ``vmap`` of it runs (``_backend.VMAP_METHODS``).
     """
 
-    def __init__(self, backend: Backend, *, out_shapes: OutShapes = None) -> None:
+    def __init__(
+        self, backend: Backend, *, out_shapes: OutShapes = None, vmap_method: str = "auto"
+    ) -> None:
+        if vmap_method not in VMAP_METHODS:
+            raise InvalidArgumentError(
+                f"vmap_method must be one of {', '.join(map(repr, VMAP_METHODS))}; got "
+                f"{vmap_method!r}"
+            )
         self.backend = backend
+        self.vmap_method = vmap_method
         self._out_shapes = out_shapes
         self._infer_cache: dict[Any, Any] = {}
+        # Per (signature, program, input shapes): the Vmaps that torch could not batch,
+        # which later calls run as loops straight away.
+        self._loops: dict[Any, frozenset[int]] = {}
         self._lock = threading.Lock()
         self._unused = _UnusedResiduals()
-        call = jax.custom_vjp(self._primal, nondiff_argnums=(0,))
-        call.defvjp(self._fwd, self._bwd)
-        self._call = call
 
     # -- the public entry ---------------------------------------------------------------
 
@@ -195,121 +234,104 @@ class TorchFunction:
                 )
         names = tuple(sorted(params))
         sig = _Signature(treedef, tuple(statics), names)
-        return self._call(sig, tuple(params[n] for n in names), tuple(arrays))
-
-    # -- custom_vjp rules ---------------------------------------------------------------
-
-    def _primal(self, sig: _Signature, p: tuple, a: tuple) -> Any:
-        return self._forward(sig, p, a, keep=False)[0]
-
-    def _fwd(self, sig: _Signature, p: tuple, a: tuple):
-        outputs, handle = self._forward(sig, p, a, keep=True)
-        return outputs, (handle, p, a)
-
-    def _bwd(self, sig: _Signature, residuals, cotangents):
-        handle, p, a = residuals
-        ct_leaves = jax.tree_util.tree_leaves(cotangents)
-        # Integer and boolean outputs have float0 cotangents: nothing to send for them.
-        diff_out = [i for i, ct in enumerate(ct_leaves) if ct.dtype != jax.dtypes.float0]
-        cts = [ct_leaves[i] for i in diff_out]
-        inputs = list(p) + list(a)
-        diff_in = [i for i, x in enumerate(inputs) if _differentiable(x.dtype)]
-        grad_structs = [_spec(inputs[i]) for i in diff_in]
-
-        def host(handle_np, *arrays):
-            n = len(inputs)
-            p_np, a_np, ct_np = arrays[: len(p)], arrays[len(p) : n], arrays[n:]
-            full_cts: list[np.ndarray | None] = [None] * len(ct_leaves)
-            for i, ct in zip(diff_out, ct_np):
-                full_cts[i] = ct
-            args, kwargs = sig.rebuild(list(a_np))
-            handle_bytes = _host_bytes(handle_np)
-            self._unused.used(handle_bytes)
-            p_grads, a_grads = self.backend.vjp(
-                handle_bytes,
-                dict(zip(sig.param_names, p_np)),
-                args,
-                kwargs,
-                full_cts,
-            )
-            grads = [p_grads.get(name) for name in sig.param_names] + list(a_grads)
-            return [grads[i] for i in diff_in]
-
-        flat = iter(_run(host, grad_structs, [handle, *inputs, *cts], self.backend))
-        diff = set(diff_in)
-        grads = [next(flat) if i in diff else None for i in range(len(inputs))]
-        return tuple(grads[: len(p)]), tuple(grads[len(p) :])
-
-    # -- helpers ------------------------------------------------------------------------
-
-    def _forward(self, sig: _Signature, p: tuple, a: tuple, *, keep: bool):
-        n_params = len(p)
-
-        def host(*arrays, reply_bytes=None):
-            dropped = self._unused.drain()
-            if dropped:
-                try:
-                    self.backend.release(dropped)
-                except Exception:  # noqa: BLE001 - they expire on the worker all the same
-                    _log.debug("could not release %d residuals", len(dropped), exc_info=True)
-            args, kwargs = sig.rebuild(list(arrays[n_params:]))
-            params = dict(zip(sig.param_names, arrays[:n_params]))
-            return self.backend.forward(
-                params, args, kwargs, keep_residual=keep, reply_bytes=reply_bytes
-            )
-
-        if _is_concrete([*p, *a]):
-            # No tracing: no shapes needed (data-dependent outputs work), no callback.
-            if self.backend.device_arrays:
-                outputs, handle = host(*p, *a)
-                to_jax = _from_device
-            else:
-                outputs, handle = host(*(np.asarray(x) for x in (*p, *a)))
-                # Arrays the backend hands over for good can become JAX arrays without a
-                # copy (device_put wraps 64-byte aligned host memory on CPU); others are copied.
-                to_jax = jax.device_put if self.backend.owns_outputs else jnp.asarray
-            outputs = jax.tree_util.tree_map(to_jax, outputs)
-            if not keep:
-                return outputs, None
-            handle_array = jnp.asarray(_handle_array(handle))
-            if handle:
-                self._unused.watch(handle_array, handle)
-            return outputs, handle_array
-
-        structs = self._output_structs(sig, p, a)
+        inputs = [params[n] for n in names] + arrays
+        if not any(isinstance(x, jax.core.Tracer) for x in inputs):
+            return self._direct(sig, inputs)
+        structs = self._output_structs(sig, inputs)
         out_leaves, out_def = jax.tree_util.tree_flatten(structs)
-        reply_bytes = sum(_nbytes(s) for s in out_leaves)
+        outputs = _call_p.bind(
+            *inputs,
+            fn=self,
+            sig=sig,
+            program=(),
+            out_avals=tuple(_aval(s) for s in out_leaves),
+            keep=None,
+            has_residual=False,
+        )
+        return jax.tree_util.tree_unflatten(out_def, outputs)
 
-        def host_flat(*arrays):
-            outputs, handle = host(*arrays, reply_bytes=reply_bytes)
-            leaves, got_def = jax.tree_util.tree_flatten(outputs)
-            if got_def != out_def or any(
-                np.shape(x) != s.shape or jax.dtypes.canonicalize_dtype(x.dtype) != s.dtype
-                for x, s in zip(leaves, out_leaves)
-            ):
-                raise InvalidArgumentError(
-                    f"{self.backend.description} returned {_describe(outputs)} but "
-                    f"{_describe(structs)} was expected; if you declared out_shapes=, fix them"
+    # -- running ------------------------------------------------------------------------
+
+    def _direct(self, sig: _Signature, inputs: list[jax.Array]) -> Any:
+        """A call with concrete arrays and no transformation: no shapes needed."""
+        io = self.backend.io
+        result = self.run(sig, (), [io.to_backend(x) for x in inputs])
+        owned = self.backend.owns_outputs
+        return jax.tree_util.tree_map(lambda v: io.to_jax(v, None, owned=owned), result.outputs)
+
+    def run(
+        self,
+        sig: _Signature,
+        program: tuple[Transform, ...],
+        inputs: list[Any],
+        *,
+        keep: tuple[int, ...] | None = None,
+        residual: bytes = b"",
+        out_structs: list[jax.ShapeDtypeStruct] | None = None,
+    ) -> Result:
+        """Runs ``program`` on the flat ``inputs`` (backend arrays) through the backend."""
+        dropped = self._unused.drain()
+        if dropped:
+            try:
+                self.backend.release(dropped)
+            except Exception:  # noqa: BLE001 - they expire on the worker all the same
+                _log.debug("could not release %d residuals", len(dropped), exc_info=True)
+        if residual:
+            self._unused.used(residual)
+        n_params, n_inputs = len(sig.param_names), sig.n_inputs
+        key = None
+        if any(isinstance(t, Vmap) for t in program):
+            key = (sig, program, tuple((np.shape(x), str(x.dtype)) for x in inputs))
+            loops = self._loops.get(key)
+            if loops:
+                program = tuple(
+                    Vmap(t.in_dims, t.size, "sequential") if i in loops else t
+                    for i, t in enumerate(program)
                 )
-            return leaves + ([_handle_array(handle)] if keep else [])
+        args, kwargs = sig.rebuild(list(inputs[n_params:n_inputs]))
+        result = self.backend.run(
+            Run(
+                params=dict(zip(sig.param_names, inputs[:n_params])),
+                args=args,
+                kwargs=kwargs,
+                program=program,
+                extras=list(inputs[n_inputs:]),
+                keep=keep,
+                residual=residual,
+                out_structs=out_structs,
+            )
+        )
+        if result.fallbacks and key is not None:
+            self._learn(key, result.fallbacks)
+        return result
 
-        results = list(out_leaves) + ([_HANDLE] if keep else [])
-        flat = _run(host_flat, results, [*p, *a], self.backend)
-        if keep:
-            return jax.tree_util.tree_unflatten(out_def, flat[:-1]), flat[-1]
-        return jax.tree_util.tree_unflatten(out_def, flat), None
+    def _learn(self, key: Any, fallbacks: tuple[tuple[int, str], ...]) -> None:
+        with self._lock:
+            known = self._loops.get(key, frozenset())
+            if len(self._loops) >= _MAX_SIGNATURES:
+                self._loops.clear()
+            self._loops[key] = known | {i for i, _ in fallbacks}
+        for _, why in fallbacks:
+            warnings.warn(
+                f"{self.backend.description}: torch.func.vmap cannot batch it ({why}); its "
+                "batch runs as a loop on the torch side, one example at a time, for this "
+                "signature from now on. Pass vmap_method='sequential' to choose that and "
+                "silence this warning, or vmap_method='batched' to get an error instead",
+                VmapFallbackWarning,
+                stacklevel=2,
+            )
 
-    def _output_structs(self, sig: _Signature, p: tuple, a: tuple) -> Any:
-        p_specs = tuple(_spec(x) for x in p)
-        a_specs = tuple(_spec(x) for x in a)
-        key = (sig, p_specs, a_specs)
+    def _output_structs(self, sig: _Signature, inputs: list[Any]) -> Any:
+        specs = tuple(_spec(x) for x in inputs)
+        key = (sig, specs)
         with self._lock:
             cached = self._infer_cache.get(key)
         if cached is not None:
             return cached
-        args, kwargs = sig.rebuild(list(a_specs))
+        n = len(sig.param_names)
+        args, kwargs = sig.rebuild(list(specs[n:]))
         if self._out_shapes is None:
-            structs = self.backend.infer(dict(zip(sig.param_names, p_specs)), args, kwargs)
+            structs = self.backend.infer(dict(zip(sig.param_names, specs[:n])), args, kwargs)
         elif callable(self._out_shapes):
             structs = self._out_shapes(*args, **kwargs)
         else:
@@ -321,33 +343,211 @@ class TorchFunction:
             self._infer_cache[key] = structs
         return structs
 
+    def _flat_outputs(self, result: Result, program: tuple, out_avals: tuple) -> list[Any]:
+        outputs = result.outputs
+        leaves = jax.tree_util.tree_leaves(outputs) if not program else list(outputs)
+        if len(leaves) != len(out_avals) or any(
+            np.shape(x) != a.shape or jax.dtypes.canonicalize_dtype(x.dtype) != a.dtype
+            for x, a in zip(leaves, out_avals)
+        ):
+            expected: Any = [_struct(a) for a in out_avals]
+            if len(expected) == 1 and not isinstance(outputs, (tuple, list, dict)):
+                expected = expected[0]
+            raise InvalidArgumentError(
+                f"{self.backend.description} returned {_describe(outputs)} but "
+                f"{_describe(expected)} was expected; if you declared out_shapes=, fix them"
+            )
+        return leaves
 
-@functools.lru_cache(maxsize=None)
-def _refuse_higher_order(description: str):
-    @jax.custom_jvp
-    def first_order_only(xs):
-        return xs
 
-    @first_order_only.defjvp
-    def _(primals, tangents):
-        raise UnsupportedError(
-            f"{description}: only first-order gradients of a torch model are supported "
-            "(grad, vjp, value_and_grad); differentiating its backward (hessian, grad of "
-            "grad, jvp of a gradient) is not"
+# -- the primitive ----------------------------------------------------------------------
+
+_call_p = Primitive("torch_call")
+_call_p.multiple_results = True
+
+
+def _split(values: Any, has_residual: bool) -> tuple[Any, list[Any]]:
+    values = list(values)
+    return (values[0], values[1:]) if has_residual else (None, values)
+
+
+def _bind(
+    fn: TorchFunction,
+    sig: _Signature,
+    program: tuple[Transform, ...],
+    inputs: list[Any],
+    out_avals: tuple,
+    *,
+    residual: Any = None,
+    keep: tuple[int, ...] | None = None,
+) -> list[Any]:
+    head = [] if residual is None else [residual]
+    return _call_p.bind(
+        *head,
+        *inputs,
+        fn=fn,
+        sig=sig,
+        program=program,
+        out_avals=tuple(out_avals),
+        keep=keep,
+        has_residual=residual is not None,
+    )
+
+
+def _abstract_eval(*avals, fn, sig, program, out_avals, keep, has_residual):
+    return list(out_avals) + ([_HANDLE_AVAL] if keep is not None else [])
+
+
+def _impl(*values, fn, sig, program, out_avals, keep, has_residual):
+    residual, inputs = _split(values, has_residual)
+    io = fn.backend.io
+    result = fn.run(
+        sig,
+        program,
+        [io.to_backend(x) for x in inputs],
+        keep=keep,
+        residual=io.to_bytes(residual) if has_residual else b"",
+    )
+    leaves = fn._flat_outputs(result, program, out_avals)
+    owned = fn.backend.owns_outputs
+    outputs = [io.to_jax(v, _struct(a), owned=owned) for v, a in zip(leaves, out_avals)]
+    if keep is None:
+        return outputs
+    handle = jnp.asarray(_handle_array(result.residual))
+    if result.residual:
+        fn._unused.watch(handle, result.residual)
+    return [*outputs, handle]
+
+
+def _lowering(ctx, *values, fn, sig, program, out_avals, keep, has_residual):
+    results = [_struct(a) for a in out_avals] + ([_HANDLE] if keep is not None else [])
+    io = fn.backend.io
+
+    def host(*arrays):
+        residual, inputs = _split(arrays, has_residual)
+        result = fn.run(
+            sig,
+            program,
+            inputs,
+            keep=keep,
+            residual=io.to_bytes(residual) if has_residual else b"",
+            out_structs=results[: len(out_avals)],
         )
+        leaves = fn._flat_outputs(result, program, out_avals)
+        return leaves + ([_handle_array(result.residual)] if keep is not None else [])
 
-    return first_order_only
+    def staged(*xs):
+        return io.stage(host, results, xs)
+
+    return mlir.lower_fun(staged, multiple_results=True)(ctx, *values)
 
 
-def _first_order_only(values: list[Any], description: str) -> list[Any]:
-    """``values`` unchanged; differentiating through them raises a clear UnsupportedError
-    (instead of JAX's complaint that callbacks have no JVP rule)."""
-    return _refuse_higher_order(description)(values)
+def _jvp(primals, tangents, *, fn, sig, program, out_avals, keep, has_residual):
+    residual, xs = _split(primals, has_residual)
+    _, ts = _split(tangents, has_residual)
+    wrt = tuple(
+        i for i, (x, t) in enumerate(zip(xs, ts)) if type(t) is not ad.Zero and _differentiable(x.dtype)
+    )
+    # The primal call keeps torch's autograd state for inputs ``wrt`` (and for those an
+    # enclosing derivative asked to keep): a reverse pass then transposes the tangent call
+    # into a Vjp that uses it. A forward-mode pass evaluates the tangent call instead,
+    # which frees it.
+    kept = tuple(sorted(set(wrt) | set(keep or ())))
+    outs = _bind(fn, sig, program, xs, out_avals, residual=residual, keep=kept)
+    outs, handle = outs[:-1], outs[-1]
+    diff_out = tuple(j for j, a in enumerate(out_avals) if _differentiable(a.dtype))
+    touts: list[Any] = [ad.Zero(a.to_tangent_aval()) for a in out_avals]
+    if wrt and diff_out:
+        computed = _bind(
+            fn,
+            sig,
+            (*program, Jvp(wrt, diff_out)),
+            [*xs, *(ts[i] for i in wrt)],
+            tuple(out_avals[j] for j in diff_out),
+            residual=handle,
+        )
+        for j, t in zip(diff_out, computed):
+            touts[j] = t
+    if keep is not None:  # this call's own handle output, which has no tangent
+        return [*outs, handle], [*touts, ad.Zero(_HANDLE_AVAL.to_tangent_aval())]
+    return outs, touts
 
 
-def _nbytes(struct: jax.ShapeDtypeStruct) -> int:
-    # Rounded up to the aligned slots that transports use.
-    return shm.align(math.prod(struct.shape) * np.dtype(struct.dtype).itemsize)
+def _transpose(cts, *values, fn, sig, program, out_avals, keep, has_residual):
+    residual, inputs = _split(values, has_residual)
+    last = program[-1] if program else None
+    if not isinstance(last, (Jvp, Vjp)):
+        raise NotImplementedError(f"{fn.backend.description}: a forward call is not linear")
+    n_extras = len(last.wrt) if isinstance(last, Jvp) else len(last.outputs)
+    xs, extras = inputs[: len(inputs) - n_extras], inputs[len(inputs) - n_extras :]
+    if any(ad.is_undefined_primal(x) for x in xs):
+        raise NotImplementedError(
+            f"{fn.backend.description}: a tangent or cotangent call transposed with respect "
+            "to its primal inputs"
+        )
+    cts = list(cts)[: len(out_avals)]
+    nonzero = [k for k, c in enumerate(cts) if type(c) is not ad.Zero]
+    extra_avals = tuple(e.aval if ad.is_undefined_primal(e) else _aval(e) for e in extras)
+    head = [None] * (has_residual + len(xs))
+    if not nonzero:
+        return head + [ad.Zero(a.to_tangent_aval()) if ad.is_undefined_primal(e) else None
+                       for e, a in zip(extras, extra_avals)]
+    if isinstance(last, Jvp):
+        # The tangents of inputs ``wrt`` gave the tangents of outputs ``outputs``: their
+        # cotangents come from the Vjp of the same inner program.
+        adjoint: Transform = Vjp(last.wrt, tuple(last.outputs[k] for k in nonzero))
+    else:
+        adjoint = Jvp(tuple(last.wrt[k] for k in nonzero), last.outputs)
+    out = _bind(
+        fn,
+        sig,
+        (*program[:-1], adjoint),
+        [*xs, *(cts[k] for k in nonzero)],
+        extra_avals,
+        residual=residual,
+    )
+    return head + [o if ad.is_undefined_primal(e) else None for o, e in zip(out, extras)]
+
+
+def _batch(values, dims, *, fn, sig, program, out_avals, keep, has_residual):
+    residual, xs = _split(values, has_residual)
+    residual_dim, in_dims = _split(dims, has_residual)
+    if has_residual and residual_dim is not None:
+        residual = None  # one handle per example: no kept forward fits a batched call
+    size = next(x.shape[d] for x, d in zip(xs, in_dims) if d is not None)
+    vmap = Vmap(tuple(in_dims), size, fn.vmap_method)
+    batched = tuple(jax.core.ShapedArray((size, *a.shape), a.dtype) for a in out_avals)
+    outs = _bind(fn, sig, (*program, vmap), xs, batched, residual=residual)
+    out_dims = [0] * len(outs)
+    if keep is not None:
+        # A batched backward recomputes under torch.func.vmap, which a kept forward of the
+        # whole batch cannot stand for (per-example gradients of unbatched params, say):
+        # keep nothing.
+        outs = [*outs, jnp.zeros(HANDLE_BYTES, jnp.uint8)]
+        out_dims.append(None)
+    return outs, out_dims
+
+
+def _dce(used_outputs: list[bool], eqn: Any):
+    if not any(used_outputs):
+        return [False] * len(eqn.invars), None
+    if eqn.params["keep"] is not None and not used_outputs[-1]:
+        # Nobody takes the handle (the output only feeds a has_aux, or a stop_gradient):
+        # keep no autograd state on the torch side.
+        eqn = eqn.replace(params={**eqn.params, "keep": None}, outvars=eqn.outvars[:-1])
+    return [True] * len(eqn.invars), eqn
+
+
+_call_p.def_impl(_impl)
+_call_p.def_abstract_eval(_abstract_eval)
+mlir.register_lowering(_call_p, _lowering)
+ad.primitive_jvps[_call_p] = _jvp
+ad.primitive_transposes[_call_p] = _transpose
+batching.primitive_batchers[_call_p] = _batch
+pe.dce_rules[_call_p] = _dce
+
+
+# -- helpers ------------------------------------------------------------------------------
 
 
 def _handle_array(handle: bytes) -> np.ndarray:
@@ -356,70 +556,3 @@ def _handle_array(handle: bytes) -> np.ndarray:
 
 def _describe(tree: Any) -> str:
     return str(jax.tree_util.tree_map(lambda x: f"{np.dtype(x.dtype).name}{list(np.shape(x))}", tree))
-
-
-def _is_concrete(values: list[Any]) -> bool:
-    return not any(isinstance(v, jax.core.Tracer) for v in values)
-
-
-def _run(
-    host: Callable[..., list[np.ndarray]],
-    results: list[jax.ShapeDtypeStruct],
-    inputs: list,
-    backend: Backend,
-):
-    """Runs ``host`` (numpy in, list of numpy out; device arrays both ways for a backend
-    with ``device_arrays``) on ``inputs``: directly when they are concrete, otherwise as a
-    callback inside the computation being traced."""
-    device = backend.device_arrays
-    if _is_concrete(inputs):
-        if device:
-            outs = host(*inputs)
-            return [_from_device(o).astype(s.dtype) for o, s in zip(outs, results)]
-        outs = host(*(np.asarray(x) for x in inputs))
-        return [jnp.asarray(np.asarray(o, dtype=s.dtype)) for o, s in zip(outs, results)]
-    inputs = _first_order_only(inputs, backend.description)
-    if _buffer_callback is not None:
-        if device and jax.default_backend() == "gpu":
-            # XLA's GPU buffers go to the transport as they are: no trip through the host.
-            callback = functools.partial(_into_device_buffers, host)
-            return _buffer_callback(callback, results, vmap_method="sequential")(*inputs)
-        if jax.default_backend() == "cpu":
-            callback = functools.partial(_into_buffers, host)
-            return _buffer_callback(callback, results, vmap_method="sequential")(*inputs)
-    return jax.pure_callback(
-        functools.partial(_as_results, host, results), results, *inputs, vmap_method="sequential"
-    )
-
-
-def _into_buffers(host, ctx, out, *inputs) -> None:
-    # np.asarray of a CPU Buffer is a zero-copy view; the only copy is into XLA's output.
-    results = host(*(np.asarray(b) for b in inputs))
-    for buf, value in zip(out, results):
-        copy_into(np.asarray(buf), np.asarray(value))
-
-
-def _into_device_buffers(host, ctx, out, *inputs) -> None:
-    # The transport's copies go on XLA's stream (ctx.stream), after the producers of the
-    # inputs; the sync at the end lets the reply block go before XLA reads ``out``.
-    with cuda_ipc.on_stream(ctx.stream):
-        results = host(*inputs)
-        for buf, value in zip(out, results):
-            cuda_ipc.copy_to(buf, value)
-        cuda.synchronize(ctx.stream)
-
-
-def _from_device(value: Any) -> jax.Array:
-    """A JAX array of a device backend's output (a device view, or a host array)."""
-    return cuda_ipc.to_jax(value) if cuda_ipc.is_device_array(value) else jnp.asarray(value)
-
-
-def _host_bytes(handle: Any) -> bytes:
-    """A residual handle's 16 bytes, from a numpy or JAX array or an XLA GPU buffer."""
-    if isinstance(handle, (np.ndarray, jax.Array)):
-        return bytes(np.asarray(handle))
-    return bytes(cuda_ipc.host_copy(handle))
-
-
-def _as_results(host, results, *inputs) -> list[np.ndarray]:
-    return [np.asarray(v, dtype=s.dtype) for v, s in zip(host(*inputs), results)]

@@ -1,22 +1,117 @@
-"""What the JAX wrapper (``_ad``) needs from whatever runs torch: the Backend interface.
+"""What the JAX layer (``_ad``) needs from whatever runs torch: the Backend interface, and
+the programs a backend runs.
 
-Two backends implement it: a worker over gRPC (``_remote``) and torch in this process.
-Arrays cross this interface as numpy arrays (on CPU, zero-copy views of XLA's buffers);
-pytrees of arguments and outputs are made of tuples, lists, dicts with string keys, None,
-array leaves, and static Python scalars and strings.
+A bridged call runs a *program*: the model's flat function composed with a stack of
+transforms, innermost first, which torch runs as the same stack of ``torch.func``
+transforms. ``jax.hessian`` of a loss reaches torch as ``(Vjp, Jvp)``: ``torch.func.jvp``
+of a ``torch.func.vjp`` of the model, in one call.
+
+The flat function's inputs are the parameters (in ``Signature.param_names`` order), then
+the argument leaves (JAX's flattening order); its outputs are the output leaves (the same
+order). Each transform then maps a flat function of ``n`` inputs and ``m`` outputs to
+another:
+
+- ``Jvp(wrt, outputs)``: inputs ``n + len(wrt)`` (the tangents of inputs ``wrt``), outputs
+  ``len(outputs)``: the tangents of outputs ``outputs``. Linear in the tangents.
+- ``Vjp(wrt, outputs)``: inputs ``n + len(outputs)`` (cotangents of outputs ``outputs``),
+  outputs ``len(wrt)``: the cotangents of inputs ``wrt``. Linear in the cotangents.
+- ``Vmap(in_dims, size, method)``: the same inputs, each batched along its ``in_dims``
+  entry (None: not batched, passed once), outputs batched along dimension 0.
+
+Two backends implement the interface: a worker over gRPC (``_remote``) and torch in this
+process (``_inprocess``). Arrays cross it as the backend's ``io`` says: numpy arrays (on
+CPU, zero-copy views of XLA's buffers) unless a transport works in GPU memory.
 """
 
 from __future__ import annotations
 
 import abc
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Union
 
 import jax
-import numpy as np
 
+from pytorch2jax._callbacks import HOST_IO, ArrayIO
 from pytorch2jax_protocol import HANDLE_BYTES
 
-__all__ = ["HANDLE_BYTES", "Backend"]
+__all__ = [
+    "HANDLE_BYTES",
+    "VMAP_METHODS",
+    "ArrayIO",
+    "Backend",
+    "Jvp",
+    "Result",
+    "Run",
+    "Transform",
+    "Vjp",
+    "Vmap",
+]
+
+#: How a ``Vmap`` runs: ``"batched"`` (``torch.func.vmap``, or an error saying why torch
+#: cannot), ``"sequential"`` (a loop over the batch, on the torch side, in one call), or
+#: ``"auto"`` (batched, falling back to the loop, with a warning, where torch cannot).
+VMAP_METHODS = ("auto", "batched", "sequential")
+
+
+@dataclass(frozen=True)
+class Jvp:
+    """Forward mode: tangents of outputs ``outputs`` along tangents of inputs ``wrt``."""
+
+    wrt: tuple[int, ...]
+    outputs: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Vjp:
+    """Reverse mode: cotangents of inputs ``wrt`` from cotangents of outputs ``outputs``."""
+
+    wrt: tuple[int, ...]
+    outputs: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Vmap:
+    """Batching: every input along its ``in_dims`` entry (None: unbatched), ``size`` wide."""
+
+    in_dims: tuple[int | None, ...]
+    size: int
+    method: str = "auto"
+
+
+Transform = Union[Jvp, Vjp, Vmap]
+
+
+@dataclass
+class Run:
+    """One call of a program, as the backend receives it."""
+
+    params: dict[str, Any]
+    args: tuple
+    kwargs: dict
+    #: The transforms, innermost first; () calls the model as it is.
+    program: tuple[Transform, ...] = ()
+    #: The transforms' extra inputs, in order (tangents, cotangents).
+    extras: list[Any] = field(default_factory=list)
+    #: Keep torch's autograd state for a later ``Vjp`` w.r.t. these flat inputs (None: keep
+    #: nothing). The result then carries its handle.
+    keep: tuple[int, ...] | None = None
+    #: The handle of a kept forward of ``program[:-1]`` when ``program`` ends with a Vjp
+    #: of it: the backward then need not re-run the forward. Any other handle given here
+    #: is no longer needed and is freed.
+    residual: bytes = b""
+    #: The flat outputs' shapes and dtypes, when known before the call (under tracing).
+    out_structs: list[jax.ShapeDtypeStruct] | None = None
+
+
+@dataclass
+class Result:
+    #: The output pytree for an empty program; the flat outputs otherwise.
+    outputs: Any
+    #: The handle of the kept autograd state; b"" when none was kept.
+    residual: bytes = b""
+    #: (index of a Vmap in the program, why) for each ``"auto"`` Vmap that torch could not
+    #: batch and that ran as a loop instead.
+    fallbacks: tuple[tuple[int, str], ...] = ()
 
 
 class Backend(abc.ABC):
@@ -25,49 +120,22 @@ class Backend(abc.ABC):
     #: How error messages name the model, e.g. "model 'mlp' at localhost:50051".
     description: str
 
-    #: Whether the arrays ``forward`` returns are the caller's alone (no one else writes
+    #: Whether the arrays ``run`` returns are the caller's alone (no one else writes
     #: them), so that JAX may wrap them without a copy.
     owns_outputs: bool = False
 
-    #: Whether ``forward`` and ``vjp`` take arrays in GPU memory (JAX arrays, or XLA's
-    #: buffers inside a callback) and may return ``cuda.DeviceView`` leaves, instead of
-    #: numpy arrays both ways (see ``_ad``).
-    device_arrays: bool = False
+    @property
+    def io(self) -> ArrayIO:
+        """How this backend's arrays meet JAX's (host numpy arrays unless a GPU transport)."""
+        return HOST_IO
 
     @abc.abstractmethod
     def infer(self, params: dict[str, jax.ShapeDtypeStruct], args: tuple, kwargs: dict) -> Any:
         """The output pytree, leaves as ShapeDtypeStruct, for inputs of these shapes and dtypes."""
 
     @abc.abstractmethod
-    def forward(
-        self,
-        params: dict[str, np.ndarray],
-        args: tuple,
-        kwargs: dict,
-        *,
-        keep_residual: bool,
-        reply_bytes: int | None = None,
-    ) -> tuple[Any, bytes]:
-        """The output pytree (numpy leaves), and a residual handle (b"" if none was kept).
-
-        ``reply_bytes``, when known, is the outputs' total size: room to prepare for them.
-        """
-
-    @abc.abstractmethod
-    def vjp(
-        self,
-        residual: bytes,
-        params: dict[str, np.ndarray],
-        args: tuple,
-        kwargs: dict,
-        cotangents: list[np.ndarray | None],
-    ) -> tuple[dict[str, np.ndarray], list[np.ndarray | None]]:
-        """Gradients for every parameter, and for every array leaf of ``(args, kwargs)``.
-
-        ``cotangents`` holds one entry per output leaf, None where the output is not
-        differentiable. The residual may be gone; the backend then recomputes from the
-        inputs. Argument leaves that are not differentiable get None.
-        """
+    def run(self, run: Run) -> Result:
+        """Runs ``run.program`` on the inputs. Errors are pytorch2jax's exceptions."""
 
     def release(self, residuals: list[bytes]) -> None:
         """Frees the residuals of forwards whose backward will never run (an unused

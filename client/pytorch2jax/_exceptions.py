@@ -18,6 +18,9 @@
     ├── AuthenticationError      missing or wrong credentials
     └── WorkerInternalError      a bug or crash inside the worker
 
+    VmapFallbackWarning          (a UserWarning) torch could not batch a model under
+                                 ``vmap``: its batch runs as a loop on the torch side
+
 Inside a ``jax.jit``-compiled program, JAX reports an exception raised by a callback as a
 ``JaxRuntimeError`` whose message holds the original class name and message. Errors found
 while tracing (unknown model, arity, shape, dtype) are raised as the classes above.
@@ -70,6 +73,11 @@ class UnsupportedError(Pytorch2JaxError):
 
 class AuthenticationError(Pytorch2JaxError):
     """The worker refused the client's credentials."""
+
+
+class VmapFallbackWarning(UserWarning):
+    """``torch.func.vmap`` could not batch a model, so its batch runs as a loop on the
+    torch side (``vmap_method="auto"``)."""
 
 
 class WorkerInternalError(Pytorch2JaxError):

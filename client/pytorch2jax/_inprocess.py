@@ -35,8 +35,8 @@ import ml_dtypes
 import numpy as np
 
 from pytorch2jax._ad import OutShapes, TorchFunction
-from pytorch2jax._backend import Backend
-from pytorch2jax._exceptions import InvalidArgumentError, from_status
+from pytorch2jax._backend import Backend, Jvp, Result, Run, Transform, Vjp, Vmap
+from pytorch2jax._exceptions import InvalidArgumentError, ResidualLostError, from_status
 from pytorch2jax_protocol import dtypes
 
 
@@ -128,34 +128,64 @@ class LocalModel(Backend):
             outputs = self._model.infer(build)
         return _map_tree(outputs, lambda t: jax.ShapeDtypeStruct(tuple(t.shape), _np_dtype(t.dtype)))
 
-    def _run(self, params: dict, args: tuple, kwargs: dict, *, keep_autograd: bool):
-        names = list(params)
+    def run(self, run: Run) -> Result:
+        from pytorch2jax_server import engine
+
+        last = run.program[-1] if run.program else None
+        if run.residual and isinstance(last, Vjp) and run.keep is None:
+            found = self._residuals.take(run.residual)
+            if found is not None:
+                # The last transform's own inputs; the kept forward had the others.
+                cts = [_np_to_torch(c) for c in run.extras[len(run.extras) - len(last.outputs) :]]
+                try:
+                    with _Unwrap():
+                        grads = engine.vjp_of_kept(found, cts, last.outputs, last.wrt)
+                    return Result([_torch_to_np(g) for g in grads])
+                except ResidualLostError:
+                    pass  # it kept no state for an input asked about: recompute
+        elif run.residual:
+            self._residuals.release([run.residual])  # a call that cannot use it
+        outcome = self._execute(run)
+        handle = self._residuals.put(outcome.residual) if outcome.residual else b""
+        outputs = _map_tree(outcome.outputs, _torch_to_np)
+        return Result(
+            list(outputs) if run.program else outputs, handle, tuple(outcome.fallbacks)
+        )
+
+    def _execute(self, run: Run):
+        from pytorch2jax_server import engine
+
+        names = list(run.params)
         arrays: list[np.ndarray] = []
-        _map_tree((args, kwargs), arrays.append)
-        shared = [_np_to_torch(params[n]) for n in names] + [_np_to_torch(a) for a in arrays]
+        _map_tree((run.args, run.kwargs), arrays.append)
+        shared = [_np_to_torch(x) for x in (*(run.params[n] for n in names), *arrays, *run.extras)]
         key = (
             tuple(names),
             tuple((tuple(t.shape), t.dtype) for t in shared),
-            repr(_map_tree((args, kwargs), lambda _: None)),  # structure and static values
+            repr(_map_tree((run.args, run.kwargs), lambda _: None)),  # structure and statics
+            _program_key(run.program),
         )
         with self._lock:
             writes = self._writes.get(key)
         first = writes is None
         # A kept autograd graph outlives this call, but XLA's buffers are lent only for its
         # duration: the tensors it saves must own their memory, so that path copies.
-        copy_all = first or keep_autograd
+        copy_all = first or run.keep is not None
         copied = {i: t.clone() for i, t in enumerate(shared) if copy_all or i in writes}
         used = [copied.get(i, t) for i, t in enumerate(shared)]
         before = [t._version for t in used]
-        it = iter(used[len(names) :])
-        t_args, t_kwargs = _map_tree((args, kwargs), lambda _: next(it))
+        n_params, n_base = len(names), len(names) + len(arrays)
+        it = iter(used[n_params:n_base])
+        t_args, t_kwargs = _map_tree((run.args, run.kwargs), lambda _: next(it))
         with _Unwrap():
             outcome = self._model.run(
                 t_args,
                 t_kwargs,
-                used[len(names) :],
-                dict(zip(names, used[: len(names)])),
-                keep_autograd=keep_autograd,
+                used[n_params:n_base],
+                dict(zip(names, used[:n_params])),
+                keep=run.keep,
+                program=_engine_program(engine, run.program),
+                extras=used[n_base:],
             )
         written = frozenset(i for i, t in enumerate(used) if t._version != before[i])
         if first:
@@ -170,27 +200,28 @@ class LocalModel(Backend):
             )
         return outcome
 
-    def forward(self, params, args, kwargs, *, keep_residual, reply_bytes=None):
-        outcome = self._run(params, args, kwargs, keep_autograd=keep_residual)
-        handle = self._residuals.put(outcome.residual) if outcome.residual else b""
-        return _map_tree(outcome.outputs, _torch_to_np), handle
-
     def release(self, residuals):
         self._residuals.release(residuals)
 
-    def vjp(self, residual, params, args, kwargs, cotangents):
-        from pytorch2jax_server.engine import vjp
 
-        found = self._residuals.take(residual) if any(residual) else None
-        if found is None:
-            found = self._run(params, args, kwargs, keep_autograd=True).residual
-        cts = [None if c is None else _np_to_torch(c) for c in cotangents]
-        with _Unwrap():
-            arg_grads, param_grads = vjp(found, cts)
-        return (
-            {n: _torch_to_np(g) for n, g in param_grads.items()},
-            [None if g is None else _torch_to_np(g) for g in arg_grads],
-        )
+def _engine_program(engine: Any, program: tuple[Transform, ...]) -> tuple:
+    """The engine's twin of a client program (the two sides share no code)."""
+    out = []
+    for t in program:
+        if isinstance(t, Jvp):
+            out.append(engine.Jvp(t.wrt, t.outputs))
+        elif isinstance(t, Vjp):
+            out.append(engine.Vjp(t.wrt, t.outputs))
+        else:
+            out.append(engine.Vmap(t.in_dims, t.size, t.method))
+    return tuple(out)
+
+
+def _program_key(program: tuple[Transform, ...]) -> tuple:
+    # Where torch may write depends on the program, but not on a vmap's method or size.
+    return tuple(
+        (type(t).__name__, t.in_dims) if isinstance(t, Vmap) else t for t in program
+    )
 
 
 def _torch_dtype(dtype: Any):

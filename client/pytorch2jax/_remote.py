@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import math
 from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pytorch2jax._backend import Backend
+from pytorch2jax._backend import Backend, Jvp, Result, Run, Transform, Vjp
+from pytorch2jax._callbacks import ArrayIO
 from pytorch2jax._exceptions import InvalidArgumentError, ResidualLostError, SessionLostError
 from pytorch2jax._models import ModelInfo
 from pytorch2jax._transports import Call, cuda_ipc
@@ -81,8 +84,8 @@ class RemoteModel(Backend):
         self._reply_bytes = _FIRST_REPLY_BYTES
 
     @property
-    def device_arrays(self) -> bool:
-        return self._client._transport.device_arrays
+    def io(self) -> ArrayIO:
+        return self._client._transport.io
 
     def _check_parameters(self, params: dict[str, jax.ShapeDtypeStruct]) -> None:
         own = self.info.parameters
@@ -132,72 +135,112 @@ class RemoteModel(Backend):
                 return decode(reply, call)
         raise AssertionError("unreachable")
 
-    def forward(self, params, args, kwargs, *, keep_residual, reply_bytes=None):
-        def build(call: Call) -> pb.ForwardRequest:
-            return pb.ForwardRequest(
-                model=self.info.name,
-                arguments=values.encode_arguments(args, kwargs, call.put),
-                parameters=_named(params, call),
-                keep_residual=keep_residual,
-                reply_area=call.reply_area,
-            )
-
-        def decode(reply: pb.ForwardResponse, call: Call):
-            outputs = values.decode(reply.outputs, call.get)
-            self._reply_bytes = max(_nbytes(outputs), 64)  # next time, as much as this took
-            return outputs, reply.residual
-
-        request_bytes = _nbytes((params, args, kwargs), self._client._transport.inline_below)
-        if reply_bytes is None:  # eager: guess from the last reply, and from the inputs
-            reply_bytes = max(self._reply_bytes, request_bytes)
-        return self._exchange("Forward", request_bytes, reply_bytes, build, decode)
+    def run(self, run: Run) -> Result:
+        last = run.program[-1] if run.program else None
+        if run.residual and isinstance(last, Vjp) and run.keep is None:
+            try:
+                return self._vjp_of_kept(run, last)
+            except ResidualLostError:
+                pass  # evicted or expired: recompute from the inputs
+            run = dataclasses.replace(run, residual=b"")
+        return self._forward(run)
 
     def release(self, residuals):
         self._client._release_residuals(residuals)
 
-    def vjp(self, residual, params, args, kwargs, cotangents):
+    def _forward(self, run: Run) -> Result:
+        program = _program(run.program)
+
+        def build(call: Call) -> pb.ForwardRequest:
+            msg = pb.ForwardRequest(
+                model=self.info.name,
+                arguments=values.encode_arguments(run.args, run.kwargs, call.put),
+                parameters=_named(run.params, call),
+                keep_residual=run.keep is not None,
+                residual_wrt=run.keep or (),
+                reply_area=call.reply_area,
+            )
+            if program is not None:
+                msg.program.CopyFrom(program)
+                msg.program_inputs.extend(call.put(x) for x in run.extras)
+            if run.residual:
+                msg.release_residuals.append(run.residual)
+            return msg
+
+        def decode(reply: pb.ForwardResponse, call: Call) -> Result:
+            outputs = values.decode(reply.outputs, call.get)
+            self._reply_bytes = max(_nbytes(outputs), 64)  # next time, as much as this took
+            return Result(
+                outputs,
+                reply.residual,
+                tuple((f.transform, f.reason) for f in reply.vmap_fallbacks),
+            )
+
         small = self._client._transport.inline_below
-        inputs = [*params.values(), *jax.tree_util.tree_leaves((args, kwargs))]
-        grads_bytes = _nbytes([x for x in inputs if _array_nbytes(x) is not None and _inexact(x)])
-        cts_bytes = _nbytes([c for c in cotangents if c is not None], small)
+        request_bytes = _nbytes((run.params, run.args, run.kwargs, run.extras), small)
+        if run.out_structs is not None:
+            reply_bytes = sum(shm.align(_struct_nbytes(s)) for s in run.out_structs)
+        else:  # eager: guess from the last reply, and from the inputs
+            reply_bytes = max(self._reply_bytes, request_bytes)
+        return self._exchange("Forward", request_bytes, reply_bytes, build, decode)
 
-        def request(recompute: bool):
-            def build(call: Call) -> pb.VjpRequest:
-                msg = pb.VjpRequest(
-                    model=self.info.name,
-                    cotangents=[pb.Tensor() if c is None else call.put(c) for c in cotangents],
-                    reply_area=call.reply_area,
+    def _vjp_of_kept(self, run: Run, last: Vjp) -> Result:
+        """The Vjp of a kept forward: torch's stored graph, no forward re-run."""
+
+        # The last transform's own inputs; the kept forward had the others.
+        cts = run.extras[len(run.extras) - len(last.outputs) :]
+
+        def build(call: Call) -> pb.VjpRequest:
+            return pb.VjpRequest(
+                model=self.info.name,
+                residual=run.residual,
+                cotangents=[call.put(c) for c in cts],
+                cotangent_outputs=last.outputs,
+                wrt=last.wrt,
+                reply_area=call.reply_area,
+            )
+
+        def decode(reply: pb.VjpResponse, call: Call) -> Result:
+            return Result([call.get(g) for g in reply.grads])
+
+        small = self._client._transport.inline_below
+        if run.out_structs is not None:
+            grads_bytes = sum(shm.align(_struct_nbytes(s)) for s in run.out_structs)
+        else:
+            grads_bytes = _nbytes([*run.params.values(), *jax.tree_util.tree_leaves((run.args, run.kwargs))])
+        return self._exchange("Vjp", _nbytes(cts, small), grads_bytes, build, decode)
+
+
+def _program(program: tuple[Transform, ...]) -> pb.Program | None:
+    """The wire form of a program; None for the model as it is (the request of old)."""
+    if not program:
+        return None
+    msg = pb.Program()
+    for t in program:
+        if isinstance(t, Jvp):
+            msg.transforms.add(jvp=pb.Jvp(wrt=t.wrt, outputs=t.outputs))
+        elif isinstance(t, Vjp):
+            msg.transforms.add(vjp=pb.Vjp(wrt=t.wrt, outputs=t.outputs))
+        else:
+            msg.transforms.add(
+                vmap=pb.Vmap(
+                    in_dims=[-1 if d is None else d for d in t.in_dims],
+                    axis_size=t.size,
+                    method=_VMAP_METHODS[t.method],
                 )
-                if recompute:
-                    msg.arguments.CopyFrom(
-                        values.encode_arguments(args, kwargs, call.put)
-                    )
-                    msg.parameters.extend(_named(params, call))
-                else:
-                    msg.residual = residual
-                return msg
-
-            return build
-
-        def decode(reply: pb.VjpResponse, call: Call):
-            param_grads = {g.name: call.get(g.tensor) for g in reply.parameter_grads}
-            arg_grads = [
-                None if g.dtype == pb.DTYPE_UNSPECIFIED else call.get(g)
-                for g in reply.argument_grads
-            ]
-            return param_grads, arg_grads
-
-        if any(residual):
-            try:
-                return self._exchange("Vjp", cts_bytes, grads_bytes, request(False), decode)
-            except ResidualLostError:
-                pass  # evicted or expired: recompute from the inputs
-        request_bytes = cts_bytes + _nbytes((params, args, kwargs), small)
-        return self._exchange("Vjp", request_bytes, grads_bytes, request(True), decode)
+            )
+    return msg
 
 
-def _inexact(x: Any) -> bool:
-    return jnp.issubdtype(x.dtype, jnp.inexact)
+_VMAP_METHODS = {
+    "auto": pb.Vmap.AUTO,
+    "batched": pb.Vmap.BATCHED,
+    "sequential": pb.Vmap.SEQUENTIAL,
+}
+
+
+def _struct_nbytes(s: jax.ShapeDtypeStruct) -> int:
+    return math.prod(s.shape) * np.dtype(s.dtype).itemsize
 
 
 def _named(params: dict[str, np.ndarray], call: Call) -> list[pb.NamedTensor]:

@@ -33,7 +33,12 @@ from pytorch2jax_server.engine import (
     ResidualCache,
     ResidualLostError,
     ServedModel,
+    Transform,
+    Vjp,
+    Vmap,
+    Jvp,
     vjp,
+    vjp_of_kept,
     wire_dtype,
 )
 
@@ -105,6 +110,37 @@ def _encode_outputs(model: ServedModel, outputs: Any, leaf) -> pb.Value:
         )
 
     return values.encode(outputs, checked, static=False)
+
+
+_VMAP_METHODS = {
+    pb.Vmap.AUTO: "auto",
+    pb.Vmap.BATCHED: "batched",
+    pb.Vmap.SEQUENTIAL: "sequential",
+}
+
+
+def _program_of(msg: pb.Program) -> tuple[Transform, ...]:
+    """The engine's program of a wire ``Program`` (the engine checks it against the call)."""
+    program: list[Transform] = []
+    for t in msg.transforms:
+        kind = t.WhichOneof("kind")
+        if kind == "jvp":
+            program.append(Jvp(tuple(t.jvp.wrt), tuple(t.jvp.outputs)))
+        elif kind == "vjp":
+            program.append(Vjp(tuple(t.vjp.wrt), tuple(t.vjp.outputs)))
+        elif kind == "vmap":
+            method = _VMAP_METHODS.get(t.vmap.method)
+            if method is None:
+                raise InvalidRequestError(f"unknown vmap method {t.vmap.method}")
+            if any(d < -1 for d in t.vmap.in_dims):
+                raise InvalidRequestError(
+                    f"vmap in_dims must be -1 (unbatched) or a dimension; got {list(t.vmap.in_dims)}"
+                )
+            in_dims = tuple(None if d == -1 else d for d in t.vmap.in_dims)
+            program.append(Vmap(in_dims, t.vmap.axis_size, method))
+        else:
+            raise InvalidRequestError("a program transform has no kind set")
+    return tuple(program)
 
 
 def _reply_area(request) -> pb.SharedMemoryRef | None:
@@ -207,6 +243,9 @@ class BridgeServicer(pb_grpc.BridgeServicer):
     @_serving
     def Forward(self, request, context, call: Call):
         model = self._registry.get(request.model)
+        program = _program_of(request.program) if request.HasField("program") else ()
+        if request.release_residuals:
+            self._residuals.release(list(request.release_residuals))
         # Checked before the work: a client whose session is gone must open a new one.
         owner = named_session(self._sessions, context) if request.keep_residual else None
         codec = CallCodec(
@@ -214,14 +253,23 @@ class BridgeServicer(pb_grpc.BridgeServicer):
         )
         try:
             decoded = _Decoded(request.arguments, request.parameters, codec)
+            extras = [codec.decode(t) for t in request.program_inputs]
+            keep = None
+            if request.keep_residual:
+                keep = tuple(request.residual_wrt) or model.floating_inputs(
+                    decoded.leaves, decoded.params
+                )
             outcome = model.run(
                 decoded.args,
                 decoded.kwargs,
                 decoded.leaves,
                 decoded.params,
-                keep_autograd=request.keep_residual,
+                keep=keep,
+                program=program,
+                extras=extras,
             )
-            outputs = _encode_outputs(model, outcome.outputs, codec.encode)
+            outputs = outcome.outputs if not program else list(outcome.outputs)
+            outputs = _encode_outputs(model, outputs, codec.encode)
         finally:
             codec.finish()
         call.check()  # keep no autograd state for a caller that is gone
@@ -233,7 +281,13 @@ class BridgeServicer(pb_grpc.BridgeServicer):
             if owner is not None and owner.closed.is_set():
                 self._residuals.release([handle])
                 handle = b""
-        return pb.ForwardResponse(outputs=outputs, residual=handle)
+        return pb.ForwardResponse(
+            outputs=outputs,
+            residual=handle,
+            vmap_fallbacks=[
+                pb.VmapFallback(transform=i, reason=why) for i, why in outcome.fallbacks
+            ],
+        )
 
     @_serving
     def Vjp(self, request, context, call: Call):
@@ -256,6 +310,19 @@ class BridgeServicer(pb_grpc.BridgeServicer):
             residual = self._residuals.take(
                 request.residual, model=model.name, keep=request.retain_residual
             )
+        if request.wrt:  # a program's Vjp of a kept forward; without it, a Forward recomputes
+            if any(c is None for c in cotangents):
+                raise InvalidRequestError("a Vjp naming its cotangent_outputs sends each of them")
+            if residual is None:
+                raise ResidualLostError(
+                    f"the worker no longer holds the autograd state of this forward of model "
+                    f"{model.name!r} (evicted or expired); run the program's Vjp as a Forward"
+                )
+            call.check()
+            found = vjp_of_kept(
+                residual, cotangents, list(request.cotangent_outputs), list(request.wrt)
+            )
+            return pb.VjpResponse(grads=[codec.encode(g) for g in found])
         if residual is None:
             if not request.HasField("arguments"):
                 raise ResidualLostError(
@@ -265,7 +332,11 @@ class BridgeServicer(pb_grpc.BridgeServicer):
             decoded = _Decoded(request.arguments, request.parameters, codec)
             # Used within this call only: views of the client's slots are fine.
             residual = model.run(
-                decoded.args, decoded.kwargs, decoded.leaves, decoded.params, keep_autograd=True
+                decoded.args,
+                decoded.kwargs,
+                decoded.leaves,
+                decoded.params,
+                keep=model.floating_inputs(decoded.leaves, decoded.params),
             ).residual
         call.check()
         arg_grads, param_grads = vjp(residual, cotangents, retain_graph=request.retain_residual)

@@ -25,6 +25,7 @@ from typing import Any
 import grpc
 import numpy as np
 
+from pytorch2jax._callbacks import HOST_IO, ArrayIO
 from pytorch2jax._exceptions import Pytorch2JaxError, WorkerUnavailableError, from_rpc_error
 from pytorch2jax_protocol import pb, pb_grpc
 
@@ -101,9 +102,9 @@ class Transport(abc.ABC):
     #: "inline", "shm" or "cuda_ipc": what ``connect(transport=...)`` names it.
     name: str
 
-    #: Whether calls take and give arrays in GPU memory (objects with the CUDA array
-    #: interface) rather than numpy arrays.
-    device_arrays: bool = False
+    #: How calls take and give arrays: numpy arrays, unless the transport works in GPU
+    #: memory (objects with the CUDA array interface).
+    io: ArrayIO = HOST_IO
 
     #: Arrays smaller than this travel inline even when the transport could carry them:
     #: for a few kilobytes, a slot costs more Python than the bytes cost protobuf.

@@ -20,6 +20,7 @@ extra) and a JAX with CUDA.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import math
 import threading
@@ -31,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pytorch2jax._callbacks import HOST_IO, ArrayIO, buffer_callback
 from pytorch2jax._exceptions import UnsupportedError, WorkerInternalError
 from pytorch2jax._transports.base import SETUP_TIMEOUT_S, Call
 from pytorch2jax._transports.shm import ShmTransport, _Arena, _Lease
@@ -128,6 +130,45 @@ def to_jax(value: Any) -> Any:
     return out.block_until_ready()
 
 
+class DeviceIO(ArrayIO):
+    """GPU memory: JAX's device arrays, or XLA's device buffers inside a callback, go to
+    the transport as they are, and device views of the reply block come back."""
+
+    def to_backend(self, array: jax.Array) -> Any:
+        return array
+
+    def to_jax(self, value: Any, struct: Any, *, owned: bool) -> jax.Array:
+        out = to_jax(value) if is_device_array(value) else jnp.asarray(value)
+        if struct is not None and out.dtype != struct.dtype:
+            out = out.astype(struct.dtype)
+        return out
+
+    def to_bytes(self, value: Any) -> bytes:
+        if isinstance(value, (np.ndarray, jax.Array)):
+            return bytes(np.asarray(value))
+        return bytes(host_copy(value))
+
+    def stage(self, host: Any, results: Any, inputs: Any) -> list[Any]:
+        if buffer_callback is None or jax.default_backend() != "gpu":
+            return HOST_IO.stage(host, results, inputs)
+        # XLA's GPU buffers go to the transport as they are: no trip through the host.
+        callback = functools.partial(_into_device_buffers, host)
+        return buffer_callback(callback, list(results), vmap_method="sequential")(*inputs)
+
+
+def _into_device_buffers(host: Any, ctx: Any, out: Any, *inputs: Any) -> None:
+    # The transport's copies go on XLA's stream (ctx.stream), after the producers of the
+    # inputs; the sync at the end lets the reply block go before XLA reads ``out``.
+    with on_stream(ctx.stream):
+        results = host(*inputs)
+        for buf, value in zip(out, results):
+            copy_to(buf, value)
+        cuda.synchronize(ctx.stream)
+
+
+DEVICE_IO = DeviceIO()
+
+
 class _DeviceLease(_Lease):
     """A block of a GPU pool: as ``_Lease``, but for device memory."""
 
@@ -217,7 +258,7 @@ class CudaIpcTransport(ShmTransport):
     """GPU pools of a worker on this host and GPU, under one session (see the module doc)."""
 
     name = "cuda_ipc"
-    device_arrays = True
+    io = DEVICE_IO
     _offer = pb.CUDA_IPC
     _memory = "a CUDA IPC pool"
     _lease_type = _DeviceLease

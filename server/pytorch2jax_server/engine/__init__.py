@@ -14,19 +14,29 @@ Example::
 
     model = Registry({"lin": torch.nn.Linear(3, 2)}).get("lin")
     x = torch.ones(4, 3)
-    outcome = model.run((x,), {}, [x], {}, keep_autograd=True)
+    outcome = model.run((x,), {}, [x], {}, keep=model.floating_inputs([x], {}))
     cache = ResidualCache()
     handle = cache.put(outcome.residual)  # ...until the backward comes
     arg_grads, param_grads = vjp(cache.take(handle), [torch.ones(4, 2)])
     # arg_grads: one per argument leaf; param_grads: of the parameters given to run()
 
+    # The same model under transforms: per-example Jacobian-vector products, one call.
+    xs, ts = torch.ones(8, 4, 3), torch.ones(8, 4, 3)
+    program = (Jvp(wrt=(0,), outputs=(0,)), Vmap(in_dims=(0, 0), size=8))
+    tangents = model.run((xs,), {}, [xs], {}, program=program, extras=[ts]).outputs
+
 The surface:
 
 Models
     ``Registry`` (the models a worker serves, by name), ``ServedModel`` (one of them:
-    ``run``, ``infer``, ``check_parameters``), ``Outcome`` (a forward's outputs and its
-    ``Residual``), ``vjp`` (gradients of a kept forward) and ``tensor_leaves`` (an output
-    pytree's tensors in wire order).
+    ``run``, ``infer``, ``check_parameters``, ``floating_inputs``), ``Outcome`` (a
+    forward's outputs and its ``Residual``), ``vjp`` (gradients of a kept forward w.r.t.
+    all it kept), ``vjp_of_kept`` (a program's Vjp from a kept forward) and
+    ``tensor_leaves`` (an output pytree's tensors in wire order).
+Programs
+    ``Jvp``, ``Vjp`` and ``Vmap`` (the transforms a call can run the model under, as
+    ``torch.func`` transforms; ``_programs`` says how), ``VMAP_METHODS`` and ``describe``
+    (a program as composed functions, for messages).
 Residuals
     ``Residual`` (the autograd state of one forward) and ``ResidualCache`` (the bounded
     cache that keeps them between a Forward and its Vjp), with its defaults
@@ -68,7 +78,9 @@ from pytorch2jax_server.engine._models import (
     ServedModel,
     tensor_leaves,
     vjp,
+    vjp_of_kept,
 )
+from pytorch2jax_server.engine._programs import VMAP_METHODS, Jvp, Transform, Vjp, Vmap, describe
 from pytorch2jax_server.engine._residuals import (
     DEFAULT_MAX_BYTES,
     DEFAULT_MAX_ENTRIES,
@@ -90,11 +102,13 @@ __all__ = [
     "DEFAULT_MAX_BYTES",
     "DEFAULT_MAX_ENTRIES",
     "DEFAULT_TTL_S",
+    "VMAP_METHODS",
     "WAIT_SLICE_S",
     "Call",
     "CallCancelledError",
     "CannotInferShapesError",
     "InvalidRequestError",
+    "Jvp",
     "LimitExceededError",
     "ModelNotFoundError",
     "Outcome",
@@ -105,17 +119,22 @@ __all__ = [
     "ServedModel",
     "SessionLostError",
     "ShuttingDownError",
+    "Transform",
     "UnsupportedError",
+    "Vjp",
+    "Vmap",
     "WorkerError",
     "check_dense",
     "dense",
     "dense_cpu",
+    "describe",
     "install_cancellation_hook",
     "is_differentiable",
     "shape_str",
     "tensor_leaves",
     "torch_dtype",
     "vjp",
+    "vjp_of_kept",
     "waiting_for",
     "wire_dtype",
 ]

@@ -6,10 +6,11 @@ engine's own errors (``_errors``); the servicer and ``_wire`` do the wire work.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import threading
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -26,7 +27,17 @@ from pytorch2jax_server.engine._errors import (
     InvalidRequestError,
     LimitExceededError,
     ModelNotFoundError,
+    ResidualLostError,
     WorkerError,
+)
+from pytorch2jax_server.engine._programs import (
+    Executed,
+    Transform,
+    Vjp,
+    checked_keep,
+    describe,
+    execute,
+    grads,
 )
 from pytorch2jax_server.engine._reparametrize import Reparametrizer
 from pytorch2jax_server.engine._residuals import Residual
@@ -64,8 +75,11 @@ def _first_line(doc: str | None) -> str:
 class Outcome:
     """A forward's outputs, with what a Vjp needs when autograd state was kept."""
 
-    outputs: Any  # the model's output pytree
+    #: The model's output pytree; a program's flat outputs (a tuple).
+    outputs: Any
     residual: Residual | None = None
+    #: (index of an "auto" Vmap in the program, torch's reason) for each that ran as a loop.
+    fallbacks: list[tuple[int, str]] = field(default_factory=list)
 
 
 class ServedModel:
@@ -175,43 +189,122 @@ class ServedModel:
         leaves: list[torch.Tensor],
         params: dict[str, torch.Tensor],
         *,
-        keep_autograd: bool,
+        keep: Sequence[int] | None = None,
+        program: Sequence[Transform] = (),
+        extras: Sequence[torch.Tensor] = (),
     ) -> Outcome:
-        """Calls the model; with ``keep_autograd``, keeps what a Vjp needs.
+        """Calls the model, or runs ``program`` over it (``_programs``).
 
         ``leaves`` are the tensor leaves of ``(args, kwargs)`` in wire order; ``params``
-        replaces the module's own parameters by name (they stay untouched).
+        replaces the module's own parameters by name (they stay untouched); ``extras``
+        are the program's extra inputs. The flat inputs are the parameters (in
+        ``params``' order), the leaves, then the extras. With ``keep`` (indices of flat
+        inputs, see ``floating_inputs``), the outcome carries a ``Residual`` from which
+        ``vjp``/``vjp_of_kept`` give their gradients without re-running the forward.
         """
         self.check_arity(args, kwargs)
-        params = self.check_parameters(params)
-        if not keep_autograd:
-            with torch.no_grad():
-                return Outcome(self._call(args, kwargs, params))
-        for t in leaves:
-            if is_differentiable(t.dtype):
-                t.requires_grad_(True)
-        for p in params.values():
-            if is_differentiable(p.dtype):
-                p.requires_grad_(True)
+        names = list(params)
         saved = _SavedBytes()
-        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(saved.pack, _unpack):
-            outputs = self._call(args, kwargs, params)
-        out_leaves = tensor_leaves(outputs)
-        nbytes = saved.total + _nbytes(leaves) + _nbytes(params.values()) + _nbytes(out_leaves)
-        return Outcome(outputs, Residual(self.name, out_leaves, leaves, params, nbytes))
+        # Counting what autograd saves takes saved-tensor hooks, which torch.func.vjp
+        # refuses: a program with a Vjp under another transform is counted by its inputs
+        # and outputs alone.
+        inner = program[:-1] if program and isinstance(program[-1], Vjp) else program
+        hooks = (
+            torch.autograd.graph.saved_tensors_hooks(saved.pack, _unpack)
+            if keep is not None and not any(isinstance(t, Vjp) for t in inner)
+            else contextlib.nullcontext()
+        )
+        fallbacks: list[tuple[int, str]] = []
+        with hooks:
+            if not program:
+                checked = self.check_parameters(params)
+                flat: list[torch.Tensor] = [*checked.values(), *leaves]
+                outputs = self._forward(args, kwargs, checked, flat, keep)
+                out_leaves = tensor_leaves(outputs)
+            else:
+                executed = self._execute(
+                    names, args, kwargs, leaves, [*params.values(), *leaves, *extras], program, keep
+                )
+                outputs, flat, fallbacks = executed.outputs, executed.inputs, executed.fallbacks
+                out_leaves = list(outputs)
+        if keep is None:
+            return Outcome(outputs, fallbacks=fallbacks)
+        nbytes = saved.total + _nbytes(flat) + _nbytes(out_leaves)
+        residual = Residual(self.name, out_leaves, flat, tuple(names), nbytes)
+        return Outcome(outputs, residual, fallbacks)
+
+    def _forward(
+        self,
+        args: tuple,
+        kwargs: dict,
+        params: dict[str, torch.Tensor],
+        flat: list[torch.Tensor],
+        keep: Sequence[int] | None,
+    ) -> Any:
+        """The model as it is: its output pytree. ``flat`` holds ``params``' values, then
+        the leaves of ``(args, kwargs)``: the very tensors, so marking them marks those."""
+        if keep is None:
+            with torch.no_grad():
+                return self._call(args, kwargs, params)
+        for i in checked_keep(keep, flat, self.name):
+            flat[i].requires_grad_(True)
+        with torch.enable_grad():
+            return self._call(args, kwargs, params)
+
+    def _execute(
+        self,
+        names: list[str],
+        args: tuple,
+        kwargs: dict,
+        leaves: list[torch.Tensor],
+        flat: list[torch.Tensor],
+        program: Sequence[Transform],
+        keep: Sequence[int] | None,
+    ) -> Executed:
+        n_params = len(names)
+        n_base = n_params + len(leaves)
+
+        def base(*inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            params = self.check_parameters(dict(zip(names, inputs[:n_params])))
+            call_args, call_kwargs = _substitute((args, kwargs), iter(inputs[n_params:]))
+            # Failures are reported below, where the program is known.
+            return tuple(tensor_leaves(self._invoke(call_args, call_kwargs, params)))
+
+        try:
+            return execute(base, n_base, program, flat, keep=keep, name=self.name)
+        except WorkerError:
+            raise
+        except Exception as e:  # the model's, or torch.func's refusal to transform it
+            if isinstance(e, (MemoryError, torch.OutOfMemoryError)):
+                raise self._rejected(e) from None
+            raise InvalidRequestError(
+                f"model {self.name!r} failed on its arguments as {describe(program)}: "
+                f"{type(e).__name__}: {e} (under torch.func transforms, a custom "
+                "autograd.Function needs setup_context, and a backward that is itself "
+                "differentiable for higher derivatives)"
+            ) from None
+
+    def floating_inputs(self, leaves: Sequence[torch.Tensor], params: dict[str, torch.Tensor]) -> tuple[int, ...]:
+        """The flat inputs (``params`` first, then ``leaves``) that can have gradients:
+        what a forward kept for a Vjp that names no inputs (every floating one)."""
+        flat = [*params.values(), *leaves]
+        return tuple(i for i, t in enumerate(flat) if is_differentiable(t.dtype))
 
     def _call(self, args: tuple, kwargs: dict, params: dict[str, torch.Tensor]) -> Any:
         try:
-            if not self.is_module:
-                return self._obj(*args, **kwargs)
-            with waiting_for(self._lock):
-                if not params:
-                    return self._obj(*args, **kwargs)
-                return self._reparametrized(params, args, kwargs)
+            return self._invoke(args, kwargs, params)
         except WorkerError:  # e.g. CallCancelledError from the module hook (_cancel)
             raise
         except Exception as e:
             raise self._rejected(e) from None
+
+    def _invoke(self, args: tuple, kwargs: dict, params: dict[str, torch.Tensor]) -> Any:
+        if not self.is_module:
+            return self._obj(*args, **kwargs)
+        with waiting_for(self._lock):
+            if not params:
+                return self._obj(*args, **kwargs)
+            return self._reparametrized(params, args, kwargs)
 
     def _rejected(self, e: Exception) -> WorkerError:
         if isinstance(e, (MemoryError, torch.OutOfMemoryError)):
@@ -226,12 +319,12 @@ class ServedModel:
 def vjp(
     residual: Residual, cotangents: list[torch.Tensor | None], *, retain_graph: bool = False
 ) -> tuple[list[torch.Tensor | None], dict[str, torch.Tensor]]:
-    """Gradients of the kept forward with respect to its floating arguments and parameters.
+    """Gradients of the kept forward with respect to every input it kept state for.
 
     ``cotangents`` has one entry per output tensor leaf (None where the output has none).
-    Returns one gradient per argument leaf (None for integer/boolean leaves) and one per
-    floating parameter or buffer. Complex tensors follow JAX's convention: JAX's VJP of a
-    cotangent c is conj(torch's VJP of conj(c)).
+    Returns one gradient per argument leaf (None where none was kept: integer and boolean
+    leaves) and one per kept parameter or buffer, by name. Complex tensors follow JAX's
+    convention: JAX's VJP of a cotangent c is conj(torch's VJP of conj(c)).
     """
     outputs = residual.outputs
     if len(cotangents) != len(outputs):
@@ -239,32 +332,61 @@ def vjp(
             f"{len(cotangents)} cotangent(s) sent for {len(outputs)} output tensor(s) of "
             f"model {residual.model!r}"
         )
-    roots, seeds = [], []
-    for i, (out, ct) in enumerate(zip(outputs, cotangents)):
-        if ct is None or not out.requires_grad:
-            continue
-        if ct.shape != out.shape:
-            raise InvalidRequestError(
-                f"cotangent {i} of model {residual.model!r} has shape {shape_str(ct.shape)}; "
-                f"the output has {shape_str(out.shape)}"
-            )
-        ct = ct.to(out.dtype)
-        roots.append(out)
-        seeds.append(ct.conj() if ct.is_complex() else ct)
-    wrt = [t for t in residual.argument_leaves if t.requires_grad]
-    wrt += [p for p in residual.parameters.values() if p.requires_grad]
-    grads: Iterable[torch.Tensor | None] = [None] * len(wrt)
-    if roots and wrt:
-        grads = torch.autograd.grad(
-            roots, wrt, seeds, allow_unused=True, retain_graph=retain_graph
+    kept = [i for i, t in enumerate(residual.inputs) if t.requires_grad]
+    found = dict(
+        zip(
+            kept,
+            grads(
+                outputs,
+                cotangents,
+                [residual.inputs[i] for i in kept],
+                retain_graph=retain_graph,
+                name=residual.model,
+            ),
         )
-    filled = iter(
-        torch.zeros_like(w) if g is None else (g.conj() if g.is_complex() else g)
-        for w, g in zip(wrt, grads)
     )
-    arg_grads = [next(filled) if t.requires_grad else None for t in residual.argument_leaves]
-    param_grads = {n: next(filled) for n, p in residual.parameters.items() if p.requires_grad}
+    n = len(residual.param_names)
+    arg_grads = [found.get(i) for i in range(n, len(residual.inputs))]
+    param_grads = {name: found[i] for i, name in enumerate(residual.param_names) if i in found}
     return arg_grads, param_grads
+
+
+def vjp_of_kept(
+    residual: Residual,
+    cotangents: Sequence[torch.Tensor],
+    outputs: Sequence[int],
+    wrt: Sequence[int],
+) -> tuple[torch.Tensor, ...]:
+    """Cotangents of flat inputs ``wrt`` of the kept forward, for ``cotangents`` of its
+    outputs ``outputs`` (the others' are zero): a program's ``Vjp``, from the graph the
+    forward kept. ResidualLostError when it kept no state for one of ``wrt``."""
+    name = residual.model
+    if len(cotangents) != len(outputs):
+        raise InvalidRequestError(
+            f"{len(cotangents)} cotangent(s) sent for {len(outputs)} output(s) of model {name!r}"
+        )
+    if not all(0 <= j < len(residual.outputs) for j in outputs):
+        raise InvalidRequestError(
+            f"cotangents of outputs {list(outputs)} of model {name!r}, which has "
+            f"{len(residual.outputs)}"
+        )
+    if not all(0 <= i < len(residual.inputs) for i in wrt):
+        raise InvalidRequestError(
+            f"cotangents asked of inputs {list(wrt)} of model {name!r}, which has "
+            f"{len(residual.inputs)}"
+        )
+    missing = [i for i in wrt if not residual.inputs[i].requires_grad]
+    if missing:
+        raise ResidualLostError(
+            f"the kept forward of model {name!r} kept no autograd state for input(s) "
+            f"{missing}; send the inputs again to recompute"
+        )
+    return grads(
+        [residual.outputs[j] for j in outputs],
+        list(cotangents),
+        [residual.inputs[i] for i in wrt],
+        name=name,
+    )
 
 
 def tensor_leaves(tree: Any) -> list[torch.Tensor]:
@@ -293,6 +415,17 @@ class Registry:
             served = ", ".join(sorted(self._models)) or "none"
             raise ModelNotFoundError(f"model {name!r} is not served; served models: {served}")
         return model
+
+
+def _substitute(tree: Any, leaves: Iterator[torch.Tensor]) -> Any:
+    """``tree`` with its tensor leaves replaced, in wire order, by ``leaves``."""
+    if isinstance(tree, torch.Tensor):
+        return next(leaves)
+    if isinstance(tree, (tuple, list)):
+        return type(tree)(_substitute(x, leaves) for x in tree)
+    if isinstance(tree, dict):
+        return {k: _substitute(tree[k], leaves) for k in sorted(tree)}
+    return tree
 
 
 class _SavedBytes:

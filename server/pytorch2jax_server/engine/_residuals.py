@@ -30,12 +30,15 @@ DEFAULT_TTL_S = 120.0
 
 @dataclass
 class Residual:
-    """What a Vjp needs from its forward: outputs with their graph, and the leaves it needs grads of."""
+    """What a Vjp needs from its forward: its outputs with their graph, and its inputs
+    (those it kept state for require grad)."""
 
     model: str
-    outputs: list[Any]  # torch tensors, in wire order
-    argument_leaves: list[Any]  # torch tensors, in wire order
-    parameters: dict[str, Any]
+    #: The flat outputs (tensor leaves in wire order).
+    outputs: list[Any]
+    #: The flat inputs: parameters (``param_names``), argument leaves, program inputs.
+    inputs: list[Any]
+    param_names: tuple[str, ...]
     nbytes: int
     #: The session of the client that made it, or b"" for a sessionless caller.
     owner: bytes = b""

@@ -125,6 +125,56 @@ class Arguments(_message.Message):
     kwargs: Mapping
     def __init__(self, args: _Optional[_Iterable[_Union[Value, _Mapping]]] = ..., kwargs: _Optional[_Union[Mapping, _Mapping]] = ...) -> None: ...
 
+class Program(_message.Message):
+    __slots__ = ("transforms",)
+    TRANSFORMS_FIELD_NUMBER: _ClassVar[int]
+    transforms: _containers.RepeatedCompositeFieldContainer[Transform]
+    def __init__(self, transforms: _Optional[_Iterable[_Union[Transform, _Mapping]]] = ...) -> None: ...
+
+class Transform(_message.Message):
+    __slots__ = ("jvp", "vjp", "vmap")
+    JVP_FIELD_NUMBER: _ClassVar[int]
+    VJP_FIELD_NUMBER: _ClassVar[int]
+    VMAP_FIELD_NUMBER: _ClassVar[int]
+    jvp: Jvp
+    vjp: Vjp
+    vmap: Vmap
+    def __init__(self, jvp: _Optional[_Union[Jvp, _Mapping]] = ..., vjp: _Optional[_Union[Vjp, _Mapping]] = ..., vmap: _Optional[_Union[Vmap, _Mapping]] = ...) -> None: ...
+
+class Jvp(_message.Message):
+    __slots__ = ("wrt", "outputs")
+    WRT_FIELD_NUMBER: _ClassVar[int]
+    OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    wrt: _containers.RepeatedScalarFieldContainer[int]
+    outputs: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, wrt: _Optional[_Iterable[int]] = ..., outputs: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class Vjp(_message.Message):
+    __slots__ = ("wrt", "outputs")
+    WRT_FIELD_NUMBER: _ClassVar[int]
+    OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    wrt: _containers.RepeatedScalarFieldContainer[int]
+    outputs: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, wrt: _Optional[_Iterable[int]] = ..., outputs: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class Vmap(_message.Message):
+    __slots__ = ("in_dims", "axis_size", "method")
+    class Method(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        AUTO: _ClassVar[Vmap.Method]
+        BATCHED: _ClassVar[Vmap.Method]
+        SEQUENTIAL: _ClassVar[Vmap.Method]
+    AUTO: Vmap.Method
+    BATCHED: Vmap.Method
+    SEQUENTIAL: Vmap.Method
+    IN_DIMS_FIELD_NUMBER: _ClassVar[int]
+    AXIS_SIZE_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    in_dims: _containers.RepeatedScalarFieldContainer[int]
+    axis_size: int
+    method: Vmap.Method
+    def __init__(self, in_dims: _Optional[_Iterable[int]] = ..., axis_size: _Optional[int] = ..., method: _Optional[_Union[Vmap.Method, str]] = ...) -> None: ...
+
 class NamedTensor(_message.Message):
     __slots__ = ("name", "tensor")
     NAME_FIELD_NUMBER: _ClassVar[int]
@@ -264,29 +314,47 @@ class InferShapesResponse(_message.Message):
     def __init__(self, outputs: _Optional[_Union[Value, _Mapping]] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
-    __slots__ = ("model", "arguments", "parameters", "keep_residual", "reply_area")
+    __slots__ = ("model", "arguments", "parameters", "keep_residual", "reply_area", "program", "program_inputs", "residual_wrt", "release_residuals")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     ARGUMENTS_FIELD_NUMBER: _ClassVar[int]
     PARAMETERS_FIELD_NUMBER: _ClassVar[int]
     KEEP_RESIDUAL_FIELD_NUMBER: _ClassVar[int]
     REPLY_AREA_FIELD_NUMBER: _ClassVar[int]
+    PROGRAM_FIELD_NUMBER: _ClassVar[int]
+    PROGRAM_INPUTS_FIELD_NUMBER: _ClassVar[int]
+    RESIDUAL_WRT_FIELD_NUMBER: _ClassVar[int]
+    RELEASE_RESIDUALS_FIELD_NUMBER: _ClassVar[int]
     model: str
     arguments: Arguments
     parameters: _containers.RepeatedCompositeFieldContainer[NamedTensor]
     keep_residual: bool
     reply_area: SharedMemoryRef
-    def __init__(self, model: _Optional[str] = ..., arguments: _Optional[_Union[Arguments, _Mapping]] = ..., parameters: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., keep_residual: _Optional[bool] = ..., reply_area: _Optional[_Union[SharedMemoryRef, _Mapping]] = ...) -> None: ...
+    program: Program
+    program_inputs: _containers.RepeatedCompositeFieldContainer[Tensor]
+    residual_wrt: _containers.RepeatedScalarFieldContainer[int]
+    release_residuals: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, model: _Optional[str] = ..., arguments: _Optional[_Union[Arguments, _Mapping]] = ..., parameters: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., keep_residual: _Optional[bool] = ..., reply_area: _Optional[_Union[SharedMemoryRef, _Mapping]] = ..., program: _Optional[_Union[Program, _Mapping]] = ..., program_inputs: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., residual_wrt: _Optional[_Iterable[int]] = ..., release_residuals: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class ForwardResponse(_message.Message):
-    __slots__ = ("outputs", "residual")
+    __slots__ = ("outputs", "residual", "vmap_fallbacks")
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     RESIDUAL_FIELD_NUMBER: _ClassVar[int]
+    VMAP_FALLBACKS_FIELD_NUMBER: _ClassVar[int]
     outputs: Value
     residual: bytes
-    def __init__(self, outputs: _Optional[_Union[Value, _Mapping]] = ..., residual: _Optional[bytes] = ...) -> None: ...
+    vmap_fallbacks: _containers.RepeatedCompositeFieldContainer[VmapFallback]
+    def __init__(self, outputs: _Optional[_Union[Value, _Mapping]] = ..., residual: _Optional[bytes] = ..., vmap_fallbacks: _Optional[_Iterable[_Union[VmapFallback, _Mapping]]] = ...) -> None: ...
+
+class VmapFallback(_message.Message):
+    __slots__ = ("transform", "reason")
+    TRANSFORM_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    transform: int
+    reason: str
+    def __init__(self, transform: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class VjpRequest(_message.Message):
-    __slots__ = ("model", "residual", "arguments", "parameters", "cotangents", "retain_residual", "reply_area")
+    __slots__ = ("model", "residual", "arguments", "parameters", "cotangents", "retain_residual", "reply_area", "wrt", "cotangent_outputs")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     RESIDUAL_FIELD_NUMBER: _ClassVar[int]
     ARGUMENTS_FIELD_NUMBER: _ClassVar[int]
@@ -294,6 +362,8 @@ class VjpRequest(_message.Message):
     COTANGENTS_FIELD_NUMBER: _ClassVar[int]
     RETAIN_RESIDUAL_FIELD_NUMBER: _ClassVar[int]
     REPLY_AREA_FIELD_NUMBER: _ClassVar[int]
+    WRT_FIELD_NUMBER: _ClassVar[int]
+    COTANGENT_OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     model: str
     residual: bytes
     arguments: Arguments
@@ -301,15 +371,19 @@ class VjpRequest(_message.Message):
     cotangents: _containers.RepeatedCompositeFieldContainer[Tensor]
     retain_residual: bool
     reply_area: SharedMemoryRef
-    def __init__(self, model: _Optional[str] = ..., residual: _Optional[bytes] = ..., arguments: _Optional[_Union[Arguments, _Mapping]] = ..., parameters: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., cotangents: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., retain_residual: _Optional[bool] = ..., reply_area: _Optional[_Union[SharedMemoryRef, _Mapping]] = ...) -> None: ...
+    wrt: _containers.RepeatedScalarFieldContainer[int]
+    cotangent_outputs: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, model: _Optional[str] = ..., residual: _Optional[bytes] = ..., arguments: _Optional[_Union[Arguments, _Mapping]] = ..., parameters: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., cotangents: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., retain_residual: _Optional[bool] = ..., reply_area: _Optional[_Union[SharedMemoryRef, _Mapping]] = ..., wrt: _Optional[_Iterable[int]] = ..., cotangent_outputs: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class VjpResponse(_message.Message):
-    __slots__ = ("argument_grads", "parameter_grads")
+    __slots__ = ("argument_grads", "parameter_grads", "grads")
     ARGUMENT_GRADS_FIELD_NUMBER: _ClassVar[int]
     PARAMETER_GRADS_FIELD_NUMBER: _ClassVar[int]
+    GRADS_FIELD_NUMBER: _ClassVar[int]
     argument_grads: _containers.RepeatedCompositeFieldContainer[Tensor]
     parameter_grads: _containers.RepeatedCompositeFieldContainer[NamedTensor]
-    def __init__(self, argument_grads: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., parameter_grads: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ...) -> None: ...
+    grads: _containers.RepeatedCompositeFieldContainer[Tensor]
+    def __init__(self, argument_grads: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., parameter_grads: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., grads: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ...) -> None: ...
 
 class ReleaseResidualsRequest(_message.Message):
     __slots__ = ("residuals",)
