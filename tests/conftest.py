@@ -41,6 +41,11 @@ EXAMPLE_MODELS = {
     "scale_shift": "pytorch2jax_server.examples:scale_shift",
     "noisy_scale": "pytorch2jax_server.examples:noisy_scale",
     "masked_select": "pytorch2jax_server.examples:masked_select",
+    "attention": "pytorch2jax_server.examples:attention()",
+    "lstm": "pytorch2jax_server.examples:lstm()",
+    "counted": "pytorch2jax_server.examples:counted",
+    "calls_of_counted": "pytorch2jax_server.examples:calls_of_counted",
+    "unbatchable": "pytorch2jax_server.examples:unbatchable",
 }
 
 

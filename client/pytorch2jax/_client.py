@@ -325,19 +325,24 @@ class Client:
     # -- served models as JAX functions -------------------------------------------------
 
     def convert_pytnn_to_jax(
-        self, name: str, *, out_shapes: OutShapes = None
+        self, name: str, *, out_shapes: OutShapes = None, vmap_method: str = "auto"
     ) -> tuple[Callable[..., Any], dict[str, jax.Array]]:
         """A served ``nn.Module`` as ``(apply_fn, params)``.
 
         ``apply_fn(params, *args, **kwargs)`` runs the module on the worker with the given
         parameters (a dict by name, like ``params``; a subset uses the worker's own values
         for the rest) and returns its output pytree. Gradients with respect to ``params``
-        and floating arguments come from the worker's VJP. Works under ``jit``, ``grad``,
-        ``vmap``, ``lax.scan`` and ``jax.checkpoint``.
+        and floating arguments come from the worker's VJP. Every JAX transformation
+        composes through it, to any depth (``jit``, ``grad``, ``jvp``, ``jacfwd``,
+        ``hessian``, ``vmap``, ``lax.scan``, ``jax.checkpoint``...), each running on the
+        worker as the matching ``torch.func`` transform, one call per batch.
 
         ``out_shapes`` declares the output (a pytree of ``jax.ShapeDtypeStruct``, or a
         function of the arguments' ShapeDtypeStructs) for models whose shapes the worker
-        cannot infer.
+        cannot infer. ``vmap_method`` says how a ``vmap`` of it runs: ``"auto"``
+        (``torch.func.vmap``; where torch cannot batch the model, a loop on the worker,
+        with one ``VmapFallbackWarning`` per signature), ``"batched"`` (an error with
+        torch's reason instead) or ``"sequential"`` (always the loop).
 
         Example::
 
@@ -350,7 +355,9 @@ class Client:
                 f"model {name!r} at {self.target} is a function, not a module; "
                 f"use py_to_jax_wrapper({name!r})"
             )
-        fn = TorchFunction(RemoteModel(self, info), out_shapes=out_shapes)
+        fn = TorchFunction(
+            RemoteModel(self, info), out_shapes=out_shapes, vmap_method=vmap_method
+        )
 
         def apply_fn(params: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
             return fn(params, args, kwargs)
@@ -359,7 +366,9 @@ class Client:
         apply_fn.__doc__ = f"{info.doc}\n\napply_fn(params, ...) calls {name}{info.signature} at {self.target}"
         return apply_fn, self.get_parameters(name)
 
-    def convert_pytnn_to_flax(self, name: str, *, out_shapes: OutShapes = None):
+    def convert_pytnn_to_flax(
+        self, name: str, *, out_shapes: OutShapes = None, vmap_method: str = "auto"
+    ):
         """A served ``nn.Module`` as ``(LinenModuleClass, variables)``.
 
         As ``pytorch2jax.convert_pytnn_to_flax``, with torch running on the worker.
@@ -369,10 +378,14 @@ class Client:
             TorchMLP, variables = worker.convert_pytnn_to_flax("mlp")
             y = TorchMLP().apply(variables, jnp.ones((4, 8)))
         """
-        apply_fn, params = self.convert_pytnn_to_jax(name, out_shapes=out_shapes)
+        apply_fn, params = self.convert_pytnn_to_jax(
+            name, out_shapes=out_shapes, vmap_method=vmap_method
+        )
         return linen_module(apply_fn, params, name), {"params": params}
 
-    def convert_pytnn_to_nnx(self, name: str, *, out_shapes: OutShapes = None) -> TorchModule:
+    def convert_pytnn_to_nnx(
+        self, name: str, *, out_shapes: OutShapes = None, vmap_method: str = "auto"
+    ) -> TorchModule:
         """A served ``nn.Module`` as an NNX module: ``nnx.Param`` weights, ``nnx.BatchStat``
         floating buffers, calls run on the worker.
 
@@ -381,13 +394,17 @@ class Client:
             model = worker.convert_pytnn_to_nnx("mlp")
             optimizer = nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.Param)
         """
-        apply_fn, params = self.convert_pytnn_to_jax(name, out_shapes=out_shapes)
+        apply_fn, params = self.convert_pytnn_to_jax(
+            name, out_shapes=out_shapes, vmap_method=vmap_method
+        )
         info = self.describe(name)
         floating = [n for n, s in info.buffers.items() if jnp.issubdtype(s.dtype, jnp.floating)]
         everything = self.get_parameters(name, include_buffers=True) if floating else {}
         return TorchModule(apply_fn, params, {n: everything[n] for n in floating})
 
-    def py_to_jax_wrapper(self, name: str, *, out_shapes: OutShapes = None) -> Callable[..., Any]:
+    def py_to_jax_wrapper(
+        self, name: str, *, out_shapes: OutShapes = None, vmap_method: str = "auto"
+    ) -> Callable[..., Any]:
         """A served torch function as a differentiable JAX function ``fn(*args, **kwargs)``.
 
         For a served module, it is called with the worker's own parameters, which stay
@@ -400,7 +417,9 @@ class Client:
             g = jax.grad(lambda x: scale_shift(x, x).sum())(jnp.ones(3))
         """
         info = self.describe(name)
-        fn = TorchFunction(RemoteModel(self, info), out_shapes=out_shapes)
+        fn = TorchFunction(
+            RemoteModel(self, info), out_shapes=out_shapes, vmap_method=vmap_method
+        )
 
         def wrapped(*args: Any, **kwargs: Any) -> Any:
             return fn({}, args, kwargs)

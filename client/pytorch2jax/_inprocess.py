@@ -243,15 +243,20 @@ def _module_name(obj: Any) -> str:
 # -- the original API -----------------------------------------------------------------------
 
 
-def py_to_jax_wrapper(fn: Callable | None = None, *, out_shapes: OutShapes = None):
+def py_to_jax_wrapper(
+    fn: Callable | None = None, *, out_shapes: OutShapes = None, vmap_method: str = "auto"
+):
     """Wraps a torch function as a differentiable JAX function.
 
     Use it as a decorator, as in pytorch2jax 0.1.0. The function takes and returns torch
     tensors (or tuples, lists and dicts of them); the wrapper takes and returns JAX arrays,
-    and works eagerly and under ``jit``, ``grad``, ``vmap`` and ``lax.scan``. Under ``jit``
-    the output shapes are inferred with fake tensors; for outputs whose shape depends on
-    the data, declare them with ``out_shapes=`` (a pytree of ``jax.ShapeDtypeStruct``, or
-    a function of the arguments' ShapeDtypeStructs).
+    and every JAX transformation composes through it (``jit``, ``grad``, ``jvp``,
+    ``hessian``, ``vmap``, ``lax.scan``...), each running as the matching ``torch.func``
+    transform. Under ``jit`` the output shapes are inferred with fake tensors; for outputs
+    whose shape depends on the data, declare them with ``out_shapes=`` (a pytree of
+    ``jax.ShapeDtypeStruct``, or a function of the arguments' ShapeDtypeStructs).
+    ``vmap_method`` is ``"auto"``, ``"batched"`` or ``"sequential"``, as for
+    ``Client.convert_pytnn_to_jax``.
 
     Example::
 
@@ -262,8 +267,10 @@ def py_to_jax_wrapper(fn: Callable | None = None, *, out_shapes: OutShapes = Non
         jax.jit(jax.grad(lambda x: fn(x).sum()))(jnp.ones(3))
     """
     if fn is None:
-        return lambda f: py_to_jax_wrapper(f, out_shapes=out_shapes)
-    call = TorchFunction(LocalModel(fn, _module_name(fn)), out_shapes=out_shapes)
+        return lambda f: py_to_jax_wrapper(f, out_shapes=out_shapes, vmap_method=vmap_method)
+    call = TorchFunction(
+        LocalModel(fn, _module_name(fn)), out_shapes=out_shapes, vmap_method=vmap_method
+    )
 
     def wrapped(*args: Any, **kwargs: Any) -> Any:
         return call({}, args, kwargs)
@@ -274,7 +281,7 @@ def py_to_jax_wrapper(fn: Callable | None = None, *, out_shapes: OutShapes = Non
     return wrapped
 
 
-def convert_pytnn_to_jax(module: Any, *, out_shapes: OutShapes = None):
+def convert_pytnn_to_jax(module: Any, *, out_shapes: OutShapes = None, vmap_method: str = "auto"):
     """A torch ``nn.Module`` as ``(apply_fn, params)``, torch running in this process.
 
     ``params`` holds the module's trainable parameters as JAX arrays (copies: later
@@ -293,7 +300,9 @@ def convert_pytnn_to_jax(module: Any, *, out_shapes: OutShapes = None):
             f"convert_pytnn_to_jax takes a torch.nn.Module; got {type(module).__name__} "
             "(wrap plain functions with py_to_jax_wrapper)"
         )
-    call = TorchFunction(LocalModel(module, type(module).__name__), out_shapes=out_shapes)
+    call = TorchFunction(
+        LocalModel(module, type(module).__name__), out_shapes=out_shapes, vmap_method=vmap_method
+    )
 
     def apply_fn(params: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
         return call(params, args, kwargs)
@@ -303,7 +312,7 @@ def convert_pytnn_to_jax(module: Any, *, out_shapes: OutShapes = None):
     return apply_fn, params
 
 
-def convert_pytnn_to_flax(module: Any, *, out_shapes: OutShapes = None):
+def convert_pytnn_to_flax(module: Any, *, out_shapes: OutShapes = None, vmap_method: str = "auto"):
     """A torch ``nn.Module`` as ``(LinenModuleClass, variables)``, as in pytorch2jax 0.1.0.
 
     Instances of the class take the module's arguments; their parameters start at the
@@ -317,11 +326,13 @@ def convert_pytnn_to_flax(module: Any, *, out_shapes: OutShapes = None):
     """
     from pytorch2jax._flax import linen_module
 
-    apply_fn, params = convert_pytnn_to_jax(module, out_shapes=out_shapes)
+    apply_fn, params = convert_pytnn_to_jax(
+        module, out_shapes=out_shapes, vmap_method=vmap_method
+    )
     return linen_module(apply_fn, params, type(module).__name__), {"params": params}
 
 
-def convert_pytnn_to_nnx(module: Any, *, out_shapes: OutShapes = None):
+def convert_pytnn_to_nnx(module: Any, *, out_shapes: OutShapes = None, vmap_method: str = "auto"):
     """A torch ``nn.Module`` as a ``flax.nnx`` module (see ``TorchModule``).
 
     Example::
@@ -331,7 +342,9 @@ def convert_pytnn_to_nnx(module: Any, *, out_shapes: OutShapes = None):
     """
     from pytorch2jax._flax import TorchModule
 
-    apply_fn, params = convert_pytnn_to_jax(module, out_shapes=out_shapes)
+    apply_fn, params = convert_pytnn_to_jax(
+        module, out_shapes=out_shapes, vmap_method=vmap_method
+    )
     buffers = {
         n: jnp.asarray(_torch_to_np(b)) for n, b in module.named_buffers() if b.is_floating_point()
     }

@@ -90,6 +90,48 @@ class EmbeddingRegressor(nn.Module):
         return self.out(e.mean(dim=-2)).squeeze(-1)
 
 
+class AttentionBlock(nn.Module):
+    """Multi-head self-attention with a residual connection, layer norm and a
+    feed-forward layer (batch first).
+
+    The attention is written out (projections, softmax of scaled scores): torch 2.13 has
+    no forward-mode AD for its fused attention kernels on CPU (scaled_dot_product_attention,
+    and nn.MultiheadAttention's fast path in eval mode), so jax.jvp, jacfwd and hessian
+    could not run through them.
+    """
+
+    def __init__(self, dim: int = 8, heads: int = 2):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm = nn.LayerNorm(dim)
+        self.ff = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        *batch, length, dim = x.shape
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        split = lambda t: t.reshape(*batch, length, self.heads, dim // self.heads).transpose(-2, -3)  # noqa: E731
+        q, k, v = split(q), split(k), split(v)
+        weights = torch.softmax(q @ k.transpose(-1, -2) / (dim // self.heads) ** 0.5, dim=-1)
+        attended = (weights @ v).transpose(-2, -3).reshape(*batch, length, dim)
+        h = self.norm(x + self.proj(attended))
+        return h + torch.tanh(self.ff(h))
+
+
+class LSTMRegressor(nn.Module):
+    """An LSTM over a sequence (batch first), then a score per sequence."""
+
+    def __init__(self, features: int = 4, hidden: int = 8):
+        super().__init__()
+        self.lstm = nn.LSTM(features, hidden, batch_first=True)
+        self.out = nn.Linear(hidden, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        seq, _ = self.lstm(x)
+        return self.out(seq[..., -1, :]).squeeze(-1)
+
+
 def mlp(in_features: int = 8, hidden: int = 64, out_features: int = 1, depth: int = 3) -> MLP:
     torch.manual_seed(0)
     return MLP(in_features, hidden, out_features, depth)
@@ -113,6 +155,16 @@ def embedding() -> EmbeddingRegressor:
 def bf16_mlp() -> MLP:
     torch.manual_seed(4)
     return MLP(4, 16, 2, depth=2).to(torch.bfloat16)
+
+
+def attention() -> AttentionBlock:
+    torch.manual_seed(8)
+    return AttentionBlock()
+
+
+def lstm() -> LSTMRegressor:
+    torch.manual_seed(9)
+    return LSTMRegressor()
 
 
 def linear10() -> nn.Linear:
@@ -165,3 +217,28 @@ def noisy_scale(x: torch.Tensor) -> torch.Tensor:
 def masked_select(x: torch.Tensor) -> torch.Tensor:
     """Positive entries of ``x``: its output shape depends on the data."""
     return x[x > 0]
+
+
+_calls = 0
+
+
+def counted(x: torch.Tensor) -> torch.Tensor:
+    """``sin(x) * x``, counting how often torch runs it (shape inference not counted):
+    ``calls_of_counted`` tells, for tests that a batch is one call."""
+    global _calls
+    if not is_fake(x):
+        _calls += 1
+    return torch.sin(x) * x
+
+
+def calls_of_counted() -> torch.Tensor:
+    """How many times ``counted`` ran in this process."""
+    return torch.tensor(_calls)
+
+
+def unbatchable(x: torch.Tensor) -> torch.Tensor:
+    """``2 * x`` through an in-place write into a tensor made inside: torch.func.vmap
+    cannot batch it (a batched value cannot be written into an unbatched one)."""
+    out = torch.zeros(x.shape, dtype=x.dtype)
+    out += x
+    return out * 2

@@ -131,7 +131,9 @@ def execute(
     ]
     if isinstance(last, Vjp):
         outputs = _autograd_vjp(f, n, last, inputs, create_graph=keep is not None, name=name)
-    elif keep is not None:
+    elif keep is not None or any(isinstance(t, Vjp) for t in inner):
+        # Under torch.func.vjp too: some kernels look at the grad mode itself, not at
+        # torch.func's levels (the LSTM on CPU then saves no workspace for its backward).
         with torch.enable_grad():
             outputs = f(*inputs)
     else:
