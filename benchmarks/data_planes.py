@@ -11,10 +11,15 @@ row shows its ratio to its floor and, where the project has one, its target:
   same inline payload, and the same torch function called in process;
 - a training step (JAX + optax Adam) through a served 3-layer MLP 1024 wide at batch 256,
   against the same step in plain PyTorch in process;
+- JAX transformations: ``vmap`` at B=32 against B=1 on the 10x10 Linear; per-example
+  gradients (``jit(vmap(grad))``) of the example MLP at B=64 against
+  ``torch.func.vmap(torch.func.grad)`` in process; ``jvp`` and a Hessian-vector product
+  against ``torch.func`` in process; in process and through the worker by shared memory;
 - Arrow's tensor IPC format against raw slots, for the slot format (see
   ``pytorch2jax._transports.shm``).
 
     python benchmarks/data_planes.py [--calls 500] [--sizes-mb 1 16 64 256]
+        [--sections small large train transforms arrow]
 
 It needs the client and the server extras (torch runs in this process for the floors).
 """
@@ -64,6 +69,7 @@ MODELS = {
     "linear10": "pytorch2jax_server.examples:linear10()",
     "double": "pytorch2jax_server.examples:double",
     "wide_mlp": "pytorch2jax_server.examples:wide_mlp()",
+    "mlp": "pytorch2jax_server.examples:mlp()",
 }
 
 
@@ -272,6 +278,92 @@ def training_step(rows: list[Row], worker: list[str], steps: int) -> None:
             rows.append(Row(f"train: JAX+optax step, {transport}", _median(jax_step, steps), floor, target=target))
 
 
+def transforms(rows: list[Row], worker: list[str], calls: int) -> None:
+    import torch
+
+    from pytorch2jax_server import examples
+
+    mlp = examples.mlp()
+    tm = {n: p.detach() for n, p in mlp.named_parameters()}
+    rng = np.random.default_rng(0)
+    xs = rng.standard_normal((64, 8), np.float32)
+    ys = rng.standard_normal((64, 1), np.float32)
+    v = rng.standard_normal((64, 8), np.float32)
+
+    def tloss(p, x, y):
+        return ((torch.func.functional_call(mlp, p, (x,)) - y) ** 2).sum()
+
+    per_example_floor = "transforms: torch.func.vmap(grad) MLP B=64"
+    per_example = torch.func.vmap(torch.func.grad(tloss), in_dims=(None, 0, 0))
+    txs, tys, tv = torch.from_numpy(xs), torch.from_numpy(ys), torch.from_numpy(v)
+    rows.append(Row(per_example_floor, _median(lambda: per_example(tm, txs, tys), calls)))
+    tf = lambda x: torch.func.functional_call(mlp, tm, (x,))  # noqa: E731
+    jvp_floor = "transforms: torch.func.jvp MLP B=64"
+    rows.append(Row(jvp_floor, _median(lambda: torch.func.jvp(tf, (txs,), (tv,)), calls)))
+    tsum = lambda x: (tf(x) ** 2).sum()  # noqa: E731
+    hvp_floor = "transforms: torch.func hvp MLP B=64"
+    rows.append(
+        Row(hvp_floor, _median(lambda: torch.func.jvp(torch.func.grad(tsum), (txs,), (tv,)), calls))
+    )
+    clients = {"in process": None, "worker shm": pytorch2jax.connect(worker[0], transport="shm")}
+    try:
+        for where, client in clients.items():
+            if client is None:
+                lin_fn, lin_p = pytorch2jax.convert_pytnn_to_jax(examples.linear10())
+                mlp_fn, mlp_p = pytorch2jax.convert_pytnn_to_jax(examples.mlp())
+            else:
+                lin_fn, lin_p = client.convert_pytnn_to_jax("linear10")
+                mlp_fn, mlp_p = client.convert_pytnn_to_jax("mlp")
+            batched = jax.jit(jax.vmap(lin_fn, in_axes=(None, 0)))
+            one = f"transforms: jit vmap Linear10 B=1, {where}"
+            x1, x32 = jnp.ones((1, 10)), jnp.ones((32, 10))
+            rows.append(Row(one, _median(lambda: batched(lin_p, x1).block_until_ready(), calls)))
+            rows.append(
+                Row(
+                    f"transforms: jit vmap Linear10 B=32, {where}",
+                    _median(lambda: batched(lin_p, x32).block_until_ready(), calls),
+                    one,
+                    target=(one, 2.0, "<="),
+                )
+            )
+
+            def loss(p, x, y):
+                return ((mlp_fn(p, x) - y) ** 2).sum()
+
+            grads = jax.jit(jax.vmap(jax.grad(loss), in_axes=(None, 0, 0)))
+            jx, jy, jv = jnp.asarray(xs), jnp.asarray(ys), jnp.asarray(v)
+            rows.append(
+                Row(
+                    f"transforms: jit(vmap(grad)) MLP B=64, {where}",
+                    _median(lambda: jax.block_until_ready(grads(mlp_p, jx, jy)), calls),
+                    per_example_floor,
+                    target=(per_example_floor, 3.0, "<="),
+                )
+            )
+            f = lambda x: mlp_fn(mlp_p, x)  # noqa: E731
+            jvp = jax.jit(lambda x, v: jax.jvp(f, (x,), (v,)))
+            rows.append(
+                Row(
+                    f"transforms: jit jvp MLP B=64, {where}",
+                    _median(lambda: jax.block_until_ready(jvp(jx, jv)), calls),
+                    jvp_floor,
+                )
+            )
+            total = lambda x: (f(x) ** 2).sum()  # noqa: E731
+            hvp = jax.jit(lambda x, v: jax.jvp(jax.grad(total), (x,), (v,))[1])
+            rows.append(
+                Row(
+                    f"transforms: jit hvp MLP B=64, {where}",
+                    _median(lambda: jax.block_until_ready(hvp(jx, jv)), calls),
+                    hvp_floor,
+                )
+            )
+    finally:
+        for client in clients.values():
+            if client is not None:
+                client.close()
+
+
 def arrow_vs_raw(rows: list[Row], size_mb: int, reps: int) -> None:
     try:
         import pyarrow as pa
@@ -296,7 +388,7 @@ def arrow_vs_raw(rows: list[Row], size_mb: int, reps: int) -> None:
 
 def print_table(rows: list[Row]) -> None:
     by_name = {r.name: r for r in rows}
-    print(f"\n{'row':46} {'p50 ms':>9} {'GB/s':>6}  {'vs floor':>8}  {'target':>18}")
+    print(f"\n{'row':52} {'p50 ms':>9} {'GB/s':>6}  {'vs floor':>8}  {'target':>18}")
     for r in rows:
         gbs = f"{r.nbytes / r.seconds / 1e9:6.2f}" if r.nbytes else " " * 6
         ratio = f"{r.seconds / by_name[r.floor].seconds:7.2f}x" if r.floor else " (floor)"
@@ -309,7 +401,7 @@ def print_table(rows: list[Row]) -> None:
                 target = f"{1 / got:5.1f}x faster, want >= {1 / want:.0f}x {'met' if met else 'MISSED'}"
             else:
                 target = f"{got:5.2f}x, want <= {want}x {'met' if met else 'MISSED'}"
-        print(f"{r.name:46} {r.seconds * 1e3:9.3f} {gbs}  {ratio:>8}  {target}")
+        print(f"{r.name:52} {r.seconds * 1e3:9.3f} {gbs}  {ratio:>8}  {target}")
     print("\nfloors: '(floor)' rows; ratios are p50 / the floor's p50 (small calls: the echo on "
           "the same socket; large: torch in process; training: the PyTorch step).")
 
@@ -319,6 +411,8 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=500, help="calls per small-call row")
     parser.add_argument("--sizes-mb", type=int, nargs="+", default=[1, 16, 64, 256])
     parser.add_argument("--steps", type=int, default=30, help="training steps per row")
+    sections = ("small", "large", "train", "transforms", "arrow")
+    parser.add_argument("--sections", nargs="+", choices=sections, default=list(sections))
     args = parser.parse_args()
 
     import torch
@@ -333,10 +427,16 @@ def main() -> None:
     echo, echo_addrs = _start([sys.executable, "-c", ECHO_SERVER, f"{tmp}/echo.sock"])
     rows: list[Row] = []
     try:
-        small_calls(rows, worker_addrs, echo_addrs, args.calls)
-        large_tensors(rows, worker_addrs, echo_addrs, args.sizes_mb)
-        training_step(rows, worker_addrs, args.steps)
-        arrow_vs_raw(rows, 64, 10)
+        if "small" in args.sections:
+            small_calls(rows, worker_addrs, echo_addrs, args.calls)
+        if "large" in args.sections:
+            large_tensors(rows, worker_addrs, echo_addrs, args.sizes_mb)
+        if "train" in args.sections:
+            training_step(rows, worker_addrs, args.steps)
+        if "transforms" in args.sections:
+            transforms(rows, worker_addrs, args.calls)
+        if "arrow" in args.sections:
+            arrow_vs_raw(rows, 64, 10)
     finally:
         for proc in (worker, echo):
             proc.terminate()

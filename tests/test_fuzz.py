@@ -966,6 +966,74 @@ def test_vjp_of_a_kept_forward(fuzz, model, n, seed, handle, send_arguments, ret
     fuzz.end_example()
 
 
+_PROGRAM_MODELS = ["scale_shift", "mlp", "embedding", "linear10"]
+_INDICES = st.lists(
+    _mostly(st.integers(0, 3), st.sampled_from([7, 1 << 31, (1 << 32) - 1])), max_size=3
+)
+
+
+@st.composite
+def programs(draw, inputs: list[pb.Tensor]) -> tuple[pb.Program, list[pb.Tensor]]:
+    """A program of 1-5 transforms over a call of ``inputs`` (its argument tensors), and
+    extra inputs for it: mostly indices in range and tangents shaped like the inputs,
+    sometimes not (indices out of range or repeated, dimensions past the rank, batch
+    sizes that do not match or are huge, unknown methods, hostile tensors)."""
+    transforms, extras = [], []
+    for _ in range(draw(st.integers(1, 5))):
+        kind = draw(st.sampled_from(["jvp", "vjp", "vmap"]))
+        if kind == "vmap":
+            in_dims = draw(
+                st.lists(st.sampled_from([-3, -1, -1, 0, 0, 0, 1, 4]), max_size=len(inputs) + 4)
+            )
+            size = draw(_mostly(st.integers(1, 3), st.sampled_from([0, 1 << 40])))
+            method = draw(_mostly(st.sampled_from([0, 1, 2]), st.just(9)))
+            transforms.append(pb.Transform(vmap=pb.Vmap(in_dims=in_dims, axis_size=size, method=method)))
+            continue
+        wrt, outputs = draw(_INDICES), draw(_INDICES)
+        message = pb.Jvp if kind == "jvp" else pb.Vjp
+        transforms.append(pb.Transform(**{kind: message(wrt=wrt, outputs=outputs)}))
+        for _ in range(len(wrt) if kind == "jvp" else len(outputs)):
+            extras.append(draw(_mostly(st.sampled_from(inputs), wire_tensors())))
+    return pb.Program(transforms=transforms), extras
+
+
+@_fuzz_settings(150)
+@given(
+    model=st.sampled_from(_PROGRAM_MODELS),
+    n=st.integers(1, 3),
+    seed=st.integers(0, 1 << 32),
+    keep=st.booleans(),
+    keep_wrt=_INDICES,
+    data=st.data(),
+)
+def test_programs_of_transforms(fuzz, model, n, seed, keep, keep_wrt, data):
+    """Forwards under random programs of jvp, vjp and vmap: torch.func errors and bad
+    indices are the caller's (INVALID_ARGUMENT), never the worker's end."""
+    arguments = plausible_arguments(model, n, seed)
+    inputs = [v.tensor for v in arguments.args if v.WhichOneof("kind") == "tensor"]
+    program, extras = data.draw(programs(inputs))
+    forward = pb.ForwardRequest(
+        model=model,
+        arguments=arguments,
+        program=program,
+        program_inputs=extras,
+        keep_residual=keep,
+        residual_wrt=keep_wrt if keep else [],
+    )
+    code, reply = fuzz.call("Forward", forward)
+    if code == Code.OK and reply.residual:
+        vjp = pb.VjpRequest(
+            model=model,
+            residual=reply.residual,
+            wrt=data.draw(_INDICES.filter(bool)),
+            cotangent_outputs=data.draw(_INDICES),
+            cotangents=data.draw(st.lists(st.sampled_from(inputs), max_size=3)),
+        )
+        fuzz.call("Vjp", vjp)
+        fuzz.call("ReleaseResiduals", pb.ReleaseResidualsRequest(residuals=[reply.residual]))
+    fuzz.end_example()
+
+
 def _tensor_leaves(value: pb.Value) -> list[pb.Tensor]:
     kind = value.WhichOneof("kind")
     if kind == "tensor":

@@ -276,7 +276,9 @@ class TorchFunction:
                 self.backend.release(dropped)
             except Exception:  # noqa: BLE001 - they expire on the worker all the same
                 _log.debug("could not release %d residuals", len(dropped), exc_info=True)
-        if residual:
+        if not any(residual):  # all zeros: no forward kept anything (see _batch)
+            residual = b""
+        else:
             self._unused.used(residual)
         n_params, n_inputs = len(sig.param_names), sig.n_inputs
         key = None

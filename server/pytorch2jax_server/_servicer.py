@@ -119,8 +119,17 @@ _VMAP_METHODS = {
 }
 
 
+#: The deepest program a call may run: JAX code nests transformations a few deep, and each
+#: level is a torch.func level (and Python frames) on the worker.
+MAX_TRANSFORMS = 16
+
+
 def _program_of(msg: pb.Program) -> tuple[Transform, ...]:
     """The engine's program of a wire ``Program`` (the engine checks it against the call)."""
+    if len(msg.transforms) > MAX_TRANSFORMS:
+        raise InvalidRequestError(
+            f"a program of {len(msg.transforms)} transforms; at most {MAX_TRANSFORMS} are run"
+        )
     program: list[Transform] = []
     for t in msg.transforms:
         kind = t.WhichOneof("kind")

@@ -119,6 +119,8 @@ def execute(
     last = program[-1] if program else None
     inner = program[:-1] if isinstance(last, Vjp) else program
     f, n = compose(base, n_base, inner, fallbacks, name)
+    if isinstance(last, Vjp):
+        _check_indices(last.wrt, n, "input", last, name)
     expected = n + (extra_inputs(last) if isinstance(last, Vjp) else 0)
     if len(inputs) != expected:
         raise InvalidRequestError(
