@@ -987,7 +987,8 @@ def programs(draw, inputs: list[pb.Tensor]) -> tuple[pb.Program, list[pb.Tensor]
             )
             size = draw(_mostly(st.integers(1, 3), st.sampled_from([0, 1 << 40])))
             method = draw(_mostly(st.sampled_from([0, 1, 2]), st.just(9)))
-            transforms.append(pb.Transform(vmap=pb.Vmap(in_dims=in_dims, axis_size=size, method=method)))
+            vmap = pb.Vmap(in_dims=in_dims, axis_size=size, method=method)
+            transforms.append(pb.Transform(vmap=vmap))
             continue
         wrt, outputs = draw(_INDICES), draw(_INDICES)
         message = pb.Jvp if kind == "jvp" else pb.Vjp

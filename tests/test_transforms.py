@@ -58,6 +58,7 @@ def t(x) -> torch.Tensor:
 
 def j(x):
     """A torch pytree as JAX arrays."""
+
     def leaf(v):
         v = v.detach()
         if v.dtype == torch.bfloat16:
@@ -94,8 +95,12 @@ def test_jvp_wrt_inputs_and_params_equals_torch_func_jvp(bridge):
         tree_allclose(out, j(expected[0]))
         tree_allclose(tangent, j(expected[1]), atol=1e-5)
     # Tangents on the inputs alone: parameters are then constants.
-    _, tangent_x_only = jax.jit(lambda x, v: jax.jvp(lambda x: apply_fn(params, x), (x,), (v,)))(x, tangent_x)
-    _, expected_x = torch.func.jvp(lambda x: functional(module)(tp(params), x), (t(x),), (t(tangent_x),))
+    _, tangent_x_only = jax.jit(lambda x, v: jax.jvp(lambda x: apply_fn(params, x), (x,), (v,)))(
+        x, tangent_x
+    )
+    _, expected_x = torch.func.jvp(
+        lambda x: functional(module)(tp(params), x), (t(x),), (t(tangent_x),)
+    )
     tree_allclose(tangent_x_only, j(expected_x), atol=1e-5)
 
 
@@ -103,7 +108,10 @@ def test_linearize_applied_twice_equals_torch_func_jvp(bridge):
     apply_fn, params, module = bridge.module("mlp")
     x = rand(0, (4, 8))
     out, lin = jax.linearize(lambda x: apply_fn(params, x), x)
-    reference = lambda v: torch.func.jvp(lambda x: functional(module)(tp(params), x), (t(x),), (t(v),))  # noqa: E731
+
+    def reference(v):
+        return torch.func.jvp(lambda x: functional(module)(tp(params), x), (t(x),), (t(v),))
+
     tree_allclose(out, j(reference(x)[0]))
     for key in (1, 2):
         v = rand(key, x.shape)
@@ -156,7 +164,9 @@ def test_per_example_gradients_equal_torch_func_vmap_grad(bridge):
     def tloss(p, x, y):
         return ((functional(module)(p, x) - y) ** 2).sum()
 
-    expected = j(torch.func.vmap(torch.func.grad(tloss), in_dims=(None, 0, 0))(tp(params), t(xs), t(ys)))
+    expected = j(
+        torch.func.vmap(torch.func.grad(tloss), in_dims=(None, 0, 0))(tp(params), t(xs), t(ys))
+    )
     per_example = jax.vmap(jax.grad(loss), in_axes=(None, 0, 0))
     tree_allclose(per_example(params, xs, ys), expected, atol=1e-5)
     tree_allclose(jax.jit(per_example)(params, xs, ys), expected, atol=1e-5)
@@ -166,8 +176,12 @@ def test_vmap_of_vmap_in_axes_none_and_out_axes(bridge):
     apply_fn, params, module = bridge.module("mlp")
     xs = rand(0, (4, 3, 8))
     expected = functional(module)(tp(params), t(xs)).detach()
-    tree_allclose(jax.vmap(jax.vmap(apply_fn, in_axes=(None, 0)), in_axes=(None, 0))(params, xs), j(expected))
-    tree_allclose(jax.jit(jax.vmap(apply_fn, in_axes=(None, 1), out_axes=1))(params, xs), j(expected))
+    tree_allclose(
+        jax.vmap(jax.vmap(apply_fn, in_axes=(None, 0)), in_axes=(None, 0))(params, xs), j(expected)
+    )
+    tree_allclose(
+        jax.jit(jax.vmap(apply_fn, in_axes=(None, 1), out_axes=1))(params, xs), j(expected)
+    )
     # Batched parameters too: an ensemble of two MLPs, each on its own batch.
     ensemble = jax.tree_util.tree_map(lambda v: jnp.stack([v, 2 * v]), params)
     ensembled = jax.vmap(apply_fn)(ensemble, xs[:2])
@@ -200,12 +214,34 @@ def test_transforms_compose_inside_scan_and_checkpoint(bridge):
     tree_allclose(jax.jit(jax.grad(jax.checkpoint(loss)))(x), grad, atol=1e-5)
     hessian = j(torch.func.hessian(tloss)(t(x)))
     tree_allclose(jax.jit(jax.hessian(jax.checkpoint(loss)))(x), hessian, atol=1e-5)
+    v = rand(1, (8,))
+    tangent = jax.jit(lambda x, v: jax.jvp(jax.checkpoint(loss), (x,), (v,))[1])(x, v)
+    tree_allclose(tangent, j(torch.func.jvp(tloss, (t(x),), (t(v),))[1]), atol=1e-5)
+
+    # Per-example gradients of the parameters at every step of a scan (a running sum).
+    xs = rand(2, (3, 4, 8))
+
+    def per_example(p, x):
+        return jax.vmap(jax.grad(lambda p, x: (apply_fn(p, x) ** 2).sum()), in_axes=(None, 0))(
+            p, x
+        )
+
+    def accumulate(total, x):
+        grads = per_example(params, x)
+        return jax.tree_util.tree_map(lambda a, g: a + g.sum(0), total, grads), None
+
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+    summed, _ = jax.jit(lambda xs: jax.lax.scan(accumulate, zeros, xs))(xs)
+    expected = torch.func.grad(lambda p, x: (functional(module)(p, x) ** 2).sum())(
+        tp(params), t(xs.reshape(12, 8))
+    )
+    tree_allclose(summed, j(expected), atol=1e-5)
 
 
 # -- the model set --------------------------------------------------------------------------
 
-#: Per example model: its (args, kwargs) builder, the argument positions that are float
-#: (tangents go there), the tolerance, and which transforms torch supports for it.
+#: Per example model: its (args, kwargs) builder for a seed, and the tolerance. Tangents go
+#: to the floating arguments.
 MODELS = {
     "convnet": (lambda k: ((rand(k, (2, 3, 8, 8)),), {}), 1e-5),
     "dict_output": (lambda k: ((rand(k, (3, 4)), rand(k + 1, (3, 4))), {"scale": 0.5}), 1e-5),
@@ -250,15 +286,23 @@ def test_every_example_model_under_jit_jvp_and_per_example_grads(bridge, name):
         # torch 2.13's LSTM kernel on CPU (mkldnn_rnn_layer) has no forward-mode AD: the
         # error says so, naming the model.
         with pytest.raises(Exception, match=r"lstm|LSTMRegressor.*forward AD|mkldnn_rnn_layer"):
-            jax.jvp(lambda *f: with_floats(lambda *a: apply_fn(params, *a, **kwargs), args, f),
-                    [args[i] for i in floats], tangents)
+            jax.jvp(
+                lambda *f: with_floats(lambda *a: apply_fn(params, *a, **kwargs), args, f),
+                [args[i] for i in floats],
+                tangents,
+            )
     else:
         out, tangent = jax.jit(
-            lambda *f: jax.jvp(lambda *v: with_floats(lambda *a: apply_fn(params, *a, **kwargs), args, v),
-                               f[: len(floats)], f[len(floats):])
+            lambda *f: jax.jvp(
+                lambda *v: with_floats(lambda *a: apply_fn(params, *a, **kwargs), args, v),
+                f[: len(floats)],
+                f[len(floats) :],
+            )
         )(*[args[i] for i in floats], *tangents)
         expected = torch.func.jvp(
-            lambda *v: with_floats(lambda *a: functional(module)(tp(params), *a, **kwargs), [t(a) for a in args], v),
+            lambda *v: with_floats(
+                lambda *a: functional(module)(tp(params), *a, **kwargs), [t(a) for a in args], v
+            ),
             tuple(t(args[i]) for i in floats),
             tuple(t(v) for v in tangents),
         )
@@ -319,12 +363,17 @@ def test_a_vmap_is_one_torch_call_and_jit_vmap_grad_at_most_two(bridge):
 def test_a_model_torch_cannot_batch_falls_back_to_a_loop_or_says_why(bridge):
     xs = rand(0, (4, 3))
     auto = bridge.function("unbatchable")
-    with pytest.warns(pytorch2jax.VmapFallbackWarning, match=r"cannot batch it .*vmap_method='sequential'"):
+    with pytest.warns(
+        pytorch2jax.VmapFallbackWarning, match=r"cannot batch it .*vmap_method='sequential'"
+    ):
         tree_allclose(jax.vmap(auto)(xs), 2 * xs)
     tree_allclose(jax.jit(jax.vmap(auto))(xs), 2 * xs)  # remembered: no second warning
     tree_allclose(jax.vmap(bridge.function("unbatchable", vmap_method="sequential"))(xs), 2 * xs)
     forced = bridge.function("unbatchable", vmap_method="batched")
-    with pytest.raises(pytorch2jax.InvalidArgumentError, match=r"torch.func.vmap cannot batch model 'unbatchable' .*broadcast shape"):
+    with pytest.raises(
+        pytorch2jax.InvalidArgumentError,
+        match=r"torch.func.vmap cannot batch model 'unbatchable' .*broadcast shape",
+    ):
         jax.vmap(forced)(xs)
     with pytest.raises(pytorch2jax.InvalidArgumentError, match=r"vmap_method must be one of"):
         bridge.function("unbatchable", vmap_method="parallel")
@@ -337,14 +386,20 @@ def test_requests_without_a_program_still_mean_what_they_meant(worker):
 
     module = examples.mlp()
     x = np.array(rand(0, (4, 8)))
-    with grpc.insecure_channel(worker.unix, options=channel_options(DEFAULT_MAX_MESSAGE_BYTES)) as channel:
+    with grpc.insecure_channel(
+        worker.unix, options=channel_options(DEFAULT_MAX_MESSAGE_BYTES)
+    ) as channel:
         stub = pb_grpc.BridgeStub(channel)
         arguments = pb.Arguments(args=[pb.Value(tensor=tensors.to_wire(x))])
-        reply = stub.Forward(pb.ForwardRequest(model="mlp", arguments=arguments, keep_residual=True))
+        reply = stub.Forward(
+            pb.ForwardRequest(model="mlp", arguments=arguments, keep_residual=True)
+        )
         expected = module(torch.from_numpy(x)).detach().numpy()
         tree_allclose(tensors.from_wire(reply.outputs.tensor), expected)
         ct = np.ones((4, 1), np.float32)
-        grads = stub.Vjp(pb.VjpRequest(model="mlp", residual=reply.residual, cotangents=[tensors.to_wire(ct)]))
+        grads = stub.Vjp(
+            pb.VjpRequest(model="mlp", residual=reply.residual, cotangents=[tensors.to_wire(ct)])
+        )
         xt = torch.from_numpy(x).requires_grad_(True)
         module(xt).backward(torch.from_numpy(ct))
         tree_allclose(tensors.from_wire(grads.argument_grads[0]), xt.grad.numpy())

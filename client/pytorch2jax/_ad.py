@@ -223,7 +223,9 @@ class TorchFunction:
             if isinstance(leaf, _ARRAY_TYPES):
                 # numpy inputs become JAX arrays first, so their dtype is canonical
                 # (float64 -> float32 without x64) on every path alike.
-                arrays.append(leaf if isinstance(leaf, (jax.Array, jax.core.Tracer)) else jnp.asarray(leaf))
+                arrays.append(
+                    leaf if isinstance(leaf, (jax.Array, jax.core.Tracer)) else jnp.asarray(leaf)
+                )
             elif isinstance(leaf, _STATIC_TYPES):
                 statics.append((i, type(leaf), leaf))
             else:
@@ -448,7 +450,9 @@ def _jvp(primals, tangents, *, fn, sig, program, out_avals, keep, has_residual):
     residual, xs = _split(primals, has_residual)
     _, ts = _split(tangents, has_residual)
     wrt = tuple(
-        i for i, (x, t) in enumerate(zip(xs, ts)) if type(t) is not ad.Zero and _differentiable(x.dtype)
+        i
+        for i, (x, t) in enumerate(zip(xs, ts))
+        if type(t) is not ad.Zero and _differentiable(x.dtype)
     )
     # The primal call keeps torch's autograd state for inputs ``wrt`` (and for those an
     # enclosing derivative asked to keep): a reverse pass then transposes the tangent call
@@ -492,8 +496,10 @@ def _transpose(cts, *values, fn, sig, program, out_avals, keep, has_residual):
     extra_avals = tuple(e.aval if ad.is_undefined_primal(e) else _aval(e) for e in extras)
     head = [None] * (has_residual + len(xs))
     if not nonzero:
-        return head + [ad.Zero(a.to_tangent_aval()) if ad.is_undefined_primal(e) else None
-                       for e, a in zip(extras, extra_avals)]
+        return head + [
+            ad.Zero(a.to_tangent_aval()) if ad.is_undefined_primal(e) else None
+            for e, a in zip(extras, extra_avals)
+        ]
     if isinstance(last, Jvp):
         # The tangents of inputs ``wrt`` gave the tangents of outputs ``outputs``: their
         # cotangents come from the Vjp of the same inner program.
@@ -557,4 +563,6 @@ def _handle_array(handle: bytes) -> np.ndarray:
 
 
 def _describe(tree: Any) -> str:
-    return str(jax.tree_util.tree_map(lambda x: f"{np.dtype(x.dtype).name}{list(np.shape(x))}", tree))
+    return str(
+        jax.tree_util.tree_map(lambda x: f"{np.dtype(x.dtype).name}{list(np.shape(x))}", tree)
+    )

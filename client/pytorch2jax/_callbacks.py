@@ -54,7 +54,9 @@ class ArrayIO:
         """A small array (a residual handle) inside a callback, as bytes."""
         return bytes(np.asarray(value))
 
-    def stage(self, host: Host, results: Sequence[jax.ShapeDtypeStruct], inputs: Sequence[Any]) -> list[Any]:
+    def stage(
+        self, host: Host, results: Sequence[jax.ShapeDtypeStruct], inputs: Sequence[Any]
+    ) -> list[Any]:
         """``host`` as a callback inside the computation being traced."""
         if buffer_callback is not None and jax.default_backend() == "cpu":
             callback = functools.partial(_into_buffers, host)
@@ -77,5 +79,7 @@ def _into_buffers(host: Host, ctx: Any, out: Sequence[Any], *inputs: Any) -> Non
         copy_into(np.asarray(buf), np.asarray(value))
 
 
-def _as_results(host: Host, results: Sequence[jax.ShapeDtypeStruct], *inputs: Any) -> list[np.ndarray]:
+def _as_results(
+    host: Host, results: Sequence[jax.ShapeDtypeStruct], *inputs: Any
+) -> list[np.ndarray]:
     return [np.asarray(v, dtype=s.dtype) for v, s in zip(host(*inputs), results)]

@@ -8,7 +8,6 @@ import math
 from typing import TYPE_CHECKING, Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from pytorch2jax._backend import Backend, Jvp, Result, Run, Transform, Vjp
@@ -207,7 +206,8 @@ class RemoteModel(Backend):
         if run.out_structs is not None:
             grads_bytes = sum(shm.align(_struct_nbytes(s)) for s in run.out_structs)
         else:
-            grads_bytes = _nbytes([*run.params.values(), *jax.tree_util.tree_leaves((run.args, run.kwargs))])
+            leaves = jax.tree_util.tree_leaves((run.args, run.kwargs))
+            grads_bytes = _nbytes([*run.params.values(), *leaves])
         return self._exchange("Vjp", _nbytes(cts, small), grads_bytes, build, decode)
 
 

@@ -143,7 +143,8 @@ def _program_of(msg: pb.Program) -> tuple[Transform, ...]:
                 raise InvalidRequestError(f"unknown vmap method {t.vmap.method}")
             if any(d < -1 for d in t.vmap.in_dims):
                 raise InvalidRequestError(
-                    f"vmap in_dims must be -1 (unbatched) or a dimension; got {list(t.vmap.in_dims)}"
+                    "vmap in_dims must be -1 (unbatched) or a dimension; got "
+                    f"{list(t.vmap.in_dims)}"
                 )
             in_dims = tuple(None if d == -1 else d for d in t.vmap.in_dims)
             program.append(Vmap(in_dims, t.vmap.axis_size, method))

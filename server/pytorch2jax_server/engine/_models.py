@@ -284,7 +284,9 @@ class ServedModel:
                 "differentiable for higher derivatives)"
             ) from None
 
-    def floating_inputs(self, leaves: Sequence[torch.Tensor], params: dict[str, torch.Tensor]) -> tuple[int, ...]:
+    def floating_inputs(
+        self, leaves: Sequence[torch.Tensor], params: dict[str, torch.Tensor]
+    ) -> tuple[int, ...]:
         """The flat inputs (``params`` first, then ``leaves``) that can have gradients:
         what a forward kept for a Vjp that names no inputs (every floating one)."""
         flat = [*params.values(), *leaves]

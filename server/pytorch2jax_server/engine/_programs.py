@@ -128,9 +128,7 @@ def execute(
             f"got {len(inputs)}"
         )
     keep_set = checked_keep(keep, inputs, name)
-    inputs = [
-        x.detach().requires_grad_(True) if i in keep_set else x for i, x in enumerate(inputs)
-    ]
+    inputs = [x.detach().requires_grad_(True) if i in keep_set else x for i, x in enumerate(inputs)]
     if isinstance(last, Vjp):
         outputs = _autograd_vjp(f, n, last, inputs, create_graph=keep is not None, name=name)
     elif keep is not None or any(isinstance(t, Vjp) for t in inner):
@@ -189,7 +187,9 @@ def checked_keep(keep: Sequence[int] | None, inputs: list[torch.Tensor], name: s
     if keep is None:
         return set()
     keep_set = set(keep)
-    bad = [i for i in keep_set if not 0 <= i < len(inputs) or not is_differentiable(inputs[i].dtype)]
+    bad = [
+        i for i in keep_set if not 0 <= i < len(inputs) or not is_differentiable(inputs[i].dtype)
+    ]
     if bad:
         raise InvalidRequestError(
             f"model {name!r}: autograd state can be kept only for floating inputs; input(s) "
