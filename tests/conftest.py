@@ -46,6 +46,7 @@ EXAMPLE_MODELS = {
     "counted": "pytorch2jax_server.examples:counted",
     "calls_of_counted": "pytorch2jax_server.examples:calls_of_counted",
     "unbatchable": "pytorch2jax_server.examples:unbatchable",
+    "bn_mlp": "pytorch2jax_server.examples:bn_mlp()",
 }
 
 

@@ -3,7 +3,7 @@
 ``py_to_jax_wrapper``, ``convert_pytnn_to_jax`` and ``convert_pytnn_to_flax`` behave as in
 pytorch2jax 0.1.0, and also work under ``jit``, ``vmap``, ``lax.scan`` and
 ``jax.checkpoint``. They share the autodiff wrapper (``_ad``) with the remote client and
-run torch with the worker's own engine (``pytorch2jax_server._models``), so a model behaves
+run torch with the worker's own engine (``pytorch2jax_server.engine``), so a model behaves
 the same in process and served. torch is imported when one of them is first called, never
 by ``import pytorch2jax``.
 
@@ -16,7 +16,9 @@ only for the callback's duration, so that forward runs on copies of its inputs.
 
 JAX arrays are immutable, torch tensors are not. The first call for each input signature
 runs torch on copies and watches their version counters; an input it writes to in place
-is copied before every later call, so JAX arrays are never changed. A function that writes
+is copied before every later call, so JAX arrays are never changed. Buffers given as
+parameters (BatchNorm statistics, which torch updates in place without always bumping
+the counters) always run on copies. A function that writes
 into an input only for some data (not on its first call) is caught by the same counters
 and raises InvalidArgumentError, saying to copy the input in torch first (``x = x.clone()``).
 """
@@ -171,7 +173,14 @@ class LocalModel(Backend):
         # A kept autograd graph outlives this call, but XLA's buffers are lent only for its
         # duration: the tensors it saves must own their memory, so that path copies.
         copy_all = first or run.keep is not None
-        copied = {i: t.clone() for i, t in enumerate(shared) if copy_all or i in writes}
+        # Buffers given as parameters (BatchNorm statistics) are state torch updates in
+        # place, without always bumping version counters: they always run on copies.
+        buffers = {i for i, n in enumerate(names) if n in self._model.buffers}
+        copied = {
+            i: t.clone()
+            for i, t in enumerate(shared)
+            if copy_all or i in writes or i in buffers
+        }
         used = [copied.get(i, t) for i, t in enumerate(shared)]
         before = [t._version for t in used]
         n_params, n_base = len(names), len(names) + len(arrays)

@@ -167,6 +167,16 @@ def lstm() -> LSTMRegressor:
     return LSTMRegressor()
 
 
+def bn_mlp() -> nn.Sequential:
+    """Linear, BatchNorm1d, tanh, Linear, with running statistics away from their start."""
+    torch.manual_seed(10)
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 1))
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randn(16, 4) * 3 + 1)
+    return model
+
+
 def linear10() -> nn.Linear:
     """The 10x10 Linear of the original pytorch2jax README, used by the benchmarks."""
     torch.manual_seed(5)

@@ -204,6 +204,8 @@ class ServedModel:
         """
         self.check_arity(args, kwargs)
         names = list(params)
+        # Buffers (BatchNorm statistics) are state, not weights: never differentiated.
+        constants = frozenset(i for i, n in enumerate(names) if n in self.buffers)
         saved = _SavedBytes()
         # Counting what autograd saves takes saved-tensor hooks, which torch.func.vjp
         # refuses: a program with a Vjp under another transform is counted by its inputs
@@ -219,18 +221,25 @@ class ServedModel:
             if not program:
                 checked = self.check_parameters(params)
                 flat: list[torch.Tensor] = [*checked.values(), *leaves]
-                outputs = self._forward(args, kwargs, checked, flat, keep)
+                outputs = self._forward(args, kwargs, checked, flat, keep, constants)
                 out_leaves = tensor_leaves(outputs)
             else:
                 executed = self._execute(
-                    names, args, kwargs, leaves, [*params.values(), *leaves, *extras], program, keep
+                    names,
+                    args,
+                    kwargs,
+                    leaves,
+                    [*params.values(), *leaves, *extras],
+                    program,
+                    keep,
+                    constants,
                 )
                 outputs, flat, fallbacks = executed.outputs, executed.inputs, executed.fallbacks
                 out_leaves = list(outputs)
         if keep is None:
             return Outcome(outputs, fallbacks=fallbacks)
         nbytes = saved.total + _nbytes(flat) + _nbytes(out_leaves)
-        residual = Residual(self.name, out_leaves, flat, tuple(names), nbytes)
+        residual = Residual(self.name, out_leaves, flat, tuple(names), nbytes, constants)
         return Outcome(outputs, residual, fallbacks)
 
     def _forward(
@@ -240,13 +249,14 @@ class ServedModel:
         params: dict[str, torch.Tensor],
         flat: list[torch.Tensor],
         keep: Sequence[int] | None,
+        constants: frozenset[int],
     ) -> Any:
         """The model as it is: its output pytree. ``flat`` holds ``params``' values, then
         the leaves of ``(args, kwargs)``: the very tensors, so marking them marks those."""
         if keep is None:
             with torch.no_grad():
                 return self._call(args, kwargs, params)
-        for i in checked_keep(keep, flat, self.name):
+        for i in checked_keep(keep, flat, self.name) - constants:
             flat[i].requires_grad_(True)
         with torch.enable_grad():
             return self._call(args, kwargs, params)
@@ -260,6 +270,7 @@ class ServedModel:
         flat: list[torch.Tensor],
         program: Sequence[Transform],
         keep: Sequence[int] | None,
+        constants: frozenset[int],
     ) -> Executed:
         n_params = len(names)
         n_base = n_params + len(leaves)
@@ -271,7 +282,9 @@ class ServedModel:
             return tuple(tensor_leaves(self._invoke(call_args, call_kwargs, params)))
 
         try:
-            return execute(base, n_base, program, flat, keep=keep, name=self.name)
+            return execute(
+                base, n_base, program, flat, keep=keep, constants=constants, name=self.name
+            )
         except WorkerError:
             raise
         except Exception as e:  # the model's, or torch.func's refusal to transform it
@@ -347,6 +360,9 @@ def vjp(
             ),
         )
     )
+    for i in residual.constants:  # buffers given as parameters: zeros, they are state
+        if is_differentiable(residual.inputs[i].dtype):
+            found[i] = torch.zeros_like(residual.inputs[i])
     n = len(residual.param_names)
     arg_grads = [found.get(i) for i in range(n, len(residual.inputs))]
     param_grads = {name: found[i] for i, name in enumerate(residual.param_names) if i in found}
@@ -377,18 +393,28 @@ def vjp_of_kept(
             f"cotangents asked of inputs {list(wrt)} of model {name!r}, which has "
             f"{len(residual.inputs)}"
         )
-    missing = [i for i in wrt if not residual.inputs[i].requires_grad]
+    missing = [
+        i for i in wrt if not residual.inputs[i].requires_grad and i not in residual.constants
+    ]
     if missing:
         raise ResidualLostError(
             f"the kept forward of model {name!r} kept no autograd state for input(s) "
             f"{missing}; send the inputs again to recompute"
         )
-    return grads(
-        [residual.outputs[j] for j in outputs],
-        list(cotangents),
-        [residual.inputs[i] for i in wrt],
-        name=name,
+    kept = [i for i in wrt if i not in residual.constants]
+    found = dict(
+        zip(
+            kept,
+            grads(
+                [residual.outputs[j] for j in outputs],
+                list(cotangents),
+                [residual.inputs[i] for i in kept],
+                name=name,
+            ),
+        )
     )
+    # Buffers get zeros: they are state, not weights.
+    return tuple(found[i] if i in found else torch.zeros_like(residual.inputs[i]) for i in wrt)
 
 
 def tensor_leaves(tree: Any) -> list[torch.Tensor]:

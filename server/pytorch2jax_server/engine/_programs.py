@@ -107,18 +107,21 @@ def execute(
     inputs: Sequence[torch.Tensor],
     *,
     keep: Sequence[int] | None = None,
+    constants: frozenset[int] = frozenset(),
     name: str = "",
 ) -> Executed:
     """Runs ``program`` over ``base`` (a flat function of ``n_base`` inputs) on ``inputs``.
 
     With ``keep``, the inputs of those indices require grad and the outputs keep their
-    autograd graph, for a later ``vjp_of_kept``; otherwise no graph is kept.
+    autograd graph, for a later ``vjp_of_kept``; otherwise no graph is kept. Base inputs
+    in ``constants`` (a module's buffers) are never differentiated: their tangents are
+    ignored, their cotangents are zeros, and no state is kept for them.
     """
     fallbacks: list[tuple[int, str]] = []
     inputs = list(inputs)
     last = program[-1] if program else None
     inner = program[:-1] if isinstance(last, Vjp) else program
-    f, n = compose(base, n_base, inner, fallbacks, name)
+    f, n = compose(base, n_base, inner, fallbacks, name, constants)
     if isinstance(last, Vjp):
         _check_indices(last.wrt, n, "input", last, name)
     expected = n + (extra_inputs(last) if isinstance(last, Vjp) else 0)
@@ -127,10 +130,12 @@ def execute(
             f"the program {describe(program)} of model {name!r} takes {expected} inputs; "
             f"got {len(inputs)}"
         )
-    keep_set = checked_keep(keep, inputs, name)
+    keep_set = checked_keep(keep, inputs, name) - constants
     inputs = [x.detach().requires_grad_(True) if i in keep_set else x for i, x in enumerate(inputs)]
     if isinstance(last, Vjp):
-        outputs = _autograd_vjp(f, n, last, inputs, create_graph=keep is not None, name=name)
+        outputs = _autograd_vjp(
+            f, n, last, inputs, create_graph=keep is not None, name=name, constants=constants
+        )
     elif keep is not None or any(isinstance(t, Vjp) for t in inner):
         # Under torch.func.vjp too: some kernels look at the grad mode itself, not at
         # torch.func's levels (the LSTM on CPU then saves no workspace for its backward).
@@ -148,13 +153,14 @@ def compose(
     program: Sequence[Transform],
     fallbacks: list[tuple[int, str]],
     name: str,
+    constants: frozenset[int] = frozenset(),
 ) -> tuple[Flat, int]:
     """The flat function of ``program`` over ``base``, and how many inputs it takes."""
     f, n = base, n_base
     for index, t in enumerate(program):
         if isinstance(t, (Jvp, Vjp)):
             _check_indices(t.wrt, n, "input", t, name)
-            f = (_jvp if isinstance(t, Jvp) else _vjp)(f, n, t, name)
+            f = (_jvp if isinstance(t, Jvp) else _vjp)(f, n, t, name, constants)
         elif isinstance(t, Vmap):
             if len(t.in_dims) != n:
                 raise InvalidRequestError(
@@ -214,50 +220,69 @@ def _with(xs: Sequence[torch.Tensor], wrt: Sequence[int], values: Sequence[torch
     return full
 
 
-def _jvp(f: Flat, n: int, t: Jvp, name: str) -> Flat:
+def _jvp(f: Flat, n: int, t: Jvp, name: str, constants: frozenset[int]) -> Flat:
+    active = [k for k, i in enumerate(t.wrt) if i not in constants]
+    wrt = tuple(t.wrt[k] for k in active)
+
     def tangents_of(*inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         xs, ts = inputs[:n], inputs[n:]
-        primals = tuple(xs[i] for i in t.wrt)
+        if not wrt:  # tangents of constants only: the outputs do not move
+            return tuple(torch.zeros_like(o) for o in _select(f(*xs), t.outputs, name))
+        primals = tuple(xs[i] for i in wrt)
 
         def restricted(*w: torch.Tensor) -> tuple[torch.Tensor, ...]:
-            return _select(f(*_with(xs, t.wrt, w)), t.outputs, name)
+            return _select(f(*_with(xs, wrt, w)), t.outputs, name)
 
-        tangents = tuple(_like(tt, p, "tangent", name) for tt, p in zip(ts, primals))
+        tangents = tuple(_like(ts[k], p, "tangent", name) for k, p in zip(active, primals))
         return tuple(torch.func.jvp(restricted, primals, tangents)[1])
 
     return tangents_of
 
 
-def _vjp(f: Flat, n: int, t: Vjp, name: str) -> Flat:
+def _vjp(f: Flat, n: int, t: Vjp, name: str, constants: frozenset[int]) -> Flat:
+    wrt = tuple(i for i in t.wrt if i not in constants)
+
     def cotangents_of(*inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         xs, cts = inputs[:n], inputs[n:]
 
         def restricted(*w: torch.Tensor) -> tuple[torch.Tensor, ...]:
-            return _select(f(*_with(xs, t.wrt, w)), t.outputs, name)
+            return _select(f(*_with(xs, wrt, w)), t.outputs, name)
 
-        outputs, pullback = torch.func.vjp(restricted, *(xs[i] for i in t.wrt))
+        outputs, pullback = torch.func.vjp(restricted, *(xs[i] for i in wrt))
         seeds = tuple(_seed(c, o, name) for c, o in zip(cts, outputs))
-        return tuple(_from_torch_grad(g) for g in pullback(seeds))
+        found = dict(zip(wrt, (_from_torch_grad(g) for g in pullback(seeds)))) if wrt else {}
+        return tuple(found[i] if i in found else torch.zeros_like(xs[i]) for i in t.wrt)
 
     return cotangents_of
 
 
 def _autograd_vjp(
-    f: Flat, n: int, t: Vjp, inputs: list[torch.Tensor], *, create_graph: bool, name: str
+    f: Flat,
+    n: int,
+    t: Vjp,
+    inputs: list[torch.Tensor],
+    *,
+    create_graph: bool,
+    name: str,
+    constants: frozenset[int],
 ) -> tuple[torch.Tensor, ...]:
     xs, cts = inputs[:n], inputs[n:]
+    wrt = [i for i in t.wrt if i not in constants]
     xs = [
-        x if x.requires_grad or i not in t.wrt else x.detach().requires_grad_(True)
+        x if x.requires_grad or i not in wrt else x.detach().requires_grad_(True)
         for i, x in enumerate(xs)
     ]
-    bad = [i for i in t.wrt if not is_differentiable(xs[i].dtype)]
+    bad = [i for i in wrt if not is_differentiable(xs[i].dtype)]
     if bad:
         raise InvalidRequestError(
             f"a vjp of model {name!r} asks cotangents of non-floating inputs {bad}"
         )
     with torch.enable_grad():
         outputs = _select(f(*xs), t.outputs, name)
-        return grads(outputs, cts, [xs[i] for i in t.wrt], create_graph=create_graph, name=name)
+        found = dict(
+            zip(wrt, grads(outputs, cts, [xs[i] for i in wrt], create_graph=create_graph, name=name))
+        )
+    return tuple(found[i] if i in found else torch.zeros_like(xs[i]) for i in t.wrt)
 
 
 def grads(

@@ -40,6 +40,8 @@ class Residual:
     inputs: list[Any]
     param_names: tuple[str, ...]
     nbytes: int
+    #: Inputs never differentiated (buffers): their cotangents are zeros.
+    constants: frozenset[int] = frozenset()
     #: The session of the client that made it, or b"" for a sessionless caller.
     owner: bytes = b""
     created: float = field(default_factory=time.monotonic)
