@@ -47,6 +47,8 @@ EXAMPLE_MODELS = {
     "calls_of_counted": "pytorch2jax_server.examples:calls_of_counted",
     "unbatchable": "pytorch2jax_server.examples:unbatchable",
     "bn_mlp": "pytorch2jax_server.examples:bn_mlp()",
+    "cross_entropy": "pytorch2jax_server.examples:cross_entropy",
+    "top_class": "pytorch2jax_server.examples:top_class",
 }
 
 

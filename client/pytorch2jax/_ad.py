@@ -187,11 +187,17 @@ class TorchFunction:
 
     Call it as ``fn(params, args, kwargs)`` (``params`` a dict of arrays by parameter
     name, possibly empty) through the wrappers ``_client``/``_inprocess`` build on it.
-    ``vmap_method`` says how a ``vmap`` of it runs (``_backend.VMAP_METHODS``).
+    ``vmap_method`` says how a ``vmap`` of it runs (``_backend.VMAP_METHODS``);
+    ``int32_as_int64`` whether int32 arguments reach torch as int64 when JAX's x64 is off.
     """
 
     def __init__(
-        self, backend: Backend, *, out_shapes: OutShapes = None, vmap_method: str = "auto"
+        self,
+        backend: Backend,
+        *,
+        out_shapes: OutShapes = None,
+        vmap_method: str = "auto",
+        int32_as_int64: bool = True,
     ) -> None:
         if vmap_method not in VMAP_METHODS:
             raise InvalidArgumentError(
@@ -200,6 +206,7 @@ class TorchFunction:
             )
         self.backend = backend
         self.vmap_method = vmap_method
+        self._int32_as_int64 = int32_as_int64
         self._out_shapes = out_shapes
         self._infer_cache: dict[Any, Any] = {}
         # Per (signature, program, input shapes): the Vmaps that torch could not batch,
@@ -303,11 +310,18 @@ class TorchFunction:
                 keep=keep,
                 residual=residual,
                 out_structs=out_structs,
+                int32_as_int64=self.int32_as_int64,
             )
         )
         if result.fallbacks and key is not None:
             self._learn(key, result.fallbacks)
         return result
+
+    @property
+    def int32_as_int64(self) -> bool:
+        """Whether int32 arguments reach torch as int64: asked for, and JAX has no int64
+        (x64 off) to hold them as itself."""
+        return self._int32_as_int64 and not jax.config.jax_enable_x64
 
     def _learn(self, key: Any, fallbacks: tuple[tuple[int, str], ...]) -> None:
         with self._lock:
@@ -335,7 +349,12 @@ class TorchFunction:
         n = len(sig.param_names)
         args, kwargs = sig.rebuild(list(specs[n:]))
         if self._out_shapes is None:
-            structs = self.backend.infer(dict(zip(sig.param_names, specs[:n])), args, kwargs)
+            structs = self.backend.infer(
+                dict(zip(sig.param_names, specs[:n])),
+                args,
+                kwargs,
+                int32_as_int64=self.int32_as_int64,
+            )
         elif callable(self._out_shapes):
             structs = self._out_shapes(*args, **kwargs)
         else:

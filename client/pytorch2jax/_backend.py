@@ -101,6 +101,8 @@ class Run:
     residual: bytes = b""
     #: The flat outputs' shapes and dtypes, when known before the call (under tracing).
     out_structs: list[jax.ShapeDtypeStruct] | None = None
+    #: int32 argument leaves reach torch as int64 (JAX without x64 has no int64).
+    int32_as_int64: bool = False
 
 
 @dataclass
@@ -130,8 +132,16 @@ class Backend(abc.ABC):
         return HOST_IO
 
     @abc.abstractmethod
-    def infer(self, params: dict[str, jax.ShapeDtypeStruct], args: tuple, kwargs: dict) -> Any:
-        """The output pytree, leaves as ShapeDtypeStruct, for inputs of these shapes and dtypes."""
+    def infer(
+        self,
+        params: dict[str, jax.ShapeDtypeStruct],
+        args: tuple,
+        kwargs: dict,
+        *,
+        int32_as_int64: bool = False,
+    ) -> Any:
+        """The output pytree, leaves as ShapeDtypeStruct, for inputs of these shapes and
+        dtypes (int32 leaves as int64 when ``int32_as_int64``, as ``Run`` says)."""
 
     @abc.abstractmethod
     def run(self, run: Run) -> Result:

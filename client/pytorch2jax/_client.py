@@ -325,7 +325,12 @@ class Client:
     # -- served models as JAX functions -------------------------------------------------
 
     def convert_pytnn_to_jax(
-        self, name: str, *, out_shapes: OutShapes = None, vmap_method: str = "auto"
+        self,
+        name: str,
+        *,
+        out_shapes: OutShapes = None,
+        vmap_method: str = "auto",
+        int32_as_int64: bool = True,
     ) -> tuple[Callable[..., Any], dict[str, jax.Array]]:
         """A served ``nn.Module`` as ``(apply_fn, params)``.
 
@@ -343,6 +348,9 @@ class Client:
         (``torch.func.vmap``; where torch cannot batch the model, a loop on the worker,
         with one ``VmapFallbackWarning`` per signature), ``"batched"`` (an error with
         torch's reason instead) or ``"sequential"`` (always the loop).
+        ``int32_as_int64``: with JAX's x64 off (JAX then has no int64), int32 arguments
+        (indices, labels) reach torch as int64, the dtype JAX would give them with x64
+        on, and int64 outputs come back as int32; False passes int32 as it is.
 
         Example::
 
@@ -356,18 +364,28 @@ class Client:
                 f"use py_to_jax_wrapper({name!r})"
             )
         fn = TorchFunction(
-            RemoteModel(self, info), out_shapes=out_shapes, vmap_method=vmap_method
+            RemoteModel(self, info),
+            out_shapes=out_shapes,
+            vmap_method=vmap_method,
+            int32_as_int64=int32_as_int64,
         )
 
         def apply_fn(params: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
             return fn(params, args, kwargs)
 
         apply_fn.__name__ = apply_fn.__qualname__ = name
-        apply_fn.__doc__ = f"{info.doc}\n\napply_fn(params, ...) calls {name}{info.signature} at {self.target}"
+        apply_fn.__doc__ = (
+            f"{info.doc}\n\napply_fn(params, ...) calls {name}{info.signature} at {self.target}"
+        )
         return apply_fn, self.get_parameters(name)
 
     def convert_pytnn_to_flax(
-        self, name: str, *, out_shapes: OutShapes = None, vmap_method: str = "auto"
+        self,
+        name: str,
+        *,
+        out_shapes: OutShapes = None,
+        vmap_method: str = "auto",
+        int32_as_int64: bool = True,
     ):
         """A served ``nn.Module`` as ``(LinenModuleClass, variables)``.
 
@@ -379,12 +397,17 @@ class Client:
             y = TorchMLP().apply(variables, jnp.ones((4, 8)))
         """
         apply_fn, params = self.convert_pytnn_to_jax(
-            name, out_shapes=out_shapes, vmap_method=vmap_method
+            name, out_shapes=out_shapes, vmap_method=vmap_method, int32_as_int64=int32_as_int64
         )
         return linen_module(apply_fn, params, name), {"params": params}
 
     def convert_pytnn_to_nnx(
-        self, name: str, *, out_shapes: OutShapes = None, vmap_method: str = "auto"
+        self,
+        name: str,
+        *,
+        out_shapes: OutShapes = None,
+        vmap_method: str = "auto",
+        int32_as_int64: bool = True,
     ) -> TorchModule:
         """A served ``nn.Module`` as an NNX module: ``nnx.Param`` weights, ``nnx.BatchStat``
         floating buffers, calls run on the worker.
@@ -395,7 +418,7 @@ class Client:
             optimizer = nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.Param)
         """
         apply_fn, params = self.convert_pytnn_to_jax(
-            name, out_shapes=out_shapes, vmap_method=vmap_method
+            name, out_shapes=out_shapes, vmap_method=vmap_method, int32_as_int64=int32_as_int64
         )
         info = self.describe(name)
         floating = [n for n, s in info.buffers.items() if jnp.issubdtype(s.dtype, jnp.floating)]
@@ -403,7 +426,12 @@ class Client:
         return TorchModule(apply_fn, params, {n: everything[n] for n in floating})
 
     def py_to_jax_wrapper(
-        self, name: str, *, out_shapes: OutShapes = None, vmap_method: str = "auto"
+        self,
+        name: str,
+        *,
+        out_shapes: OutShapes = None,
+        vmap_method: str = "auto",
+        int32_as_int64: bool = True,
     ) -> Callable[..., Any]:
         """A served torch function as a differentiable JAX function ``fn(*args, **kwargs)``.
 
@@ -418,7 +446,10 @@ class Client:
         """
         info = self.describe(name)
         fn = TorchFunction(
-            RemoteModel(self, info), out_shapes=out_shapes, vmap_method=vmap_method
+            RemoteModel(self, info),
+            out_shapes=out_shapes,
+            vmap_method=vmap_method,
+            int32_as_int64=int32_as_int64,
         )
 
         def wrapped(*args: Any, **kwargs: Any) -> Any:

@@ -117,18 +117,25 @@ class LocalModel(Backend):
         self._writes: dict[Any, frozenset[int]] = {}
         self._lock = threading.Lock()
 
-    def infer(self, params, args, kwargs):
+    def infer(self, params, args, kwargs, *, int32_as_int64=False):
         torch = _torch()
         with _Unwrap():
             self._model.check_parameters(
-                {n: torch.empty(s.shape, dtype=_torch_dtype(s.dtype), device="meta") for n, s in params.items()}
+                {
+                    n: torch.empty(s.shape, dtype=_torch_dtype(s.dtype), device="meta")
+                    for n, s in params.items()
+                }
             )
 
             def build():
-                return _map_tree((args, kwargs), lambda s: torch.empty(s.shape, dtype=_torch_dtype(s.dtype)))
+                return _map_tree(
+                    (args, kwargs), lambda s: torch.empty(s.shape, dtype=_torch_dtype(s.dtype))
+                )
 
-            outputs = self._model.infer(build)
-        return _map_tree(outputs, lambda t: jax.ShapeDtypeStruct(tuple(t.shape), _np_dtype(t.dtype)))
+            outputs = self._model.infer(build, int32_as_int64=int32_as_int64)
+        return _map_tree(
+            outputs, lambda t: jax.ShapeDtypeStruct(tuple(t.shape), _np_dtype(t.dtype))
+        )
 
     def run(self, run: Run) -> Result:
         from pytorch2jax_server import engine
@@ -150,9 +157,7 @@ class LocalModel(Backend):
         outcome = self._execute(run)
         handle = self._residuals.put(outcome.residual) if outcome.residual else b""
         outputs = _map_tree(outcome.outputs, _torch_to_np)
-        return Result(
-            list(outputs) if run.program else outputs, handle, tuple(outcome.fallbacks)
-        )
+        return Result(list(outputs) if run.program else outputs, handle, tuple(outcome.fallbacks))
 
     def _execute(self, run: Run):
         from pytorch2jax_server import engine
@@ -177,9 +182,7 @@ class LocalModel(Backend):
         # place, without always bumping version counters: they always run on copies.
         buffers = {i for i, n in enumerate(names) if n in self._model.buffers}
         copied = {
-            i: t.clone()
-            for i, t in enumerate(shared)
-            if copy_all or i in writes or i in buffers
+            i: t.clone() for i, t in enumerate(shared) if copy_all or i in writes or i in buffers
         }
         used = [copied.get(i, t) for i, t in enumerate(shared)]
         before = [t._version for t in used]
@@ -195,6 +198,7 @@ class LocalModel(Backend):
                 keep=run.keep,
                 program=_engine_program(engine, run.program),
                 extras=used[n_base:],
+                int32_as_int64=run.int32_as_int64,
             )
         written = frozenset(i for i, t in enumerate(used) if t._version != before[i])
         if first:
@@ -228,9 +232,7 @@ def _engine_program(engine: Any, program: tuple[Transform, ...]) -> tuple:
 
 def _program_key(program: tuple[Transform, ...]) -> tuple:
     # Where torch may write depends on the program, but not on a vmap's method or size.
-    return tuple(
-        (type(t).__name__, t.in_dims) if isinstance(t, Vmap) else t for t in program
-    )
+    return tuple((type(t).__name__, t.in_dims) if isinstance(t, Vmap) else t for t in program)
 
 
 def _torch_dtype(dtype: Any):
@@ -253,7 +255,11 @@ def _module_name(obj: Any) -> str:
 
 
 def py_to_jax_wrapper(
-    fn: Callable | None = None, *, out_shapes: OutShapes = None, vmap_method: str = "auto"
+    fn: Callable | None = None,
+    *,
+    out_shapes: OutShapes = None,
+    vmap_method: str = "auto",
+    int32_as_int64: bool = True,
 ):
     """Wraps a torch function as a differentiable JAX function.
 
@@ -264,8 +270,9 @@ def py_to_jax_wrapper(
     transform. Under ``jit`` the output shapes are inferred with fake tensors; for outputs
     whose shape depends on the data, declare them with ``out_shapes=`` (a pytree of
     ``jax.ShapeDtypeStruct``, or a function of the arguments' ShapeDtypeStructs).
-    ``vmap_method`` is ``"auto"``, ``"batched"`` or ``"sequential"``, as for
-    ``Client.convert_pytnn_to_jax``.
+    ``vmap_method`` (``"auto"``, ``"batched"`` or ``"sequential"``) and
+    ``int32_as_int64`` (int32 arguments reach torch as int64 while JAX's x64 is off) are
+    as for ``Client.convert_pytnn_to_jax``.
 
     Example::
 
@@ -276,9 +283,14 @@ def py_to_jax_wrapper(
         jax.jit(jax.grad(lambda x: fn(x).sum()))(jnp.ones(3))
     """
     if fn is None:
-        return lambda f: py_to_jax_wrapper(f, out_shapes=out_shapes, vmap_method=vmap_method)
+        return lambda f: py_to_jax_wrapper(
+            f, out_shapes=out_shapes, vmap_method=vmap_method, int32_as_int64=int32_as_int64
+        )
     call = TorchFunction(
-        LocalModel(fn, _module_name(fn)), out_shapes=out_shapes, vmap_method=vmap_method
+        LocalModel(fn, _module_name(fn)),
+        out_shapes=out_shapes,
+        vmap_method=vmap_method,
+        int32_as_int64=int32_as_int64,
     )
 
     def wrapped(*args: Any, **kwargs: Any) -> Any:
@@ -290,7 +302,13 @@ def py_to_jax_wrapper(
     return wrapped
 
 
-def convert_pytnn_to_jax(module: Any, *, out_shapes: OutShapes = None, vmap_method: str = "auto"):
+def convert_pytnn_to_jax(
+    module: Any,
+    *,
+    out_shapes: OutShapes = None,
+    vmap_method: str = "auto",
+    int32_as_int64: bool = True,
+):
     """A torch ``nn.Module`` as ``(apply_fn, params)``, torch running in this process.
 
     ``params`` holds the module's trainable parameters as JAX arrays (copies: later
@@ -310,7 +328,10 @@ def convert_pytnn_to_jax(module: Any, *, out_shapes: OutShapes = None, vmap_meth
             "(wrap plain functions with py_to_jax_wrapper)"
         )
     call = TorchFunction(
-        LocalModel(module, type(module).__name__), out_shapes=out_shapes, vmap_method=vmap_method
+        LocalModel(module, type(module).__name__),
+        out_shapes=out_shapes,
+        vmap_method=vmap_method,
+        int32_as_int64=int32_as_int64,
     )
 
     def apply_fn(params: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
@@ -321,7 +342,13 @@ def convert_pytnn_to_jax(module: Any, *, out_shapes: OutShapes = None, vmap_meth
     return apply_fn, params
 
 
-def convert_pytnn_to_flax(module: Any, *, out_shapes: OutShapes = None, vmap_method: str = "auto"):
+def convert_pytnn_to_flax(
+    module: Any,
+    *,
+    out_shapes: OutShapes = None,
+    vmap_method: str = "auto",
+    int32_as_int64: bool = True,
+):
     """A torch ``nn.Module`` as ``(LinenModuleClass, variables)``, as in pytorch2jax 0.1.0.
 
     Instances of the class take the module's arguments; their parameters start at the
@@ -336,12 +363,18 @@ def convert_pytnn_to_flax(module: Any, *, out_shapes: OutShapes = None, vmap_met
     from pytorch2jax._flax import linen_module
 
     apply_fn, params = convert_pytnn_to_jax(
-        module, out_shapes=out_shapes, vmap_method=vmap_method
+        module, out_shapes=out_shapes, vmap_method=vmap_method, int32_as_int64=int32_as_int64
     )
     return linen_module(apply_fn, params, type(module).__name__), {"params": params}
 
 
-def convert_pytnn_to_nnx(module: Any, *, out_shapes: OutShapes = None, vmap_method: str = "auto"):
+def convert_pytnn_to_nnx(
+    module: Any,
+    *,
+    out_shapes: OutShapes = None,
+    vmap_method: str = "auto",
+    int32_as_int64: bool = True,
+):
     """A torch ``nn.Module`` as a ``flax.nnx`` module (see ``TorchModule``).
 
     Example::
@@ -352,7 +385,7 @@ def convert_pytnn_to_nnx(module: Any, *, out_shapes: OutShapes = None, vmap_meth
     from pytorch2jax._flax import TorchModule
 
     apply_fn, params = convert_pytnn_to_jax(
-        module, out_shapes=out_shapes, vmap_method=vmap_method
+        module, out_shapes=out_shapes, vmap_method=vmap_method, int32_as_int64=int32_as_int64
     )
     buffers = {
         n: jnp.asarray(_torch_to_np(b)) for n, b in module.named_buffers() if b.is_floating_point()

@@ -103,11 +103,12 @@ class RemoteModel(Backend):
                     f"{np.dtype(got.dtype).name}{list(got.shape)}"
                 )
 
-    def infer(self, params, args, kwargs) -> Any:
+    def infer(self, params, args, kwargs, *, int32_as_int64=False) -> Any:
         self._check_parameters(params)
         request = pb.InferShapesRequest(
             model=self.info.name,
             arguments=_encode_arguments(args, kwargs, _struct_to_spec),
+            int32_as_int64=int32_as_int64,
         )
         reply = self._client._unary("InferShapes", request)
         return values.decode(reply.outputs, tensors.from_wire, _spec_to_struct)
@@ -158,6 +159,7 @@ class RemoteModel(Backend):
                 keep_residual=run.keep is not None,
                 residual_wrt=run.keep or (),
                 reply_area=call.reply_area,
+                int32_as_int64=run.int32_as_int64,
             )
             if program is not None:
                 msg.program.CopyFrom(program)

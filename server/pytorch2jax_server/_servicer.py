@@ -247,7 +247,7 @@ class BridgeServicer(pb_grpc.BridgeServicer):
 
             return values.decode_arguments(request.arguments, from_tensor, from_spec)
 
-        outputs = model.infer(build)
+        outputs = model.infer(build, int32_as_int64=request.int32_as_int64)
         return pb.InferShapesResponse(outputs=_encode_outputs(model, outputs, to_spec))
 
     @_serving
@@ -277,6 +277,7 @@ class BridgeServicer(pb_grpc.BridgeServicer):
                 keep=keep,
                 program=program,
                 extras=extras,
+                int32_as_int64=request.int32_as_int64,
             )
             outputs = outcome.outputs if not program else list(outcome.outputs)
             outputs = _encode_outputs(model, outputs, codec.encode)

@@ -246,6 +246,16 @@ def calls_of_counted() -> torch.Tensor:
     return torch.tensor(_calls)
 
 
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of ``logits`` for class ``labels``: torch takes only int64 labels."""
+    return torch.nn.functional.cross_entropy(logits, labels)
+
+
+def top_class(logits: torch.Tensor) -> torch.Tensor:
+    """The index of the largest logit: an int64 output."""
+    return torch.argmax(logits, dim=-1)
+
+
 def unbatchable(x: torch.Tensor) -> torch.Tensor:
     """``2 * x`` through an in-place write into a tensor made inside: torch.func.vmap
     cannot batch it (a batched value cannot be written into an unbatched one)."""

@@ -153,15 +153,20 @@ class ServedModel:
             checked[name] = value
         return checked
 
-    def infer(self, build_arguments: Callable[[], tuple[tuple, dict]]) -> Any:
+    def infer(
+        self, build_arguments: Callable[[], tuple[tuple, dict]], *, int32_as_int64: bool = False
+    ) -> Any:
         """The output pytree as fake tensors (shape and dtype, no data).
 
         ``build_arguments`` makes the arguments; it runs under FakeTensorMode so that the
         empty tensors it creates are fake too and nothing is allocated or computed.
+        ``int32_as_int64`` as for ``run``.
         """
         try:
             with FakeTensorMode(allow_non_fake_inputs=True) as mode:
                 args, kwargs = build_arguments()
+                if int32_as_int64:
+                    args, kwargs = _widened((args, kwargs))
                 self.check_arity(args, kwargs)
                 if not self.is_module:
                     return self._obj(*args, **kwargs)
@@ -192,6 +197,7 @@ class ServedModel:
         keep: Sequence[int] | None = None,
         program: Sequence[Transform] = (),
         extras: Sequence[torch.Tensor] = (),
+        int32_as_int64: bool = False,
     ) -> Outcome:
         """Calls the model, or runs ``program`` over it (``_programs``).
 
@@ -201,8 +207,13 @@ class ServedModel:
         ``params``' order), the leaves, then the extras. With ``keep`` (indices of flat
         inputs, see ``floating_inputs``), the outcome carries a ``Residual`` from which
         ``vjp``/``vjp_of_kept`` give their gradients without re-running the forward.
+        With ``int32_as_int64``, int32 leaves reach the model as int64 (copies), the
+        dtype a JAX client without x64 cannot hold.
         """
         self.check_arity(args, kwargs)
+        if int32_as_int64 and any(t.dtype == torch.int32 for t in leaves):
+            leaves = [t.to(torch.int64) if t.dtype == torch.int32 else t for t in leaves]
+            args, kwargs = _substitute((args, kwargs), iter(leaves))
         names = list(params)
         # Buffers (BatchNorm statistics) are state, not weights: never differentiated.
         constants = frozenset(i for i, n in enumerate(names) if n in self.buffers)
@@ -443,6 +454,17 @@ class Registry:
             served = ", ".join(sorted(self._models)) or "none"
             raise ModelNotFoundError(f"model {name!r} is not served; served models: {served}")
         return model
+
+
+def _widened(tree: Any) -> Any:
+    """``tree`` with its int32 tensor leaves as int64."""
+    if isinstance(tree, torch.Tensor):
+        return tree.to(torch.int64) if tree.dtype == torch.int32 else tree
+    if isinstance(tree, (tuple, list)):
+        return type(tree)(_widened(x) for x in tree)
+    if isinstance(tree, dict):
+        return {k: _widened(v) for k, v in tree.items()}
+    return tree
 
 
 def _substitute(tree: Any, leaves: Iterator[torch.Tensor]) -> Any:
