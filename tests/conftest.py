@@ -49,6 +49,8 @@ EXAMPLE_MODELS = {
     "bn_mlp": "pytorch2jax_server.examples:bn_mlp()",
     "cross_entropy": "pytorch2jax_server.examples:cross_entropy",
     "top_class": "pytorch2jax_server.examples:top_class",
+    "with_cache": "pytorch2jax_server.examples:with_cache",
+    "flagged": "pytorch2jax_server.examples:flagged",
 }
 
 

@@ -256,6 +256,24 @@ def top_class(logits: torch.Tensor) -> torch.Tensor:
     return torch.argmax(logits, dim=-1)
 
 
+class DynamicCache:
+    """Stands for ``transformers``' cache object: not a tensor."""
+
+
+def with_cache(x: torch.Tensor, *, use_cache: bool = True) -> dict:
+    """A Hugging Face-like output: ``{"logits": 2 x}``, plus a cache object unless
+    ``use_cache=False``."""
+    out = {"logits": x * 2}
+    if use_cache:
+        out["past_key_values"] = DynamicCache()
+    return out
+
+
+def flagged(x: torch.Tensor, flag) -> torch.Tensor:
+    """``2 x`` if ``flag``, else ``x[:1]``: the output shape depends on a Python flag."""
+    return x * 2 if flag else x[:1]
+
+
 def unbatchable(x: torch.Tensor) -> torch.Tensor:
     """``2 * x`` through an in-place write into a tensor made inside: torch.func.vmap
     cannot batch it (a batched value cannot be written into an unbatched one)."""

@@ -162,6 +162,7 @@ class ServedModel:
         empty tensors it creates are fake too and nothing is allocated or computed.
         ``int32_as_int64`` as for ``run``.
         """
+        args, kwargs = (), {}
         try:
             with FakeTensorMode(allow_non_fake_inputs=True) as mode:
                 args, kwargs = build_arguments()
@@ -169,18 +170,28 @@ class ServedModel:
                     args, kwargs = _widened((args, kwargs))
                 self.check_arity(args, kwargs)
                 if not self.is_module:
-                    return self._obj(*args, **kwargs)
+                    return self.checked_outputs(self._obj(*args, **kwargs))
                 # Over fake copies of the weights and buffers, so that a module which
                 # updates its buffers (BatchNorm in training mode) leaves the real ones be.
                 state = {n: mode.from_tensor(t) for n, t in self.parameters.items()}
                 state.update((n, mode.from_tensor(t)) for n, t in self.buffers.items())
                 with waiting_for(self._lock):
-                    return self._reparametrized(state, args, kwargs)
+                    return self.checked_outputs(self._reparametrized(state, args, kwargs))
         except _CANNOT_TRACE as e:
+            flags = _scalar_flags(args, kwargs)
+            hint = ""
+            if flags:
+                # A Python bool or int given to a jax.jit-ed function arrives as a traced
+                # 0-d array, and branching on it depends on its value.
+                hint = (
+                    f"; if {', '.join(flags)} is a Python flag (use_cache=, train=...), "
+                    "jax.jit made it a traced array: make it static "
+                    "(jax.jit(f, static_argnames=...)) or close over it"
+                )
             raise CannotInferShapesError(
                 f"the output shapes of model {self.name!r} depend on its input data ({e}), "
                 "so they cannot be inferred from shapes alone; declare them on the client "
-                "with out_shapes=..."
+                f"with out_shapes=...{hint}"
             ) from None
         except WorkerError:
             raise
@@ -232,7 +243,9 @@ class ServedModel:
             if not program:
                 checked = self.check_parameters(params)
                 flat: list[torch.Tensor] = [*checked.values(), *leaves]
-                outputs = self._forward(args, kwargs, checked, flat, keep, constants)
+                outputs = self.checked_outputs(
+                    self._forward(args, kwargs, checked, flat, keep, constants)
+                )
                 out_leaves = tensor_leaves(outputs)
             else:
                 executed = self._execute(
@@ -290,7 +303,8 @@ class ServedModel:
             params = self.check_parameters(dict(zip(names, inputs[:n_params])))
             call_args, call_kwargs = _substitute((args, kwargs), iter(inputs[n_params:]))
             # Failures are reported below, where the program is known.
-            return tuple(tensor_leaves(self._invoke(call_args, call_kwargs, params)))
+            outputs = self.checked_outputs(self._invoke(call_args, call_kwargs, params))
+            return tuple(tensor_leaves(outputs))
 
         try:
             return execute(
@@ -307,6 +321,29 @@ class ServedModel:
                 "autograd.Function needs setup_context, and a backward that is itself "
                 "differentiable for higher derivatives)"
             ) from None
+
+    def checked_outputs(self, tree: Any, where: str = "") -> Any:
+        """The model's output pytree as it crosses the bridge: tensors (and None) in
+        tuples, lists and dicts with string keys; a dict subclass (a Hugging Face
+        ``ModelOutput``) as a plain dict of its fields. Anything else is refused, by type
+        and place, with the way out."""
+        if tree is None or isinstance(tree, torch.Tensor):
+            return tree
+        if isinstance(tree, (tuple, list)):
+            items = [self.checked_outputs(x, f"{where}[{i}]") for i, x in enumerate(tree)]
+            return items if isinstance(tree, list) else tuple(items)
+        if isinstance(tree, dict) and all(isinstance(k, str) for k in tree):
+            return {k: self.checked_outputs(v, f"{where}[{k!r}]") for k, v in tree.items()}
+        kind = type(tree).__name__
+        hint = ""
+        if "Cache" in kind:
+            hint = "; a Hugging Face model returns its cache unless called with use_cache=False"
+        raise InvalidRequestError(
+            f"model {self.name!r} returned a {kind}"
+            + (f" at output{where}" if where else "")
+            + "; bridged models return tensors, or tuples, lists and dicts (string keys) of "
+            f"them{hint}; or wrap the model to return only the tensors you need"
+        )
 
     def floating_inputs(
         self, leaves: Sequence[torch.Tensor], params: dict[str, torch.Tensor]
@@ -454,6 +491,16 @@ class Registry:
             served = ", ".join(sorted(self._models)) or "none"
             raise ModelNotFoundError(f"model {name!r} is not served; served models: {served}")
         return model
+
+
+def _scalar_flags(args: tuple, kwargs: dict) -> list[str]:
+    """The arguments that are 0-d boolean or integer tensors, by position or name."""
+
+    def scalar(x: Any) -> bool:
+        return isinstance(x, torch.Tensor) and x.dim() == 0 and not x.is_floating_point()
+
+    found = [f"argument {i}" for i, a in enumerate(args) if scalar(a)]
+    return found + [f"{k}=" for k, v in kwargs.items() if scalar(v)]
 
 
 def _widened(tree: Any) -> Any:
