@@ -180,3 +180,42 @@ def test_an_unused_eager_vjp_frees_its_residual_in_process():
     apply_fn(params, jnp.ones((5, 3)))  # frees what the dropped vjp held
     gc.collect()
     assert kept() is None
+
+
+def test_no_transformation_leaves_autograd_state_behind():
+    """Forward mode frees what its primal kept, jit drops what no backward takes (DCE),
+    eager drops are released: after three steps of each, the worker holds nothing."""
+    with start_worker(models=MODELS) as w:
+        with pytorch2jax.connect(w.unix, transport="shm") as client:
+            apply_fn, params = client.convert_pytnn_to_jax("mlp")
+            x = jnp.ones((4, 8))
+
+            def f(x):
+                return apply_fn(params, x)
+
+            def loss(x):
+                return (f(x) ** 2).sum()
+
+            cases = {
+                "jit jvp": jax.jit(lambda x: jax.jvp(f, (x,), (x,))),
+                "jit hessian": jax.jit(lambda x: jax.hessian(lambda v: loss(v[None]))(x[0])),
+                "jit hvp": jax.jit(lambda x: jax.jvp(jax.grad(loss), (x,), (x,))),
+                "jit grad": jax.jit(jax.grad(loss)),
+                "jit vmap grad": jax.jit(jax.vmap(jax.grad(loss))),
+                "jit grad has_aux": jax.jit(jax.grad(lambda x: (x.sum(), f(x)), has_aux=True)),
+                "eager jvp": lambda x: jax.jvp(f, (x,), (x,)),
+                "eager hvp": lambda x: jax.jvp(jax.grad(loss), (x,), (x,)),
+                "eager grad checkpoint": jax.grad(jax.checkpoint(loss)),
+                "jit grad checkpoint": jax.jit(jax.grad(jax.checkpoint(loss))),
+                "eager vjp unused": lambda x: jax.vjp(f, x)[0],
+            }
+            for name, fn in cases.items():
+                for _ in range(3):
+                    jax.block_until_ready(fn(x))
+                gc.collect()
+                f(x)  # the next call releases what eager code dropped
+                try:
+                    wait_until(lambda: worker_stats(w.unix).residuals == 0, timeout=5)
+                except AssertionError:
+                    left = worker_stats(w.unix).residuals
+                    raise AssertionError(f"{name} left {left} residuals on the worker") from None
