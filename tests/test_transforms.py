@@ -151,6 +151,37 @@ def test_grad_of_grad_equals_the_closed_form(bridge):
     tree_allclose(third(shift), -jnp.cos(shift))
 
 
+def test_reverse_over_forward_and_third_order_equal_torch_func(bridge):
+    apply_fn, params, module = bridge.module("mlp")
+    x, v = rand(0, (8,)), rand(1, (8,))
+
+    def loss(x):
+        return (apply_fn(params, x) ** 2).sum()
+
+    def tloss(x):
+        return (functional(module)(tp(params), x) ** 2).sum()
+
+    # grad of a jvp: the tangent's gradient is the Hessian times v.
+    grad_of_jvp = jax.jit(jax.grad(lambda x: jax.jvp(loss, (x,), (v,))[1]))
+    expected = torch.func.grad(lambda x: torch.func.jvp(tloss, (x,), (t(v),))[1])(t(x))
+    tree_allclose(grad_of_jvp(x), j(expected), atol=1e-5)
+    f = lambda x: apply_fn(params, x)  # noqa: E731
+    tf = lambda x: functional(module)(tp(params), x)  # noqa: E731
+    tree_allclose(
+        jax.jacrev(jax.jacfwd(f))(x), j(torch.func.jacrev(torch.func.jacfwd(tf))(t(x))), atol=1e-5
+    )
+    third = jax.grad(lambda x: jnp.sum(jax.hessian(loss)(x)))(x)
+    expected = torch.func.grad(lambda x: torch.func.hessian(tloss)(x).sum())(t(x))
+    tree_allclose(third, j(expected), atol=1e-4)
+    # A derivative that is zero (the tangent of x * y along y does not depend on x):
+    # torch hands back a ZeroTensor, which must arrive as zeros.
+    scale_shift = bridge.function("scale_shift")
+    shift = rand(2, (8,))
+    zero = jax.grad(lambda x: jax.jvp(lambda s: scale_shift(x, s), (shift,), (v,))[1].sum())
+    tree_allclose(zero(x), jnp.zeros(8))
+    tree_allclose(jax.vmap(zero)(jnp.stack([x, v])), jnp.zeros((2, 8)))
+
+
 # -- batching -------------------------------------------------------------------------------
 
 

@@ -477,9 +477,12 @@ def _jvp(primals, tangents, *, fn, sig, program, out_avals, keep, has_residual):
     # enclosing derivative asked to keep): a reverse pass then transposes the tangent call
     # into a Vjp that uses it. A forward-mode pass evaluates the tangent call instead,
     # which frees it.
-    kept = tuple(sorted(set(wrt) | set(keep or ())))
+    kept = tuple(sorted(set(wrt) | set(keep or ()))) or None  # () would mean "all" on the wire
     outs = _bind(fn, sig, program, xs, out_avals, residual=residual, keep=kept)
-    outs, handle = outs[:-1], outs[-1]
+    if kept is None:
+        handle = jnp.zeros(HANDLE_BYTES, jnp.uint8)
+    else:
+        outs, handle = outs[:-1], outs[-1]
     diff_out = tuple(j for j, a in enumerate(out_avals) if _differentiable(a.dtype))
     touts: list[Any] = [ad.Zero(a.to_tangent_aval()) for a in out_avals]
     if wrt and diff_out:
@@ -560,7 +563,8 @@ def _dce(used_outputs: list[bool], eqn: Any):
         return [False] * len(eqn.invars), None
     if eqn.params["keep"] is not None and not used_outputs[-1]:
         # Nobody takes the handle (the output only feeds a has_aux, or a stop_gradient):
-        # keep no autograd state on the torch side.
+        # keep no autograd state on the torch side. (A forward-mode call takes it, and
+        # must: JAX's linearize transposes such a call later, into the Vjp that uses it.)
         eqn = eqn.replace(params={**eqn.params, "keep": None}, outvars=eqn.outvars[:-1])
     return [True] * len(eqn.invars), eqn
 

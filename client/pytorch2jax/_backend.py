@@ -2,23 +2,15 @@
 the programs a backend runs.
 
 A bridged call runs a *program*: the model's flat function composed with a stack of
-transforms, innermost first, which torch runs as the same stack of ``torch.func``
-transforms. ``jax.hessian`` of a loss reaches torch as ``(Vjp, Jvp)``: ``torch.func.jvp``
-of a ``torch.func.vjp`` of the model, in one call.
+transforms, innermost first (``pytorch2jax_protocol.programs`` says what each does), which
+torch runs as the same stack of ``torch.func`` transforms. ``jax.hessian`` of a loss
+reaches torch as ``(Vjp, Jvp)``: ``torch.func.jvp`` of a ``torch.func.vjp`` of the model,
+in one call. The flat function's inputs are the parameters (in ``Signature.param_names``
+order), then the argument leaves (JAX's flattening order), then the transforms' extra
+inputs; its outputs are the output leaves (the same order).
 
-The flat function's inputs are the parameters (in ``Signature.param_names`` order), then
-the argument leaves (JAX's flattening order); its outputs are the output leaves (the same
-order). Each transform then maps a flat function of ``n`` inputs and ``m`` outputs to
-another:
-
-- ``Jvp(wrt, outputs)``: inputs ``n + len(wrt)`` (the tangents of inputs ``wrt``), outputs
-  ``len(outputs)``: the tangents of outputs ``outputs``. Linear in the tangents.
-- ``Vjp(wrt, outputs)``: inputs ``n + len(outputs)`` (cotangents of outputs ``outputs``),
-  outputs ``len(wrt)``: the cotangents of inputs ``wrt``. Linear in the cotangents.
-- ``Vmap(in_dims, size, method)``: the same inputs, each batched along its ``in_dims``
-  entry (None: not batched, passed once), outputs batched along dimension 0.
-
-Two backends implement the interface: a worker over gRPC (``_remote``) and torch in this
+The transforms are the worker's own objects (the protocol package holds them). Two
+backends implement the interface: a worker over gRPC (``_remote``) and torch in this
 process (``_inprocess``). Arrays cross it as the backend's ``io`` says: numpy arrays (on
 CPU, zero-copy views of XLA's buffers) unless a transport works in GPU memory.
 """
@@ -27,12 +19,13 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 import jax
 
 from pytorch2jax._callbacks import HOST_IO, ArrayIO
 from pytorch2jax_protocol import HANDLE_BYTES
+from pytorch2jax_protocol.programs import VMAP_METHODS, Jvp, Transform, Vjp, Vmap
 
 __all__ = [
     "HANDLE_BYTES",
@@ -46,40 +39,6 @@ __all__ = [
     "Vjp",
     "Vmap",
 ]
-
-#: How a ``Vmap`` runs: ``"batched"`` (``torch.func.vmap``, or an error saying why torch
-#: cannot), ``"sequential"`` (a loop over the batch, on the torch side, in one call), or
-#: ``"auto"`` (batched, falling back to the loop, with a warning, where torch cannot).
-VMAP_METHODS = ("auto", "batched", "sequential")
-
-
-@dataclass(frozen=True)
-class Jvp:
-    """Forward mode: tangents of outputs ``outputs`` along tangents of inputs ``wrt``."""
-
-    wrt: tuple[int, ...]
-    outputs: tuple[int, ...]
-
-
-@dataclass(frozen=True)
-class Vjp:
-    """Reverse mode: cotangents of inputs ``wrt`` from cotangents of outputs ``outputs``."""
-
-    wrt: tuple[int, ...]
-    outputs: tuple[int, ...]
-
-
-@dataclass(frozen=True)
-class Vmap:
-    """Batching: every input along its ``in_dims`` entry (None: unbatched), ``size`` wide."""
-
-    in_dims: tuple[int | None, ...]
-    size: int
-    method: str = "auto"
-
-
-Transform = Union[Jvp, Vjp, Vmap]
-
 
 @dataclass
 class Run:

@@ -196,7 +196,7 @@ class LocalModel(Backend):
                 used[n_params:n_base],
                 dict(zip(names, used[:n_params])),
                 keep=run.keep,
-                program=_engine_program(engine, run.program),
+                program=run.program,
                 extras=used[n_base:],
                 int32_as_int64=run.int32_as_int64,
             )
@@ -215,19 +215,6 @@ class LocalModel(Backend):
 
     def release(self, residuals):
         self._residuals.release(residuals)
-
-
-def _engine_program(engine: Any, program: tuple[Transform, ...]) -> tuple:
-    """The engine's twin of a client program (the two sides share no code)."""
-    out = []
-    for t in program:
-        if isinstance(t, Jvp):
-            out.append(engine.Jvp(t.wrt, t.outputs))
-        elif isinstance(t, Vjp):
-            out.append(engine.Vjp(t.wrt, t.outputs))
-        else:
-            out.append(engine.Vmap(t.in_dims, t.size, t.method))
-    return tuple(out)
 
 
 def _program_key(program: tuple[Transform, ...]) -> tuple:

@@ -10,12 +10,12 @@ from typing import TYPE_CHECKING, Any
 import jax
 import numpy as np
 
-from pytorch2jax._backend import Backend, Jvp, Result, Run, Transform, Vjp
+from pytorch2jax._backend import Backend, Result, Run, Vjp
 from pytorch2jax._callbacks import ArrayIO
 from pytorch2jax._exceptions import InvalidArgumentError, ResidualLostError, SessionLostError
 from pytorch2jax._models import ModelInfo
 from pytorch2jax._transports import Call, cuda_ipc
-from pytorch2jax_protocol import dtypes, pb, shm, tensors, values
+from pytorch2jax_protocol import dtypes, pb, programs, shm, tensors, values
 
 # The wire code's own errors, for values that cannot be encoded (e.g. a string array).
 _UNENCODABLE = (dtypes.UnsupportedDTypeError, tensors.WireFormatError, values.TreeFormatError)
@@ -149,7 +149,7 @@ class RemoteModel(Backend):
         self._client._release_residuals(residuals)
 
     def _forward(self, run: Run) -> Result:
-        program = _program(run.program)
+        program = programs.to_wire(run.program) if run.program else None
 
         def build(call: Call) -> pb.ForwardRequest:
             msg = pb.ForwardRequest(
@@ -211,34 +211,6 @@ class RemoteModel(Backend):
             leaves = jax.tree_util.tree_leaves((run.args, run.kwargs))
             grads_bytes = _nbytes([*run.params.values(), *leaves])
         return self._exchange("Vjp", _nbytes(cts, small), grads_bytes, build, decode)
-
-
-def _program(program: tuple[Transform, ...]) -> pb.Program | None:
-    """The wire form of a program; None for the model as it is (the request of old)."""
-    if not program:
-        return None
-    msg = pb.Program()
-    for t in program:
-        if isinstance(t, Jvp):
-            msg.transforms.add(jvp=pb.Jvp(wrt=t.wrt, outputs=t.outputs))
-        elif isinstance(t, Vjp):
-            msg.transforms.add(vjp=pb.Vjp(wrt=t.wrt, outputs=t.outputs))
-        else:
-            msg.transforms.add(
-                vmap=pb.Vmap(
-                    in_dims=[-1 if d is None else d for d in t.in_dims],
-                    axis_size=t.size,
-                    method=_VMAP_METHODS[t.method],
-                )
-            )
-    return msg
-
-
-_VMAP_METHODS = {
-    "auto": pb.Vmap.AUTO,
-    "batched": pb.Vmap.BATCHED,
-    "sequential": pb.Vmap.SEQUENTIAL,
-}
 
 
 def _struct_nbytes(s: jax.ShapeDtypeStruct) -> int:

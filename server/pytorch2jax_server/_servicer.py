@@ -20,7 +20,14 @@ from typing import Any
 import grpc
 import torch
 
-from pytorch2jax_protocol import PARAMETER_CHUNK_BYTES, WORKER_ID_METADATA_KEY, pb, pb_grpc, values
+from pytorch2jax_protocol import (
+    PARAMETER_CHUNK_BYTES,
+    WORKER_ID_METADATA_KEY,
+    pb,
+    pb_grpc,
+    programs,
+    values,
+)
 from pytorch2jax_server._calls import Calls
 from pytorch2jax_server._dataplane import CallCodec, Sessions, inline, named_session, session_of
 from pytorch2jax_server._status import status_of
@@ -34,9 +41,6 @@ from pytorch2jax_server.engine import (
     ResidualLostError,
     ServedModel,
     Transform,
-    Vjp,
-    Vmap,
-    Jvp,
     vjp,
     vjp_of_kept,
     wire_dtype,
@@ -112,45 +116,11 @@ def _encode_outputs(model: ServedModel, outputs: Any, leaf) -> pb.Value:
     return values.encode(outputs, checked, static=False)
 
 
-_VMAP_METHODS = {
-    pb.Vmap.AUTO: "auto",
-    pb.Vmap.BATCHED: "batched",
-    pb.Vmap.SEQUENTIAL: "sequential",
-}
-
-
-#: The deepest program a call may run: JAX code nests transformations a few deep, and each
-#: level is a torch.func level (and Python frames) on the worker.
-MAX_TRANSFORMS = 16
-
-
 def _program_of(msg: pb.Program) -> tuple[Transform, ...]:
-    """The engine's program of a wire ``Program`` (the engine checks it against the call)."""
-    if len(msg.transforms) > MAX_TRANSFORMS:
-        raise InvalidRequestError(
-            f"a program of {len(msg.transforms)} transforms; at most {MAX_TRANSFORMS} are run"
-        )
-    program: list[Transform] = []
-    for t in msg.transforms:
-        kind = t.WhichOneof("kind")
-        if kind == "jvp":
-            program.append(Jvp(tuple(t.jvp.wrt), tuple(t.jvp.outputs)))
-        elif kind == "vjp":
-            program.append(Vjp(tuple(t.vjp.wrt), tuple(t.vjp.outputs)))
-        elif kind == "vmap":
-            method = _VMAP_METHODS.get(t.vmap.method)
-            if method is None:
-                raise InvalidRequestError(f"unknown vmap method {t.vmap.method}")
-            if any(d < -1 for d in t.vmap.in_dims):
-                raise InvalidRequestError(
-                    "vmap in_dims must be -1 (unbatched) or a dimension; got "
-                    f"{list(t.vmap.in_dims)}"
-                )
-            in_dims = tuple(None if d == -1 else d for d in t.vmap.in_dims)
-            program.append(Vmap(in_dims, t.vmap.axis_size, method))
-        else:
-            raise InvalidRequestError("a program transform has no kind set")
-    return tuple(program)
+    try:
+        return programs.from_wire(msg)
+    except programs.ProgramFormatError as e:
+        raise InvalidRequestError(str(e)) from None
 
 
 def _reply_area(request) -> pb.SharedMemoryRef | None:

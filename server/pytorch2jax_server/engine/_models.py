@@ -51,6 +51,17 @@ _X64_NARROWED = {
 
 _MAX_ARITIES = 64
 
+#: Words of torch's errors for what it cannot transform (not the arguments' fault).
+_TRANSFORM_LIMITS = (
+    "autograd.Function",
+    "setup_context",
+    "forward AD",
+    "not implemented",
+    "does not support",
+    "double backward",
+    "Batching rule",
+)
+
 _CANNOT_TRACE = (
     DataDependentOutputException,
     DynamicOutputShapeException,
@@ -230,12 +241,12 @@ class ServedModel:
         constants = frozenset(i for i, n in enumerate(names) if n in self.buffers)
         saved = _SavedBytes()
         # Counting what autograd saves takes saved-tensor hooks, which torch.func.vjp
-        # refuses: a program with a Vjp under another transform is counted by its inputs
-        # and outputs alone.
+        # refuses and which see torch.func's wrapped tensors: a program with transforms
+        # under its outermost Vjp is counted by its inputs and outputs alone.
         inner = program[:-1] if program and isinstance(program[-1], Vjp) else program
         hooks = (
             torch.autograd.graph.saved_tensors_hooks(saved.pack, _unpack)
-            if keep is not None and not any(isinstance(t, Vjp) for t in inner)
+            if keep is not None and not inner
             else contextlib.nullcontext()
         )
         fallbacks: list[tuple[int, str]] = []
@@ -315,11 +326,16 @@ class ServedModel:
         except Exception as e:  # the model's, or torch.func's refusal to transform it
             if isinstance(e, (MemoryError, torch.OutOfMemoryError)):
                 raise self._rejected(e) from None
+            hint = ""
+            if any(s in str(e) for s in _TRANSFORM_LIMITS):
+                hint = (
+                    " (torch cannot transform it this way: under torch.func a custom "
+                    "autograd.Function needs setup_context, forward mode needs a jvp, and "
+                    "higher derivatives a backward that is itself differentiable)"
+                )
             raise InvalidRequestError(
                 f"model {self.name!r} failed on its arguments as {describe(program)}: "
-                f"{type(e).__name__}: {e} (under torch.func transforms, a custom "
-                "autograd.Function needs setup_context, and a backward that is itself "
-                "differentiable for higher derivatives)"
+                f"{type(e).__name__}: {e}{hint}"
             ) from None
 
     def checked_outputs(self, tree: Any, where: str = "") -> Any:
@@ -533,10 +549,14 @@ class _SavedBytes:
         self.total = 0
 
     def pack(self, t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in self._seen:
-            self._seen.add(storage.data_ptr())
-            self.total += storage.nbytes()
+        try:
+            storage = t.untyped_storage()
+            key, nbytes = storage.data_ptr(), storage.nbytes()
+        except RuntimeError:  # a tensor without plain storage (a transform's wrapper)
+            key, nbytes = id(t), t.numel() * t.element_size()
+        if key not in self._seen:
+            self._seen.add(key)
+            self.total += nbytes
         return t
 
 

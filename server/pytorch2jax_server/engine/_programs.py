@@ -29,7 +29,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Union
 
 import torch
 
@@ -38,55 +37,33 @@ from pytorch2jax_server.engine._errors import (
     InvalidRequestError,
     LimitExceededError,
 )
+from pytorch2jax_protocol.programs import (
+    VMAP_METHODS,
+    Jvp,
+    Transform,
+    Vjp,
+    Vmap,
+    describe,
+    extra_inputs,
+)
 from pytorch2jax_server.engine._tensors import is_differentiable, shape_str
 
-#: How a Vmap runs; see the module docstring.
-VMAP_METHODS = ("auto", "batched", "sequential")
+__all__ = [
+    "VMAP_METHODS",
+    "Executed",
+    "Jvp",
+    "Transform",
+    "Vjp",
+    "Vmap",
+    "checked_keep",
+    "compose",
+    "describe",
+    "execute",
+    "extra_inputs",
+    "grads",
+]
 
 Flat = Callable[..., tuple[torch.Tensor, ...]]
-
-
-@dataclass(frozen=True)
-class Jvp:
-    """Forward mode: tangents of outputs ``outputs`` along tangents of inputs ``wrt``."""
-
-    wrt: tuple[int, ...]
-    outputs: tuple[int, ...]
-
-
-@dataclass(frozen=True)
-class Vjp:
-    """Reverse mode: cotangents of inputs ``wrt`` from cotangents of outputs ``outputs``."""
-
-    wrt: tuple[int, ...]
-    outputs: tuple[int, ...]
-
-
-@dataclass(frozen=True)
-class Vmap:
-    """Batching along ``in_dims`` (None: unbatched), ``size`` wide, by ``method``."""
-
-    in_dims: tuple[int | None, ...]
-    size: int
-    method: str = "auto"
-
-
-Transform = Union[Jvp, Vjp, Vmap]
-
-
-def extra_inputs(t: Transform) -> int:
-    """How many inputs ``t`` adds to the function it transforms."""
-    if isinstance(t, Jvp):
-        return len(t.wrt)
-    if isinstance(t, Vjp):
-        return len(t.outputs)
-    return 0
-
-
-def describe(program: Sequence[Transform]) -> str:
-    """A program as composed functions, outermost first, e.g. ``jvp∘vjp∘model``."""
-    names = {Jvp: "jvp", Vjp: "vjp", Vmap: "vmap"}
-    return "∘".join([names[type(t)] for t in reversed(program)] + ["model"])
 
 
 @dataclass
@@ -144,7 +121,7 @@ def execute(
     else:
         with torch.no_grad():
             outputs = f(*inputs)
-    return Executed(tuple(outputs), inputs, fallbacks)
+    return Executed(tuple(_materialized(o) for o in outputs), inputs, fallbacks)
 
 
 def compose(
@@ -328,7 +305,15 @@ def _seed(ct: torch.Tensor, out: torch.Tensor, name: str) -> torch.Tensor:
 
 
 def _from_torch_grad(g: torch.Tensor) -> torch.Tensor:
-    return g.conj() if g.is_complex() else g
+    return _materialized(g.conj() if g.is_complex() else g)
+
+
+def _materialized(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or real zeros for one of torch's symbolic ZeroTensors (autograd returns them
+    for a derivative that does not depend on an input), which have no data to send."""
+    if t._is_zerotensor():
+        return torch.zeros(t.shape, dtype=t.dtype, device=t.device)
+    return t
 
 
 def _like(t: torch.Tensor, primal: torch.Tensor, what: str, name: str) -> torch.Tensor:
