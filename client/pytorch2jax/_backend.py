@@ -63,6 +63,14 @@ class Run:
     #: int32 argument leaves reach torch as int64 (JAX without x64 has no int64).
     int32_as_int64: bool = False
 
+    def vjp_of_kept(self) -> tuple[Vjp, list[Any]] | None:
+        """The last Vjp and its own cotangents (the kept forward had the other inputs),
+        when this call is the Vjp of the kept forward ``residual`` names; else None."""
+        last = self.program[-1] if self.program else None
+        if not (self.residual and isinstance(last, Vjp) and self.keep is None):
+            return None
+        return last, self.extras[len(self.extras) - len(last.outputs) :]
+
 
 @dataclass
 class Result:

@@ -37,7 +37,7 @@ import ml_dtypes
 import numpy as np
 
 from pytorch2jax._ad import OutShapes, TorchFunction
-from pytorch2jax._backend import Backend, Jvp, Result, Run, Transform, Vjp, Vmap
+from pytorch2jax._backend import Backend, Result, Run, Transform, Vmap
 from pytorch2jax._exceptions import InvalidArgumentError, ResidualLostError, from_status
 from pytorch2jax_protocol import dtypes
 
@@ -140,12 +140,12 @@ class LocalModel(Backend):
     def run(self, run: Run) -> Result:
         from pytorch2jax_server import engine
 
-        last = run.program[-1] if run.program else None
-        if run.residual and isinstance(last, Vjp) and run.keep is None:
+        kept = run.vjp_of_kept()
+        if kept is not None:
+            last, cotangents = kept
             found = self._residuals.take(run.residual)
             if found is not None:
-                # The last transform's own inputs; the kept forward had the others.
-                cts = [_np_to_torch(c) for c in run.extras[len(run.extras) - len(last.outputs) :]]
+                cts = [_np_to_torch(c) for c in cotangents]
                 try:
                     with _Unwrap():
                         grads = engine.vjp_of_kept(found, cts, last.outputs, last.wrt)
@@ -157,11 +157,9 @@ class LocalModel(Backend):
         outcome = self._execute(run)
         handle = self._residuals.put(outcome.residual) if outcome.residual else b""
         outputs = _map_tree(outcome.outputs, _torch_to_np)
-        return Result(list(outputs) if run.program else outputs, handle, tuple(outcome.fallbacks))
+        return Result(outputs, handle, tuple(outcome.fallbacks))
 
     def _execute(self, run: Run):
-        from pytorch2jax_server import engine
-
         names = list(run.params)
         arrays: list[np.ndarray] = []
         _map_tree((run.args, run.kwargs), arrays.append)

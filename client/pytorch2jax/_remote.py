@@ -136,10 +136,10 @@ class RemoteModel(Backend):
         raise AssertionError("unreachable")
 
     def run(self, run: Run) -> Result:
-        last = run.program[-1] if run.program else None
-        if run.residual and isinstance(last, Vjp) and run.keep is None:
+        kept = run.vjp_of_kept()
+        if kept is not None:
             try:
-                return self._vjp_of_kept(run, last)
+                return self._vjp_of_kept(run, *kept)
             except ResidualLostError:
                 pass  # evicted or expired: recompute from the inputs
             run = dataclasses.replace(run, residual=b"")
@@ -185,11 +185,8 @@ class RemoteModel(Backend):
             reply_bytes = max(self._reply_bytes, request_bytes)
         return self._exchange("Forward", request_bytes, reply_bytes, build, decode)
 
-    def _vjp_of_kept(self, run: Run, last: Vjp) -> Result:
+    def _vjp_of_kept(self, run: Run, last: Vjp, cts: list[Any]) -> Result:
         """The Vjp of a kept forward: torch's stored graph, no forward re-run."""
-
-        # The last transform's own inputs; the kept forward had the others.
-        cts = run.extras[len(run.extras) - len(last.outputs) :]
 
         def build(call: Call) -> pb.VjpRequest:
             return pb.VjpRequest(

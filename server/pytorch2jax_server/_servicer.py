@@ -249,8 +249,7 @@ class BridgeServicer(pb_grpc.BridgeServicer):
                 extras=extras,
                 int32_as_int64=request.int32_as_int64,
             )
-            outputs = outcome.outputs if not program else list(outcome.outputs)
-            outputs = _encode_outputs(model, outputs, codec.encode)
+            outputs = _encode_outputs(model, outcome.outputs, codec.encode)
         finally:
             codec.finish()
         call.check()  # keep no autograd state for a caller that is gone

@@ -86,7 +86,7 @@ def _first_line(doc: str | None) -> str:
 class Outcome:
     """A forward's outputs, with what a Vjp needs when autograd state was kept."""
 
-    #: The model's output pytree; a program's flat outputs (a tuple).
+    #: The model's output pytree; a program's flat outputs (a list).
     outputs: Any
     residual: Residual | None = None
     #: (index of an "auto" Vmap in the program, torch's reason) for each that ran as a loop.
@@ -269,8 +269,8 @@ class ServedModel:
                     keep,
                     constants,
                 )
-                outputs, flat, fallbacks = executed.outputs, executed.inputs, executed.fallbacks
-                out_leaves = list(outputs)
+                flat, fallbacks = executed.inputs, executed.fallbacks
+                outputs = out_leaves = list(executed.outputs)
         if keep is None:
             return Outcome(outputs, fallbacks=fallbacks)
         nbytes = saved.total + _nbytes(flat) + _nbytes(out_leaves)
