@@ -46,9 +46,14 @@ def test_buffers_given_as_parameters_get_no_gradient(bridge, clients):
             tree_allclose(grads[name], p.grad.numpy(), atol=1e-5)
         for name in ("1.running_mean", "1.running_var"):
             assert not np.any(grads[name]), name  # state: zero, and no torch error
-    # Higher order and batched too.
-    jax.jit(jax.hessian(lambda x: loss(variables, x)))(x[0:2])
-    jax.jit(jax.vmap(jax.grad(loss), in_axes=(None, 0)))(variables, x[:, None])
+    # Batched too: per-example gradients, the buffers' zero for every example.
+    per_example = jax.jit(jax.vmap(jax.grad(loss), in_axes=(None, 0)))(variables, x[:, None])
+    summed = jax.tree_util.tree_map(lambda g: g.sum(0), per_example)
+    for name in ("1.running_mean", "1.running_var"):
+        assert per_example[name].shape == (5, 6) and not np.any(per_example[name]), name
+    # BatchNorm in eval mode acts per example: the per-example gradients add up to the batch's.
+    for name, p in module.named_parameters():
+        tree_allclose(summed[name], p.grad.numpy(), atol=1e-5)
 
 
 def test_train_mode_in_process_never_changes_the_callers_arrays():
