@@ -107,11 +107,21 @@ class _Signature:
     # hash alike but can give the model different output dtypes.
     statics: tuple
     param_names: tuple[str, ...]
+    #: A PRNG key's data is a flat input, after the argument arrays.
+    keyed: bool = False
+    #: Training (True) or eval (False) mode; None: the module's own.
+    train: bool | None = None
+    #: Buffers returned after the call, after the output leaves (by name).
+    returned: tuple[str, ...] = ()
+
+    @property
+    def n_arrays(self) -> int:
+        return self.treedef.num_leaves - len(self.statics)
 
     @property
     def n_inputs(self) -> int:
-        """Flat inputs of the model's own function: parameters, then argument arrays."""
-        return len(self.param_names) + self.treedef.num_leaves - len(self.statics)
+        """Flat inputs of the model's own function: parameters, argument arrays, key."""
+        return len(self.param_names) + self.n_arrays + self.keyed
 
     def rebuild(self, arrays: list[Any]) -> tuple[tuple, dict]:
         leaves: list[Any] = [None] * self.treedef.num_leaves
@@ -217,7 +227,24 @@ class TorchFunction:
 
     # -- the public entry ---------------------------------------------------------------
 
-    def __call__(self, params: dict[str, Any], args: tuple, kwargs: dict) -> Any:
+    def __call__(
+        self,
+        params: dict[str, Any],
+        args: tuple,
+        kwargs: dict,
+        *,
+        rng: Any = None,
+        train: bool | None = None,
+        mutable: Any = False,
+    ) -> Any:
+        """The model's outputs; with ``mutable``, ``(outputs, {buffer name: value})``.
+
+        ``rng``: a JAX PRNG key that seeds torch's generators for this call alone (the
+        call is then a function of its inputs and the key). ``train``: training (True) or
+        eval (False) mode for this call (None: the module's own). ``mutable``: True for
+        every buffer given in ``params``, or a collection of buffer names, whose values
+        after the call come back with the outputs.
+        """
         if not isinstance(params, dict):
             raise InvalidArgumentError(
                 f"{self.backend.description}: params must be a dict of arrays by parameter "
@@ -242,8 +269,18 @@ class TorchFunction:
                     "tuples, lists and dicts"
                 )
         names = tuple(sorted(params))
-        sig = _Signature(treedef, tuple(statics), names)
-        inputs = [params[n] for n in names] + arrays
+        if train is not None and not isinstance(train, bool):
+            raise InvalidArgumentError(
+                f"{self.backend.description}: train= takes True, False or None (a Python "
+                f"bool, static under jit); got {type(train).__name__}"
+            )
+        returned = self._returned(mutable, names)
+        key = [] if rng is None else [_key_bits(rng, self.backend.description)]
+        sig = _Signature(treedef, tuple(statics), names, bool(key), train, returned)
+        inputs = [params[n] for n in names] + arrays + key
+        if mutable is not False and not returned:
+            # Nothing to return: the plain call, and an empty dict of new buffers.
+            return self.__call__(params, args, kwargs, rng=rng, train=train), {}
         if not any(isinstance(x, jax.core.Tracer) for x in inputs):
             return self._direct(sig, inputs)
         structs = self._output_structs(sig, inputs)
@@ -258,6 +295,25 @@ class TorchFunction:
             has_residual=False,
         )
         return jax.tree_util.tree_unflatten(out_def, outputs)
+
+    def _returned(self, mutable: Any, names: tuple[str, ...]) -> tuple[str, ...]:
+        buffers = self.backend.buffers
+        if mutable is False or mutable is None:
+            return ()
+        if mutable is True:
+            return tuple(n for n in names if n in buffers)
+        if isinstance(mutable, str) or not all(isinstance(n, str) for n in mutable):
+            raise InvalidArgumentError(
+                f"{self.backend.description}: mutable= takes True (every buffer given in "
+                f"params) or a list of buffer names; got {mutable!r}"
+            )
+        unknown = sorted(set(mutable) - set(buffers))
+        if unknown:
+            raise InvalidArgumentError(
+                f"{self.backend.description} has no buffer {unknown[0]!r} to return; its "
+                f"buffers: {', '.join(buffers) or 'none'}"
+            )
+        return tuple(sorted(set(mutable)))
 
     # -- running ------------------------------------------------------------------------
 
@@ -289,7 +345,7 @@ class TorchFunction:
             residual = b""
         else:
             self._unused.used(residual)
-        n_params, n_inputs = len(sig.param_names), sig.n_inputs
+        n_params, n_arrays, n_inputs = len(sig.param_names), sig.n_arrays, sig.n_inputs
         key = None
         if any(isinstance(t, Vmap) for t in program):
             key = (sig, program, tuple((np.shape(x), str(x.dtype)) for x in inputs))
@@ -299,7 +355,7 @@ class TorchFunction:
                     Vmap(t.in_dims, t.size, "sequential") if i in loops else t
                     for i, t in enumerate(program)
                 )
-        args, kwargs = sig.rebuild(list(inputs[n_params:n_inputs]))
+        args, kwargs = sig.rebuild(list(inputs[n_params : n_params + n_arrays]))
         result = self.backend.run(
             Run(
                 params=dict(zip(sig.param_names, inputs[:n_params])),
@@ -311,6 +367,9 @@ class TorchFunction:
                 residual=residual,
                 out_structs=out_structs,
                 int32_as_int64=self.int32_as_int64,
+                key=inputs[n_inputs - 1] if sig.keyed else None,
+                train=sig.train,
+                returned=sig.returned,
             )
         )
         if result.fallbacks and key is not None:
@@ -347,18 +406,23 @@ class TorchFunction:
         if cached is not None:
             return cached
         n = len(sig.param_names)
-        args, kwargs = sig.rebuild(list(specs[n:]))
+        args, kwargs = sig.rebuild(list(specs[n : n + sig.n_arrays]))
         if self._out_shapes is None:
             structs = self.backend.infer(
                 dict(zip(sig.param_names, specs[:n])),
                 args,
                 kwargs,
                 int32_as_int64=self.int32_as_int64,
+                train=sig.train,
             )
         elif callable(self._out_shapes):
             structs = self._out_shapes(*args, **kwargs)
         else:
             structs = self._out_shapes
+        if sig.returned:  # the buffers come back as they went in (or as the model has them)
+            given = dict(zip(sig.param_names, specs[:n]))
+            state = {b: given.get(b, self.backend.buffers.get(b)) for b in sig.returned}
+            structs = (structs, state)
         structs = jax.tree_util.tree_map(_canonical, structs)
         with self._lock:
             if len(self._infer_cache) >= _MAX_SIGNATURES:
@@ -483,7 +547,9 @@ def _jvp(primals, tangents, *, fn, sig, program, out_avals, keep, has_residual):
         handle = jnp.zeros(HANDLE_BYTES, jnp.uint8)
     else:
         outs, handle = outs[:-1], outs[-1]
-    diff_out = tuple(j for j, a in enumerate(out_avals) if _differentiable(a.dtype))
+    # Returned buffers (the last outputs) are state: no tangents.
+    n_out = len(out_avals) - (len(sig.returned) if _returns_state(program) else 0)
+    diff_out = tuple(j for j, a in enumerate(out_avals[:n_out]) if _differentiable(a.dtype))
     touts: list[Any] = [ad.Zero(a.to_tangent_aval()) for a in out_avals]
     if wrt and diff_out:
         computed = _bind(
@@ -579,6 +645,27 @@ pe.dce_rules[_call_p] = _dce
 
 
 # -- helpers ------------------------------------------------------------------------------
+
+
+def _returns_state(program: tuple[Transform, ...]) -> bool:
+    """Whether a call of ``program`` returns the model's outputs (and any returned
+    buffers), not tangents or cotangents."""
+    return not any(isinstance(t, (Jvp, Vjp)) for t in program)
+
+
+def _key_bits(rng: Any, where: str) -> Any:
+    """A PRNG key's raw data as int32 bits, as it crosses to torch."""
+    dtype = getattr(rng, "dtype", None)
+    if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+        data = jax.random.key_data(rng)
+    elif dtype == jnp.uint32 and np.ndim(rng) >= 1:  # a raw key, jax.random.PRNGKey(0)
+        data = rng
+    else:
+        raise InvalidArgumentError(
+            f"{where}: rng= takes a JAX PRNG key (jax.random.key(0), or a raw "
+            f"jax.random.PRNGKey(0)); got {_describe(rng) if dtype is not None else type(rng).__name__}"
+        )
+    return jax.lax.bitcast_convert_type(jnp.asarray(data), jnp.int32)
 
 
 def _handle_array(handle: bytes) -> np.ndarray:

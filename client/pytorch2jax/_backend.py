@@ -9,6 +9,11 @@ in one call. The flat function's inputs are the parameters (in ``Signature.param
 order), then the argument leaves (JAX's flattening order), then the transforms' extra
 inputs; its outputs are the output leaves (the same order).
 
+A call may also carry a PRNG key (its raw data as int32 bits: a flat input after the
+argument leaves, which the model never sees but which seeds torch's generators for the
+call), a training or eval mode, and buffers to return after the call (after the output
+leaves, by name).
+
 The transforms are the worker's own objects (the protocol package holds them). Two
 backends implement the interface: a worker over gRPC (``_remote``) and torch in this
 process (``_inprocess``). Arrays cross it as the backend's ``io`` says: numpy arrays (on
@@ -62,6 +67,13 @@ class Run:
     out_structs: list[jax.ShapeDtypeStruct] | None = None
     #: int32 argument leaves reach torch as int64 (JAX without x64 has no int64).
     int32_as_int64: bool = False
+    #: The PRNG key's data as int32 bits (a backend array), or None: no key.
+    key: Any = None
+    #: Training (True) or eval (False) mode for this call; None: the module's own.
+    train: bool | None = None
+    #: Buffers whose values after the call come back: the outputs are then
+    #: ``(outputs, {name: buffer})`` (flat: the output leaves, then these by name).
+    returned: tuple[str, ...] = ()
 
     def vjp_of_kept(self) -> tuple[Vjp, list[Any]] | None:
         """The last Vjp and its own cotangents (the kept forward had the other inputs),
@@ -93,6 +105,9 @@ class Backend(abc.ABC):
     #: them), so that JAX may wrap them without a copy.
     owns_outputs: bool = False
 
+    #: The model's buffers (BatchNorm statistics...), by name: what a call may return.
+    buffers: dict[str, jax.ShapeDtypeStruct] = {}  # noqa: RUF012 - replaced, never mutated
+
     @property
     def io(self) -> ArrayIO:
         """How this backend's arrays meet JAX's (host numpy arrays unless a GPU transport)."""
@@ -106,9 +121,10 @@ class Backend(abc.ABC):
         kwargs: dict,
         *,
         int32_as_int64: bool = False,
+        train: bool | None = None,
     ) -> Any:
         """The output pytree, leaves as ShapeDtypeStruct, for inputs of these shapes and
-        dtypes (int32 leaves as int64 when ``int32_as_int64``, as ``Run`` says)."""
+        dtypes (int32 leaves as int64 when ``int32_as_int64``; ``train`` as ``Run`` says)."""
 
     @abc.abstractmethod
     def run(self, run: Run) -> Result:

@@ -352,6 +352,13 @@ class Client:
         (indices, labels) reach torch as int64, the dtype JAX would give them with x64
         on, and int64 outputs come back as int32; False passes int32 as it is.
 
+        ``apply_fn`` takes three keywords of its own (README, "State and randomness"):
+        ``rng=key`` (a JAX PRNG key: torch's random numbers, dropout's say, for that call,
+        the same on any worker), ``train=`` (True or False: training or eval mode for
+        that call; None: the worker's module's own) and ``mutable=`` (True: the buffers
+        given in ``params``, or a list of buffer names, come back after the call: it then
+        returns ``(outputs, new_buffers)``). The worker's own buffers never change.
+
         Example::
 
             apply_fn, params = worker.convert_pytnn_to_jax("mlp")
@@ -370,8 +377,15 @@ class Client:
             int32_as_int64=int32_as_int64,
         )
 
-        def apply_fn(params: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
-            return fn(params, args, kwargs)
+        def apply_fn(
+            params: dict[str, Any],
+            *args: Any,
+            rng: Any = None,
+            train: bool | None = None,
+            mutable: Any = False,
+            **kwargs: Any,
+        ) -> Any:
+            return fn(params, args, kwargs, rng=rng, train=train, mutable=mutable)
 
         apply_fn.__name__ = apply_fn.__qualname__ = name
         apply_fn.__doc__ = (
@@ -389,7 +403,8 @@ class Client:
     ):
         """A served ``nn.Module`` as ``(LinenModuleClass, variables)``.
 
-        As ``pytorch2jax.convert_pytnn_to_flax``, with torch running on the worker.
+        As ``pytorch2jax.convert_pytnn_to_flax``, with torch running on the worker:
+        ``variables`` has ``"batch_stats"`` too when the module has floating buffers.
 
         Example::
 
@@ -399,7 +414,9 @@ class Client:
         apply_fn, params = self.convert_pytnn_to_jax(
             name, out_shapes=out_shapes, vmap_method=vmap_method, int32_as_int64=int32_as_int64
         )
-        return linen_module(apply_fn, params, name), {"params": params}
+        stats = self._floating_buffers(name)
+        variables = {"params": params, **({"batch_stats": stats} if stats else {})}
+        return linen_module(apply_fn, params, name, stats), variables
 
     def convert_pytnn_to_nnx(
         self,
@@ -408,9 +425,11 @@ class Client:
         out_shapes: OutShapes = None,
         vmap_method: str = "auto",
         int32_as_int64: bool = True,
+        rngs: Any = None,
     ) -> TorchModule:
         """A served ``nn.Module`` as an NNX module: ``nnx.Param`` weights, ``nnx.BatchStat``
-        floating buffers, calls run on the worker.
+        floating buffers, calls run on the worker; ``rngs`` (an ``nnx.Rngs``) gives the
+        keys of its random numbers, from its ``dropout`` stream.
 
         Example::
 
@@ -420,10 +439,14 @@ class Client:
         apply_fn, params = self.convert_pytnn_to_jax(
             name, out_shapes=out_shapes, vmap_method=vmap_method, int32_as_int64=int32_as_int64
         )
+        return TorchModule(apply_fn, params, self._floating_buffers(name), rngs=rngs)
+
+    def _floating_buffers(self, name: str) -> dict[str, jax.Array]:
+        """A served module's floating buffers (BatchNorm statistics), its state."""
         info = self.describe(name)
         floating = [n for n, s in info.buffers.items() if jnp.issubdtype(s.dtype, jnp.floating)]
         everything = self.get_parameters(name, include_buffers=True) if floating else {}
-        return TorchModule(apply_fn, params, {n: everything[n] for n in floating})
+        return {n: everything[n] for n in floating}
 
     def py_to_jax_wrapper(
         self,
@@ -437,7 +460,9 @@ class Client:
 
         For a served module, it is called with the worker's own parameters, which stay
         fixed (gradients flow to the arguments only): useful for a frozen encoder or a
-        perceptual loss. ``out_shapes`` as in ``convert_pytnn_to_jax``.
+        perceptual loss. ``out_shapes`` as in ``convert_pytnn_to_jax``. The function takes
+        ``rng=`` (a JAX PRNG key for torch's random numbers) and, for a module, ``train=``
+        as ``apply_fn`` does.
 
         Example::
 
@@ -452,8 +477,8 @@ class Client:
             int32_as_int64=int32_as_int64,
         )
 
-        def wrapped(*args: Any, **kwargs: Any) -> Any:
-            return fn({}, args, kwargs)
+        def wrapped(*args: Any, rng: Any = None, train: bool | None = None, **kwargs: Any) -> Any:
+            return fn({}, args, kwargs, rng=rng, train=train)
 
         wrapped.__name__ = wrapped.__qualname__ = name
         wrapped.__doc__ = f"{info.doc}\n\nCalls {name}{info.signature} at {self.target}"

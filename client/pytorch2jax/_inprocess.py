@@ -110,6 +110,10 @@ class LocalModel(Backend):
         from pytorch2jax_server.engine import ResidualCache, ServedModel
 
         self._model = ServedModel(name, obj)
+        self.buffers = {
+            n: jax.ShapeDtypeStruct(tuple(b.shape), _np_dtype(b.dtype))
+            for n, b in self._model.buffers.items()
+        }
         self._residuals = ResidualCache()
         kind = "module" if self._model.is_module else "function"
         self.description = f"torch {kind} {name!r}"
@@ -117,7 +121,7 @@ class LocalModel(Backend):
         self._writes: dict[Any, frozenset[int]] = {}
         self._lock = threading.Lock()
 
-    def infer(self, params, args, kwargs, *, int32_as_int64=False):
+    def infer(self, params, args, kwargs, *, int32_as_int64=False, train=None):
         torch = _torch()
         with _Unwrap():
             self._model.check_parameters(
@@ -132,7 +136,7 @@ class LocalModel(Backend):
                     (args, kwargs), lambda s: torch.empty(s.shape, dtype=_torch_dtype(s.dtype))
                 )
 
-            outputs = self._model.infer(build, int32_as_int64=int32_as_int64)
+            outputs = self._model.infer(build, int32_as_int64=int32_as_int64, train=train)
         return _map_tree(
             outputs, lambda t: jax.ShapeDtypeStruct(tuple(t.shape), _np_dtype(t.dtype))
         )
@@ -169,6 +173,7 @@ class LocalModel(Backend):
             tuple((tuple(t.shape), t.dtype) for t in shared),
             repr(_map_tree((run.args, run.kwargs), lambda _: None)),  # structure and statics
             _program_key(run.program),
+            run.train,
         )
         with self._lock:
             writes = self._writes.get(key)
@@ -197,6 +202,10 @@ class LocalModel(Backend):
                 program=run.program,
                 extras=used[n_base:],
                 int32_as_int64=run.int32_as_int64,
+                # Only read (it seeds torch's generators): no copy.
+                key=None if run.key is None else _np_to_torch(run.key),
+                train=run.train,
+                returned=run.returned,
             )
         written = frozenset(i for i, t in enumerate(used) if t._version != before[i])
         if first:
@@ -257,7 +266,9 @@ def py_to_jax_wrapper(
     ``jax.ShapeDtypeStruct``, or a function of the arguments' ShapeDtypeStructs).
     ``vmap_method`` (``"auto"``, ``"batched"`` or ``"sequential"``) and
     ``int32_as_int64`` (int32 arguments reach torch as int64 while JAX's x64 is off) are
-    as for ``Client.convert_pytnn_to_jax``.
+    as for ``Client.convert_pytnn_to_jax``. The wrapped function takes one keyword of its
+    own, ``rng=``: a JAX PRNG key that seeds torch's generators for that call, for a
+    function that draws random numbers.
 
     Example::
 
@@ -278,8 +289,8 @@ def py_to_jax_wrapper(
         int32_as_int64=int32_as_int64,
     )
 
-    def wrapped(*args: Any, **kwargs: Any) -> Any:
-        return call({}, args, kwargs)
+    def wrapped(*args: Any, rng: Any = None, **kwargs: Any) -> Any:
+        return call({}, args, kwargs, rng=rng)
 
     wrapped.__name__ = wrapped.__qualname__ = _module_name(fn)
     wrapped.__doc__ = getattr(fn, "__doc__", None)
@@ -301,6 +312,12 @@ def convert_pytnn_to_jax(
     ``apply_fn(params, *args, **kwargs)`` runs the module functionally with them; buffers
     (e.g. BatchNorm statistics) come from the module unless given in ``params`` too.
 
+    ``apply_fn`` takes three keywords of its own (README, "State and randomness"):
+    ``rng=key`` (a JAX PRNG key: torch's random numbers, dropout's say, for that call),
+    ``train=`` (True or False: training or eval mode for that call; None: the module's
+    own) and ``mutable=`` (True: the buffers given in ``params``, or a list of buffer
+    names, come back after the call: it then returns ``(outputs, new_buffers)``).
+
     Example::
 
         apply_fn, params = convert_pytnn_to_jax(torch.nn.Linear(10, 10))
@@ -319,8 +336,15 @@ def convert_pytnn_to_jax(
         int32_as_int64=int32_as_int64,
     )
 
-    def apply_fn(params: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
-        return call(params, args, kwargs)
+    def apply_fn(
+        params: dict[str, Any],
+        *args: Any,
+        rng: Any = None,
+        train: bool | None = None,
+        mutable: Any = False,
+        **kwargs: Any,
+    ) -> Any:
+        return call(params, args, kwargs, rng=rng, train=train, mutable=mutable)
 
     apply_fn.__name__ = apply_fn.__qualname__ = type(module).__name__
     params = {n: jnp.asarray(_torch_to_np(p)) for n, p in module.named_parameters()}
@@ -338,7 +362,11 @@ def convert_pytnn_to_flax(
 
     Instances of the class take the module's arguments; their parameters start at the
     torch module's values and train like any linen parameters. ``variables`` is
-    ``{"params": {...}}``, ready for ``LinenModuleClass().apply(variables, x)``.
+    ``{"params": {...}}``, ready for ``LinenModuleClass().apply(variables, x)``, plus
+    ``"batch_stats"`` (the floating buffers, BatchNorm statistics) when the module has
+    any. Calls take ``train=``/``deterministic=``, draw their key from the ``"dropout"``
+    rng stream, and update ``batch_stats`` when it is mutable, as linen's own layers do
+    (README, "State and randomness").
 
     Example::
 
@@ -350,7 +378,9 @@ def convert_pytnn_to_flax(
     apply_fn, params = convert_pytnn_to_jax(
         module, out_shapes=out_shapes, vmap_method=vmap_method, int32_as_int64=int32_as_int64
     )
-    return linen_module(apply_fn, params, type(module).__name__), {"params": params}
+    stats = _floating_buffers(module)
+    variables = {"params": params, **({"batch_stats": stats} if stats else {})}
+    return linen_module(apply_fn, params, type(module).__name__, stats), variables
 
 
 def convert_pytnn_to_nnx(
@@ -359,8 +389,10 @@ def convert_pytnn_to_nnx(
     out_shapes: OutShapes = None,
     vmap_method: str = "auto",
     int32_as_int64: bool = True,
+    rngs: Any = None,
 ):
-    """A torch ``nn.Module`` as a ``flax.nnx`` module (see ``TorchModule``).
+    """A torch ``nn.Module`` as a ``flax.nnx`` module (see ``TorchModule``); ``rngs`` (an
+    ``nnx.Rngs``) gives the keys of its random numbers, from its ``dropout`` stream.
 
     Example::
 
@@ -372,7 +404,11 @@ def convert_pytnn_to_nnx(
     apply_fn, params = convert_pytnn_to_jax(
         module, out_shapes=out_shapes, vmap_method=vmap_method, int32_as_int64=int32_as_int64
     )
-    buffers = {
+    return TorchModule(apply_fn, params, _floating_buffers(module), rngs=rngs)
+
+
+def _floating_buffers(module: Any) -> dict[str, jax.Array]:
+    """The module's floating buffers (BatchNorm statistics) as JAX arrays: its state."""
+    return {
         n: jnp.asarray(_torch_to_np(b)) for n, b in module.named_buffers() if b.is_floating_point()
     }
-    return TorchModule(apply_fn, params, buffers)

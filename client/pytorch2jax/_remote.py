@@ -80,6 +80,7 @@ class RemoteModel(Backend):
         self._client = client
         self.info = info
         self.description = f"model {info.name!r} at {client.target}"
+        self.buffers = info.buffers
         self._reply_bytes = _FIRST_REPLY_BYTES
 
     @property
@@ -103,12 +104,13 @@ class RemoteModel(Backend):
                     f"{np.dtype(got.dtype).name}{list(got.shape)}"
                 )
 
-    def infer(self, params, args, kwargs, *, int32_as_int64=False) -> Any:
+    def infer(self, params, args, kwargs, *, int32_as_int64=False, train=None) -> Any:
         self._check_parameters(params)
         request = pb.InferShapesRequest(
             model=self.info.name,
             arguments=_encode_arguments(args, kwargs, _struct_to_spec),
             int32_as_int64=int32_as_int64,
+            train=train,
         )
         reply = self._client._unary("InferShapes", request)
         return values.decode(reply.outputs, tensors.from_wire, _spec_to_struct)
@@ -160,7 +162,11 @@ class RemoteModel(Backend):
                 residual_wrt=run.keep or (),
                 reply_area=call.reply_area,
                 int32_as_int64=run.int32_as_int64,
+                train=run.train,
+                returned_buffers=run.returned,
             )
+            if run.key is not None:
+                msg.rng.CopyFrom(call.put(run.key))
             if program is not None:
                 msg.program.CopyFrom(program)
                 msg.program_inputs.extend(call.put(x) for x in run.extras)
@@ -178,7 +184,7 @@ class RemoteModel(Backend):
             )
 
         small = self._client._transport.inline_below
-        request_bytes = _nbytes((run.params, run.args, run.kwargs, run.extras), small)
+        request_bytes = _nbytes((run.params, run.args, run.kwargs, run.key, run.extras), small)
         if run.out_structs is not None:
             reply_bytes = sum(shm.align(_struct_nbytes(s)) for s in run.out_structs)
         else:  # eager: guess from the last reply, and from the inputs

@@ -217,7 +217,11 @@ class BridgeServicer(pb_grpc.BridgeServicer):
 
             return values.decode_arguments(request.arguments, from_tensor, from_spec)
 
-        outputs = model.infer(build, int32_as_int64=request.int32_as_int64)
+        outputs = model.infer(
+            build,
+            int32_as_int64=request.int32_as_int64,
+            train=request.train if request.HasField("train") else None,
+        )
         return pb.InferShapesResponse(outputs=_encode_outputs(model, outputs, to_spec))
 
     @_serving
@@ -248,6 +252,9 @@ class BridgeServicer(pb_grpc.BridgeServicer):
                 program=program,
                 extras=extras,
                 int32_as_int64=request.int32_as_int64,
+                key=codec.decode(request.rng) if request.HasField("rng") else None,
+                train=request.train if request.HasField("train") else None,
+                returned=list(request.returned_buffers),
             )
             outputs = _encode_outputs(model, outcome.outputs, codec.encode)
         finally:

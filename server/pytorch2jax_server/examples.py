@@ -18,11 +18,14 @@ __all__ = [
     "ConvNet",
     "DictOutput",
     "EmbeddingRegressor",
+    "bert",
     "bf16_mlp",
     "convnet",
     "dict_output",
     "double",
+    "dropout_mlp",
     "embedding",
+    "gpt2",
     "linear10",
     "masked_select",
     "mlp",
@@ -175,6 +178,41 @@ def bn_mlp() -> nn.Sequential:
         for _ in range(3):
             model(torch.randn(16, 4) * 3 + 1)
     return model
+
+
+def dropout_mlp() -> nn.Sequential:
+    """Linear, ReLU, Dropout(0.5), Linear, in training mode: each call draws a mask."""
+    torch.manual_seed(11)
+    return nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 1))
+
+
+def gpt2(**config) -> nn.Module:
+    """A GPT-2 language model from a config (2 layers, 64 wide, random weights, nothing
+    downloaded), in training mode (dropout 0.1). Needs ``transformers`` (the test extra)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(12)
+    settings = dict(n_layer=2, n_embd=64, n_head=2, vocab_size=128, n_positions=32)
+    settings.update(bos_token_id=0, eos_token_id=0)
+    return GPT2LMHeadModel(GPT2Config(**{**settings, **config}))
+
+
+def bert(**config) -> nn.Module:
+    """A BERT sequence classifier from a config (2 layers, 64 wide, 3 classes, random
+    weights), in training mode (dropout 0.1). Needs ``transformers`` (the test extra)."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(13)
+    settings = dict(
+        num_hidden_layers=2,
+        hidden_size=64,
+        num_attention_heads=2,
+        intermediate_size=128,
+        vocab_size=128,
+        max_position_embeddings=32,
+        num_labels=3,
+    )
+    return BertForSequenceClassification(BertConfig(**{**settings, **config}))
 
 
 def linear10() -> nn.Linear:

@@ -39,6 +39,7 @@ from pytorch2jax_server.engine._programs import (
     execute,
     grads,
 )
+from pytorch2jax_server.engine._random import drawing
 from pytorch2jax_server.engine._reparametrize import Reparametrizer
 from pytorch2jax_server.engine._residuals import Residual
 from pytorch2jax_server.engine._tensors import is_differentiable, shape_str
@@ -93,12 +94,25 @@ class Outcome:
     fallbacks: list[tuple[int, str]] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class _Options:
+    """How one call runs the module: its mode (None: the module's own) and the buffers
+    whose values after the call come back with the outputs."""
+
+    train: bool | None = None
+    returned: tuple[str, ...] = ()
+
+
+_PLAIN = _Options()
+
+
 class ServedModel:
     """One model the worker serves: an ``nn.Module`` (called functionally) or a function."""
 
     def __init__(self, name: str, obj: Any, device: torch.device | str = "cpu") -> None:
         self.name = name
         self.is_module = isinstance(obj, torch.nn.Module)
+        self.device = torch.device(device)
         if self.is_module:
             obj = obj.to(device)  # a function is the caller's to place: it gets its inputs there
         self._obj = obj
@@ -113,8 +127,10 @@ class ServedModel:
             self.parameters = dict(obj.named_parameters())
             self.buffers = dict(obj.named_buffers())
             self._reparametrized = Reparametrizer(obj)
+            self._submodules = list(obj.modules())
         else:
             self.parameters, self.buffers = {}, {}
+            self._submodules = []
         # Calls with the client's parameters swap them into the module object while it
         # runs, so two calls of one module must not overlap (one waiting for its turn
         # gives up once it is cancelled: _cancel.waiting_for).
@@ -165,13 +181,18 @@ class ServedModel:
         return checked
 
     def infer(
-        self, build_arguments: Callable[[], tuple[tuple, dict]], *, int32_as_int64: bool = False
+        self,
+        build_arguments: Callable[[], tuple[tuple, dict]],
+        *,
+        int32_as_int64: bool = False,
+        train: bool | None = None,
     ) -> Any:
         """The output pytree as fake tensors (shape and dtype, no data).
 
         ``build_arguments`` makes the arguments; it runs under FakeTensorMode so that the
         empty tensors it creates are fake too and nothing is allocated or computed.
-        ``int32_as_int64`` as for ``run``.
+        ``int32_as_int64`` and ``train`` as for ``run`` (a module may return other outputs
+        in training mode).
         """
         args, kwargs = (), {}
         try:
@@ -181,13 +202,19 @@ class ServedModel:
                     args, kwargs = _widened((args, kwargs))
                 self.check_arity(args, kwargs)
                 if not self.is_module:
+                    self._check_train(train)
                     return self.checked_outputs(self._obj(*args, **kwargs))
                 # Over fake copies of the weights and buffers, so that a module which
                 # updates its buffers (BatchNorm in training mode) leaves the real ones be.
                 state = {n: mode.from_tensor(t) for n, t in self.parameters.items()}
                 state.update((n, mode.from_tensor(t)) for n, t in self.buffers.items())
                 with waiting_for(self._lock):
-                    return self.checked_outputs(self._reparametrized(state, args, kwargs))
+                    switched = self._switch(train)
+                    try:
+                        return self.checked_outputs(self._reparametrized(state, args, kwargs))
+                    finally:
+                        for m, was in switched:
+                            m.training = was
         except _CANNOT_TRACE as e:
             flags = _scalar_flags(args, kwargs)
             hint = ""
@@ -220,19 +247,66 @@ class ServedModel:
         program: Sequence[Transform] = (),
         extras: Sequence[torch.Tensor] = (),
         int32_as_int64: bool = False,
+        key: torch.Tensor | None = None,
+        train: bool | None = None,
+        returned: Sequence[str] = (),
     ) -> Outcome:
         """Calls the model, or runs ``program`` over it (``_programs``).
 
         ``leaves`` are the tensor leaves of ``(args, kwargs)`` in wire order; ``params``
         replaces the module's own parameters by name (they stay untouched); ``extras``
         are the program's extra inputs. The flat inputs are the parameters (in
-        ``params``' order), the leaves, then the extras. With ``keep`` (indices of flat
-        inputs, see ``floating_inputs``), the outcome carries a ``Residual`` from which
-        ``vjp``/``vjp_of_kept`` give their gradients without re-running the forward.
-        With ``int32_as_int64``, int32 leaves reach the model as int64 (copies), the
-        dtype a JAX client without x64 cannot hold.
+        ``params``' order), the leaves, the ``key`` if any, then the extras. With ``keep``
+        (indices of flat inputs, see ``floating_inputs``), the outcome carries a
+        ``Residual`` from which ``vjp``/``vjp_of_kept`` give their gradients without
+        re-running the forward. With ``int32_as_int64``, int32 leaves reach the model as
+        int64 (copies), the dtype a JAX client without x64 cannot hold.
+
+        State and randomness (``_random``): ``key`` (raw uint32 key data) seeds torch's
+        generators for this call alone; ``train`` runs a module in training (True) or
+        eval (False) mode for this call (None: its own mode). A module in training mode
+        runs on copies of the buffers the caller did not give, so its own never change;
+        ``returned`` names buffers whose values after the call come back with the
+        outputs, as ``(outputs, {name: buffer})`` (flat: after the output leaves, by name).
         """
         self.check_arity(args, kwargs)
+        self._check_train(train)
+        returned = tuple(returned)
+        unknown = [n for n in returned if n not in self.buffers]
+        if unknown:
+            raise InvalidRequestError(
+                f"model {self.name!r} has no buffer {unknown[0]!r} to return; its buffers: "
+                f"{', '.join(self.buffers) or 'none'}"
+            )
+        training = self.is_module and (self._obj.training if train is None else train)
+        devices = [self.device] if self.is_module else [t.device for t in leaves if t.is_cuda]
+        with drawing(key, devices=devices, watched=training, name=self.name):
+            return self._run(
+                args,
+                kwargs,
+                leaves,
+                params,
+                keep,
+                tuple(program),
+                list(extras),
+                int32_as_int64,
+                key,
+                _Options(train, returned),
+            )
+
+    def _run(
+        self,
+        args: tuple,
+        kwargs: dict,
+        leaves: list[torch.Tensor],
+        params: dict[str, torch.Tensor],
+        keep: Sequence[int] | None,
+        program: tuple[Transform, ...],
+        extras: list[torch.Tensor],
+        int32_as_int64: bool,
+        key: torch.Tensor | None,
+        options: _Options,
+    ) -> Outcome:
         if int32_as_int64 and any(t.dtype == torch.int32 for t in leaves):
             leaves = [t.to(torch.int64) if t.dtype == torch.int32 else t for t in leaves]
             args, kwargs = _substitute((args, kwargs), iter(leaves))
@@ -250,12 +324,13 @@ class ServedModel:
             else contextlib.nullcontext()
         )
         fallbacks: list[tuple[int, str]] = []
+        tail = [key] if key is not None else []  # a flat input the model never sees
         with hooks:
             if not program:
                 checked = self.check_parameters(params)
-                flat: list[torch.Tensor] = [*checked.values(), *leaves]
+                flat: list[torch.Tensor] = [*checked.values(), *leaves, *tail]
                 outputs = self.checked_outputs(
-                    self._forward(args, kwargs, checked, flat, keep, constants)
+                    self._forward(args, kwargs, checked, flat, keep, constants, options)
                 )
                 out_leaves = tensor_leaves(outputs)
             else:
@@ -263,11 +338,12 @@ class ServedModel:
                     names,
                     args,
                     kwargs,
-                    leaves,
-                    [*params.values(), *leaves, *extras],
+                    len(leaves) + len(tail),
+                    [*params.values(), *leaves, *tail, *extras],
                     program,
                     keep,
                     constants,
+                    options,
                 )
                 flat, fallbacks = executed.inputs, executed.fallbacks
                 outputs = out_leaves = list(executed.outputs)
@@ -285,36 +361,38 @@ class ServedModel:
         flat: list[torch.Tensor],
         keep: Sequence[int] | None,
         constants: frozenset[int],
+        options: _Options,
     ) -> Any:
         """The model as it is: its output pytree. ``flat`` holds ``params``' values, then
         the leaves of ``(args, kwargs)``: the very tensors, so marking them marks those."""
         if keep is None:
             with torch.no_grad():
-                return self._call(args, kwargs, params)
+                return self._call(args, kwargs, params, options)
         for i in checked_keep(keep, flat, self.name) - constants:
             flat[i].requires_grad_(True)
         with torch.enable_grad():
-            return self._call(args, kwargs, params)
+            return self._call(args, kwargs, params, options)
 
     def _execute(
         self,
         names: list[str],
         args: tuple,
         kwargs: dict,
-        leaves: list[torch.Tensor],
+        n_rest: int,
         flat: list[torch.Tensor],
         program: Sequence[Transform],
         keep: Sequence[int] | None,
         constants: frozenset[int],
+        options: _Options,
     ) -> Executed:
         n_params = len(names)
-        n_base = n_params + len(leaves)
+        n_base = n_params + n_rest  # the argument leaves, then the key (if any)
 
         def base(*inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
             params = self.check_parameters(dict(zip(names, inputs[:n_params])))
             call_args, call_kwargs = _substitute((args, kwargs), iter(inputs[n_params:]))
             # Failures are reported below, where the program is known.
-            outputs = self.checked_outputs(self._invoke(call_args, call_kwargs, params))
+            outputs = self.checked_outputs(self._invoke(call_args, call_kwargs, params, options))
             return tuple(tensor_leaves(outputs))
 
         try:
@@ -369,21 +447,67 @@ class ServedModel:
         flat = [*params.values(), *leaves]
         return tuple(i for i, t in enumerate(flat) if is_differentiable(t.dtype))
 
-    def _call(self, args: tuple, kwargs: dict, params: dict[str, torch.Tensor]) -> Any:
+    def _call(
+        self, args: tuple, kwargs: dict, params: dict[str, torch.Tensor], options: _Options
+    ) -> Any:
         try:
-            return self._invoke(args, kwargs, params)
+            return self._invoke(args, kwargs, params, options)
         except WorkerError:  # e.g. CallCancelledError from the module hook (_cancel)
             raise
         except Exception as e:
             raise self._rejected(e) from None
 
-    def _invoke(self, args: tuple, kwargs: dict, params: dict[str, torch.Tensor]) -> Any:
+    def _invoke(
+        self,
+        args: tuple,
+        kwargs: dict,
+        params: dict[str, torch.Tensor],
+        options: _Options | None = None,
+    ) -> Any:
+        """The model called on ``args`` with ``params`` in place of its own; with buffers
+        to return (``options.returned``), ``(outputs, {name: buffer after the call})``."""
         if not self.is_module:
             return self._obj(*args, **kwargs)
+        options = options or _PLAIN
         with waiting_for(self._lock):
-            if not params:
-                return self._obj(*args, **kwargs)
+            switched = self._switch(options.train)
+            try:
+                return self._invoke_held(args, kwargs, params, options)
+            finally:
+                for m, was in switched:
+                    m.training = was
+
+    def _invoke_held(
+        self, args: tuple, kwargs: dict, params: dict[str, torch.Tensor], options: _Options
+    ) -> Any:
+        if self._obj.training:
+            # Training mode updates buffers in place (BatchNorm's running statistics):
+            # those the caller did not give run on copies, so the module's own never
+            # change and its clients never see each other's calls.
+            params = {n: b.clone() for n, b in self.buffers.items() if n not in params} | params
+        if not params:
+            return self._obj(*args, **kwargs)
+        if not options.returned:
             return self._reparametrized(params, args, kwargs)
+        final: dict[str, torch.Tensor] = {}
+        outputs = self._reparametrized(params, args, kwargs, final=final)
+        state = {n: final.get(n, params.get(n, self.buffers[n])) for n in options.returned}
+        return outputs, {n: t.detach().clone() for n, t in state.items()}
+
+    def _switch(self, train: bool | None) -> list[tuple[torch.nn.Module, bool]]:
+        """Puts the module in training (True) or eval (False) mode (None: leaves it as it
+        is); returns each submodule's mode to put back, [] when nothing changed."""
+        if train is None or all(m.training == train for m in self._submodules):
+            return []
+        modes = [(m, m.training) for m in self._submodules]
+        self._obj.train(train)
+        return modes
+
+    def _check_train(self, train: bool | None) -> None:
+        if train is not None and not self.is_module:
+            raise InvalidRequestError(
+                f"model {self.name!r} is a function; it has no training mode to set (train=)"
+            )
 
     def _rejected(self, e: Exception) -> WorkerError:
         if isinstance(e, (MemoryError, torch.OutOfMemoryError)):

@@ -46,6 +46,7 @@ from pytorch2jax_protocol.programs import (
     describe,
     extra_inputs,
 )
+from pytorch2jax_server.engine._random import restore, rewind_point
 from pytorch2jax_server.engine._tensors import is_differentiable, shape_str
 
 __all__ = [
@@ -353,6 +354,7 @@ def _vmap(f: Flat, t: Vmap, index: int, fallbacks: list[tuple[int, str]], name: 
 
     def auto(*inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         check(inputs)
+        point = rewind_point([x.device for x in inputs])
         try:
             return batched(*inputs)
         except (CallCancelledError, LimitExceededError):  # not vmap's doing
@@ -367,6 +369,8 @@ def _vmap(f: Flat, t: Vmap, index: int, fallbacks: list[tuple[int, str]], name: 
                     "its batch as a loop"
                 ) from None
             why = str(e) if isinstance(e, InvalidRequestError) else f"{type(e).__name__}: {e}"
+        if point is not None:  # the loop draws what vmap_method="sequential" would
+            restore(point)
         outputs = looped(*inputs)  # if this fails too, the error is the model's own
         fallbacks.append((index, why))
         return outputs

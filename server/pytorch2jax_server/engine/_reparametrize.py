@@ -61,9 +61,21 @@ class Reparametrizer:
         """Whether calls swap tensors directly (else through ``functional_call``)."""
         return self._slots is not None
 
-    def __call__(self, replacements: dict[str, torch.Tensor], args: tuple, kwargs: dict) -> Any:
+    def __call__(
+        self,
+        replacements: dict[str, torch.Tensor],
+        args: tuple,
+        kwargs: dict,
+        *,
+        final: dict[str, torch.Tensor] | None = None,
+    ) -> Any:
         """``module(*args, **kwargs)`` with ``replacements`` (by parameter or buffer name, as
-        ``named_parameters``/``named_buffers`` give them) in place of its own tensors."""
+        ``named_parameters``/``named_buffers`` give them) in place of its own tensors.
+
+        ``final``, if given, receives what each replaced slot holds after the call: a
+        module may assign a new tensor to a buffer rather than update it in place. (Through
+        ``functional_call`` only in-place updates are seen, in ``replacements`` itself.)
+        """
         if self._slots is None:
             return functional_call(self._module, replacements, args, kwargs, tie_weights=True)
         swapped: list[tuple[dict, str, Any]] = []
@@ -74,5 +86,9 @@ class Reparametrizer:
                     table[key] = value
             return self._module(*args, **kwargs)
         finally:
+            if final is not None:
+                for name in replacements:
+                    table, key = self._slots[name][0]
+                    final[name] = table[key]
             for table, key, original in reversed(swapped):
                 table[key] = original

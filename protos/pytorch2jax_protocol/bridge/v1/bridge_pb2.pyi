@@ -300,14 +300,16 @@ class TensorChunk(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., is_buffer: _Optional[bool] = ...) -> None: ...
 
 class InferShapesRequest(_message.Message):
-    __slots__ = ("model", "arguments", "int32_as_int64")
+    __slots__ = ("model", "arguments", "int32_as_int64", "train")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     ARGUMENTS_FIELD_NUMBER: _ClassVar[int]
     INT32_AS_INT64_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_FIELD_NUMBER: _ClassVar[int]
     model: str
     arguments: Arguments
     int32_as_int64: bool
-    def __init__(self, model: _Optional[str] = ..., arguments: _Optional[_Union[Arguments, _Mapping]] = ..., int32_as_int64: _Optional[bool] = ...) -> None: ...
+    train: bool
+    def __init__(self, model: _Optional[str] = ..., arguments: _Optional[_Union[Arguments, _Mapping]] = ..., int32_as_int64: _Optional[bool] = ..., train: _Optional[bool] = ...) -> None: ...
 
 class InferShapesResponse(_message.Message):
     __slots__ = ("outputs",)
@@ -316,7 +318,7 @@ class InferShapesResponse(_message.Message):
     def __init__(self, outputs: _Optional[_Union[Value, _Mapping]] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
-    __slots__ = ("model", "arguments", "parameters", "keep_residual", "reply_area", "program", "program_inputs", "residual_wrt", "release_residuals", "int32_as_int64")
+    __slots__ = ("model", "arguments", "parameters", "keep_residual", "reply_area", "program", "program_inputs", "residual_wrt", "release_residuals", "int32_as_int64", "rng", "train", "returned_buffers")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     ARGUMENTS_FIELD_NUMBER: _ClassVar[int]
     PARAMETERS_FIELD_NUMBER: _ClassVar[int]
@@ -327,6 +329,9 @@ class ForwardRequest(_message.Message):
     RESIDUAL_WRT_FIELD_NUMBER: _ClassVar[int]
     RELEASE_RESIDUALS_FIELD_NUMBER: _ClassVar[int]
     INT32_AS_INT64_FIELD_NUMBER: _ClassVar[int]
+    RNG_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_FIELD_NUMBER: _ClassVar[int]
+    RETURNED_BUFFERS_FIELD_NUMBER: _ClassVar[int]
     model: str
     arguments: Arguments
     parameters: _containers.RepeatedCompositeFieldContainer[NamedTensor]
@@ -337,7 +342,10 @@ class ForwardRequest(_message.Message):
     residual_wrt: _containers.RepeatedScalarFieldContainer[int]
     release_residuals: _containers.RepeatedScalarFieldContainer[bytes]
     int32_as_int64: bool
-    def __init__(self, model: _Optional[str] = ..., arguments: _Optional[_Union[Arguments, _Mapping]] = ..., parameters: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., keep_residual: _Optional[bool] = ..., reply_area: _Optional[_Union[SharedMemoryRef, _Mapping]] = ..., program: _Optional[_Union[Program, _Mapping]] = ..., program_inputs: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., residual_wrt: _Optional[_Iterable[int]] = ..., release_residuals: _Optional[_Iterable[bytes]] = ..., int32_as_int64: _Optional[bool] = ...) -> None: ...
+    rng: Tensor
+    train: bool
+    returned_buffers: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, model: _Optional[str] = ..., arguments: _Optional[_Union[Arguments, _Mapping]] = ..., parameters: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., keep_residual: _Optional[bool] = ..., reply_area: _Optional[_Union[SharedMemoryRef, _Mapping]] = ..., program: _Optional[_Union[Program, _Mapping]] = ..., program_inputs: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., residual_wrt: _Optional[_Iterable[int]] = ..., release_residuals: _Optional[_Iterable[bytes]] = ..., int32_as_int64: _Optional[bool] = ..., rng: _Optional[_Union[Tensor, _Mapping]] = ..., train: _Optional[bool] = ..., returned_buffers: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ForwardResponse(_message.Message):
     __slots__ = ("outputs", "residual", "vmap_fallbacks")
