@@ -242,3 +242,14 @@ def test_mutable_names_are_checked(clients):
     params = {n: v for n, v in variables.items() if n not in STATS}
     y, new = apply_fn(params, BATCHES[0], mutable=True)
     assert new == {} and y.shape == (16, 1)
+
+
+def test_the_readmes_state_and_randomness_example_runs():
+    from pathlib import Path
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    block = readme.split("Dropout and BatchNorm, in the three APIs")[1]
+    code = block.split("```python\n", 1)[1].split("```", 1)[0]
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    assert scope["y_eval"].shape == (32, 1) and np.isfinite(float(scope["value"]))
