@@ -6,8 +6,11 @@ row shows its ratio to its floor and, where the project has one, its target:
 - small calls: the 10x10 Linear of the original README under ``jax.jit``, forward and
   forward + VJP, through the worker inline over TCP, inline over a unix socket, and by
   shared memory; floors: a bare gRPC echo of the same request bytes on the same socket;
+- small calls in process (``convert_pytnn_to_jax``): the same Linear, and a BatchNorm
+  model with its statistics the module's own or given (and so copied); floor: torch;
 - large tensors: ``2 * x`` for 1, 16, 64 and 256 MB in and out, forward and forward + VJP,
-  inline and by shared memory; floors: memcpy of the same bytes, a bare gRPC echo of the
+  inline and by shared memory, and in process (also ``x.mul_(2)``, whose input is then
+  copied); floors: memcpy of the same bytes, a bare gRPC echo of the
   same inline payload, and the same torch function called in process;
 - a training step (JAX + optax Adam) through a served 3-layer MLP 1024 wide at batch 256,
   against the same step in plain PyTorch in process;
@@ -156,6 +159,30 @@ def small_calls(rows: list[Row], worker: list[str], echo: list[str], calls: int)
     lin, tx = torch.nn.Linear(10, 10), torch.ones(10, 10)
     with torch.no_grad():
         rows.append(Row("small: torch Linear in process", _median(lambda: lin(tx), calls)))
+    # The in-process API: the weights reach torch zero-copy; buffers given with them
+    # (BatchNorm statistics, which torch may update in place) always run on copies.
+    floor = "small: torch Linear in process"
+    apply_fn, params = pytorch2jax.convert_pytnn_to_jax(torch.nn.Linear(10, 10))
+    fwd = jax.jit(apply_fn)
+    rows.append(
+        Row(
+            "small: jit forward, pytorch2jax in process",
+            _median(lambda: fwd(params, x).block_until_ready(), calls),
+            floor,
+        )
+    )
+    bn = torch.nn.Sequential(torch.nn.Linear(10, 10), torch.nn.BatchNorm1d(10)).eval()
+    bn_apply, bn_params = pytorch2jax.convert_pytnn_to_jax(bn)
+    stats = {n: jnp.asarray(b.numpy()) for n, b in bn.named_buffers() if b.is_floating_point()}
+    bn_fwd = jax.jit(bn_apply)
+    for label, given in (("module's own", bn_params), ("given, copied", {**bn_params, **stats})):
+        rows.append(
+            Row(
+                f"small: jit forward, in process, BatchNorm stats {label}",
+                _median(lambda given=given: bn_fwd(given, x).block_until_ready(), calls),
+                floor,
+            )
+        )
 
 
 def large_tensors(
@@ -192,6 +219,26 @@ def large_tensors(
             rows.append(Row(in_process_vjp, _median(torch_vjp, reps), nbytes=4 * nbytes))
             x = jnp.ones(n, jnp.float32)
             del src, dst, tx, ct
+            # In process: zero-copy in, one copy out; an input torch writes into is
+            # copied before every call (JAX arrays never change).
+            local = jax.jit(pytorch2jax.py_to_jax_wrapper(lambda t: t * 2))
+            rows.append(
+                Row(
+                    f"{tag} jit forward, pytorch2jax in process",
+                    _median(lambda: local(x).block_until_ready(), reps, warmup=1),
+                    in_process,
+                    nbytes=2 * nbytes,
+                )
+            )
+            writing = jax.jit(pytorch2jax.py_to_jax_wrapper(lambda t: t.mul_(2)))
+            rows.append(
+                Row(
+                    f"{tag} jit forward, in process, written in place (copied)",
+                    _median(lambda: writing(x).block_until_ready(), reps, warmup=1),
+                    in_process,
+                    nbytes=2 * nbytes,
+                )
+            )
             for transport, client in clients.items():
                 double = client.py_to_jax_wrapper("double")
                 fwd = jax.jit(double)
