@@ -35,6 +35,11 @@ def _run_cli(*args: str) -> subprocess.CompletedProcess:
         (("--model", "m=pytorch2jax_server.examples:nothing"), r"has no attribute 'nothing'"),
         (("--model", "m=pytorch2jax_server.examples"), r"is not of the form package.module:attr"),
         (("--config", "/nonexistent/p2j.toml"), r"cannot read config file"),
+        # A factory without its (): it would be served as a function of no tensors.
+        (
+            ("--model", "mlp=pytorch2jax_server.examples:mlp"),
+            r"takes no arguments.*call it as a factory: --model mlp=pytorch2jax_server.examples:mlp\(\)",
+        ),
     ],
 )
 def test_bad_model_specs_exit_with_a_fix(args, message):
@@ -133,3 +138,14 @@ def test_health_and_reflection(worker):
 def test_port_zero_prints_the_bound_port(worker):
     host, port = worker.tcp.rsplit(":", 1)
     assert host == "127.0.0.1" and int(port) > 0
+
+
+def test_a_busy_tcp_port_is_refused_with_a_fix(worker):
+    """gRPC's SO_REUSEPORT would let a second worker share the port and split clients
+    between the two at random; it is off, so the second one stops with a fix."""
+    result = _run_cli("--listen", worker.tcp, "--model", "mlp=pytorch2jax_server.examples:mlp()")
+    assert result.returncode == 1, result.stderr
+    assert f"cannot listen on {worker.tcp}: the port is in use" in result.stderr
+    assert "port 0 for any free one" in result.stderr
+    with pytorch2jax.connect(worker.tcp) as client:  # the first worker still serves alone
+        assert "gpt2" in {m.name for m in client.list_models()}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import time
 
 import jax
@@ -103,11 +104,45 @@ def test_data_dependent_shapes_need_declaring(client):
         jax.jit(declared)(jnp.array([1.0, -2.0, -3.0])).block_until_ready()
 
 
-def test_worker_not_running_fails_within_timeout(tmp_path):
+def test_an_address_nobody_listens_on_fails_at_once(tmp_path):
+    """A refused connection is known at once: no waiting out the timeout in silence."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        free_port = s.getsockname()[1]  # nobody listens on it once closed
+    for target in (f"unix://{tmp_path}/nobody.sock", f"127.0.0.1:{free_port}"):
+        start = time.monotonic()
+        with pytest.raises(pytorch2jax.WorkerUnavailableError, match="nothing listens at .*connection refused.*pytorch2jax-server --listen"):
+            pytorch2jax.connect(target, timeout=30.0)
+        assert time.monotonic() - start < 3.0, target
+
+
+def test_an_address_that_never_answers_fails_within_timeout():
+    """A listening socket that never speaks gRPC (accepting, silent) takes the timeout."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        start = time.monotonic()
+        with pytest.raises(pytorch2jax.WorkerUnavailableError, match=r"no worker answers at .* after 1 s; is it running\?"):
+            pytorch2jax.connect(f"127.0.0.1:{silent.getsockname()[1]}", timeout=1.0)
+        assert time.monotonic() - start < 8.0
+
+
+@pytest.mark.parametrize(
+    ("target", "message"),
+    [
+        (50051, r"takes an address string, not a number: connect\('localhost:50051'\)"),
+        ("http://localhost:50051", r"is a URL.*connect\('localhost:50051'\)"),
+        ("https://w.example/", r"is a URL.*connect\('w.example'\)"),
+        ("localhost", r"has no port: connect\('localhost:50051'\)"),
+        (["localhost:1", "otherhost"], r"'otherhost' has no port"),
+        ({"host": "x"}, r"a target is 'host:port'"),
+    ],
+)
+def test_misspelt_targets_say_the_right_spelling(target, message):
     start = time.monotonic()
-    with pytest.raises(pytorch2jax.WorkerUnavailableError, match=r"no worker answers at unix://.* after 1 s; is it running\?"):
-        pytorch2jax.connect(f"unix://{tmp_path}/nobody.sock", timeout=1.0)
-    assert time.monotonic() - start < 5.0
+    with pytest.raises(pytorch2jax.InvalidArgumentError, match=message):
+        pytorch2jax.connect(target, timeout=30.0)
+    assert time.monotonic() - start < 1.0
 
 
 def test_worker_killed_mid_session():

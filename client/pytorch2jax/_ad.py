@@ -447,6 +447,25 @@ class TorchFunction:
         return leaves
 
 
+def module_apply_fn(fn: TorchFunction, name: str, doc: str | None = None) -> Any:
+    """``apply_fn(params, *args, rng=None, train=None, mutable=False, **kwargs)`` over
+    ``fn``: a module's function form, the same for both backends."""
+
+    def apply_fn(
+        params: dict[str, Any],
+        *args: Any,
+        rng: Any = None,
+        train: bool | None = None,
+        mutable: Any = False,
+        **kwargs: Any,
+    ) -> Any:
+        return fn(params, args, kwargs, rng=rng, train=train, mutable=mutable)
+
+    apply_fn.__name__ = apply_fn.__qualname__ = name
+    apply_fn.__doc__ = doc
+    return apply_fn
+
+
 # -- the primitive ----------------------------------------------------------------------
 
 _call_p = Primitive("torch_call")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -15,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pytorch2jax._ad import OutShapes, TorchFunction
+from pytorch2jax._ad import OutShapes, TorchFunction, module_apply_fn
 from pytorch2jax._flax import TorchModule, linen_module
 from pytorch2jax._exceptions import (
     InvalidArgumentError,
@@ -123,6 +124,41 @@ def connect(
     return client
 
 
+#: Schemes gRPC takes in a target; other ``scheme://`` prefixes are URLs, which it is not.
+_GRPC_SCHEMES = ("unix:", "unix-abstract:", "dns:", "ipv4:", "ipv6:")
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+_HAS_PORT = re.compile(r":\d+$")
+
+
+def _check_target(target: Any) -> None:
+    """Refuses, with the right spelling, targets gRPC would only time out on."""
+    if isinstance(target, int) and not isinstance(target, bool):
+        raise InvalidArgumentError(
+            f"connect() takes an address string, not a number: "
+            f"connect('localhost:{target}') for a worker on this machine"
+        )
+    addresses = [target] if isinstance(target, str) else target
+    if not isinstance(addresses, (list, tuple)) or not all(isinstance(a, str) for a in addresses):
+        raise InvalidArgumentError(
+            "a target is 'host:port', 'unix:///path/to/socket', 'dns:///name:port', or a "
+            f"list of 'host:port'; got {target!r}"
+        )
+    for address in addresses:
+        if address.startswith(_GRPC_SCHEMES):
+            continue
+        if _URL.match(address):
+            rest = _URL.sub("", address).rstrip("/")
+            raise InvalidArgumentError(
+                f"{address!r} is a URL; a worker's address is host:port, without a scheme: "
+                f"connect({rest!r}) (or unix:///path for a unix socket)"
+            )
+        if not _HAS_PORT.search(address):
+            raise InvalidArgumentError(
+                f"{address!r} has no port: connect('{address}:50051') for a worker on the "
+                "default port, or the port it printed (`pytorch2jax-server listening on ...`)"
+            )
+
+
 class Client:
     """A connection to one worker. Use ``connect()`` to make one; close it when done."""
 
@@ -143,6 +179,7 @@ class Client:
                     "no worker to connect to: pass a target (host:port or unix:///path) or "
                     f"set {TARGET_ENV}"
                 )
+        _check_target(target)
         if token is None:
             token = token_from_env()
         if tls is None:
@@ -201,6 +238,12 @@ class Client:
 
     def wait_ready(self, timeout: float = DEFAULT_CONNECT_TIMEOUT_S) -> None:
         """Blocks until the worker answers; WorkerUnavailableError after ``timeout`` s."""
+        if self._refused():
+            raise WorkerUnavailableError(
+                f"nothing listens at {self.target} (connection refused); start a worker "
+                "there with `pytorch2jax-server --listen ADDRESS --model "
+                "NAME=package.module:attr`, or check the address it printed"
+            )
         try:
             grpc.channel_ready_future(self._channel).result(timeout=timeout)
         except grpc.FutureTimeoutError:
@@ -224,6 +267,21 @@ class Client:
             + tls_hint
             + why
         )
+
+    def _refused(self) -> bool:
+        """Whether the worker's address refuses connections now: a port nobody listens
+        on, a unix socket that does not exist. That is known at once, where an address
+        that does not answer at all (a host down, a firewall) takes the whole timeout."""
+        if self._pool is not None:
+            return False  # some of a pool's workers may still be starting
+        try:
+            self._stub.ListModels(pb.ListModelsRequest(), timeout=2.0, wait_for_ready=False)
+        except grpc.RpcError as e:
+            details = (e.details() or "").lower()
+            return e.code() == grpc.StatusCode.UNAVAILABLE and any(
+                w in details for w in ("connection refused", "no such file")
+            )
+        return False
 
     @property
     def transport(self) -> str:
@@ -377,20 +435,8 @@ class Client:
             int32_as_int64=int32_as_int64,
         )
 
-        def apply_fn(
-            params: dict[str, Any],
-            *args: Any,
-            rng: Any = None,
-            train: bool | None = None,
-            mutable: Any = False,
-            **kwargs: Any,
-        ) -> Any:
-            return fn(params, args, kwargs, rng=rng, train=train, mutable=mutable)
-
-        apply_fn.__name__ = apply_fn.__qualname__ = name
-        apply_fn.__doc__ = (
-            f"{info.doc}\n\napply_fn(params, ...) calls {name}{info.signature} at {self.target}"
-        )
+        doc = f"{info.doc}\n\napply_fn(params, ...) calls {name}{info.signature} at {self.target}"
+        apply_fn = module_apply_fn(fn, name, doc)
         return apply_fn, self.get_parameters(name)
 
     def convert_pytnn_to_flax(

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from pytorch2jax._ad import OutShapes, TorchFunction
+from pytorch2jax._ad import OutShapes, TorchFunction, module_apply_fn
 from pytorch2jax._backend import Backend, Result, Run, Transform, Vmap
 from pytorch2jax._exceptions import InvalidArgumentError, ResidualLostError, from_status
 from pytorch2jax_protocol import dtypes
@@ -336,17 +336,7 @@ def convert_pytnn_to_jax(
         int32_as_int64=int32_as_int64,
     )
 
-    def apply_fn(
-        params: dict[str, Any],
-        *args: Any,
-        rng: Any = None,
-        train: bool | None = None,
-        mutable: Any = False,
-        **kwargs: Any,
-    ) -> Any:
-        return call(params, args, kwargs, rng=rng, train=train, mutable=mutable)
-
-    apply_fn.__name__ = apply_fn.__qualname__ = type(module).__name__
+    apply_fn = module_apply_fn(call, type(module).__name__)
     params = {n: jnp.asarray(_torch_to_np(p)) for n, p in module.named_parameters()}
     return apply_fn, params
 

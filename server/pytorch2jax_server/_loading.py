@@ -22,6 +22,7 @@ A config file::
 from __future__ import annotations
 
 import importlib
+import inspect
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -134,8 +135,27 @@ def load(spec: ModelSpec) -> Any:
         obj.train(spec.train)
         return obj
     if callable(obj):
+        if not call and _takes_no_arguments(obj):
+            # A function of no tensors is never one to serve: it is a factory whose
+            # product was meant (``examples:mlp`` for ``examples:mlp()``).
+            raise ConfigError(
+                f"model {spec.name!r}: {spec.target!r} takes no arguments, so it is not a "
+                f"function of tensors to serve; to serve what it returns, call it as a "
+                f"factory: --model {spec.name}={spec.target}()"
+            )
         return obj
     raise ConfigError(
         f"model {spec.name!r}: {spec.target!r} is a {type(obj).__name__}, not an nn.Module "
         "or a function"
+    )
+
+
+def _takes_no_arguments(fn: Any) -> bool:
+    """Whether ``fn`` can be called with no arguments at all (and has no *args)."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # a builtin without a signature: give it the benefit
+        return False
+    return not any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params) and all(
+        p.default is not p.empty for p in params
     )

@@ -156,7 +156,9 @@ def create_server(
     threads = max_concurrent_calls + sessions.max_sessions + _CONTROL_RPCS
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="p2j-worker"),
-        options=channel_options(max_message_bytes) + _KEEPALIVE_OPTIONS,
+        # gRPC sets SO_REUSEPORT by default: a second worker on a busy TCP port would
+        # start without error and take half of the first one's clients.
+        options=[*channel_options(max_message_bytes), *_KEEPALIVE_OPTIONS, ("grpc.so_reuseport", 0)],
         maximum_concurrent_rpcs=threads,
         # The token is checked first: a refused request is never parsed.
         interceptors=[*security.interceptors(), RefuseUndecodable()],
@@ -184,10 +186,19 @@ def create_server(
             bound.append(address)
         else:
             security.warn_if_exposed(address)
-            if security.tls is not None:
-                ok = server.add_secure_port(address, security.tls)
-            else:
-                ok = server.add_insecure_port(address)
+            try:
+                if security.tls is not None:
+                    ok = server.add_secure_port(address, security.tls)
+                else:
+                    ok = server.add_insecure_port(address)
+            except RuntimeError:  # grpcio raises it for an address it cannot bind
+                ok = 0
+            if not ok:
+                raise OSError(
+                    f"cannot listen on {address}: the port is in use (another worker?) or "
+                    "the address is not this machine's; choose another port, or port 0 "
+                    "for any free one (the worker prints the port it got)"
+                )
             bound.append(_PORT.sub(f":{ok}", address))
         if not ok:
             raise OSError(f"cannot listen on {address}")
