@@ -149,3 +149,18 @@ def test_a_busy_tcp_port_is_refused_with_a_fix(worker):
     assert "port 0 for any free one" in result.stderr
     with pytorch2jax.connect(worker.tcp) as client:  # the first worker still serves alone
         assert "gpt2" in {m.name for m in client.list_models()}
+
+
+def test_help_documents_every_option_with_its_default():
+    result = _run_cli("--help")
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())
+    for option in (
+        "--residual-cache-mb RESIDUAL_CACHE_MB autograd state",
+        "--residual-cache-entries RESIDUAL_CACHE_ENTRIES forwards whose",
+        "--residual-ttl SECONDS how long",
+        "--log-level {DEBUG,INFO,WARNING,ERROR} what the worker logs",
+    ):
+        assert option in text, option
+    for default in ("(default 2048)", "(default 1024)", "(default 120)", "(default 1024, at most 2047)", "(default 8192)"):
+        assert default in text, default

@@ -88,6 +88,32 @@ def test_environments_are_separate(worker_env, client_env):
     assert not _imports(client_env, "torch"), "the client's environment has torch"
 
 
+def test_torch_apis_in_the_client_environment_say_what_to_install(client_env):
+    """The wheel installs the in-process API and the worker's command in the client's
+    environment too; without torch they say where torch goes, not ModuleNotFoundError."""
+    python = str(client_env / "bin" / "python")
+    code = (
+        "import pytorch2jax\n"
+        "for call in (lambda: pytorch2jax.py_to_jax_wrapper(abs), "
+        "lambda: pytorch2jax.convert_pytnn_to_jax(None)):\n"
+        "    try:\n        call()\n"
+        "    except ModuleNotFoundError as e:\n        print(e.name, '|', e)\n"
+    )
+    out = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=120)
+    lines = out.stdout.splitlines()
+    assert len(lines) == 2, out.stderr
+    for line in lines:
+        assert line.startswith("torch |") and "pytorch2jax[server]" in line and "connect()" in line
+    server = subprocess.run(
+        [str(client_env / "bin" / "pytorch2jax-server"), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert server.returncode == 2
+    assert "this environment has no torch" in server.stderr and "Traceback" not in server.stderr
+
+
 # -- the compose services, run in those environments -------------------------------------
 
 

@@ -25,6 +25,7 @@ and raises InvalidArgumentError, saying to copy the input in torch first (``x = 
 
 from __future__ import annotations
 
+import importlib.util
 import threading
 import warnings
 from collections.abc import Callable
@@ -46,6 +47,18 @@ def _torch():
     import torch  # deferred: `import pytorch2jax` must not import torch
 
     return torch
+
+
+def _need_torch(api: str) -> None:
+    """Says what to install when the in-process API is used where torch is not (the JAX
+    client's environment, which the worker's API does not need)."""
+    if importlib.util.find_spec("torch") is None:
+        raise ModuleNotFoundError(
+            f"pytorch2jax.{api} runs torch in this process, and this environment has no "
+            "torch: pip install -c constraints.txt 'pytorch2jax[server]' here, or serve the "
+            "model from a worker (pytorch2jax-server) and use pytorch2jax.connect()",
+            name="torch",
+        )
 
 
 # -- numpy <-> torch, zero-copy -----------------------------------------------------------
@@ -278,6 +291,7 @@ def py_to_jax_wrapper(
 
         jax.jit(jax.grad(lambda x: fn(x).sum()))(jnp.ones(3))
     """
+    _need_torch("py_to_jax_wrapper")
     if fn is None:
         return lambda f: py_to_jax_wrapper(
             f, out_shapes=out_shapes, vmap_method=vmap_method, int32_as_int64=int32_as_int64
@@ -323,6 +337,7 @@ def convert_pytnn_to_jax(
         apply_fn, params = convert_pytnn_to_jax(torch.nn.Linear(10, 10))
         grads = jax.grad(lambda p, x: apply_fn(p, x).sum())(params, jnp.ones(10))
     """
+    _need_torch("convert_pytnn_to_jax")
     torch = _torch()
     if not isinstance(module, torch.nn.Module):
         raise InvalidArgumentError(

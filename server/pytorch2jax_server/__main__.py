@@ -1,5 +1,5 @@
 import sys
 
-from pytorch2jax_server._cli import main
+from pytorch2jax_server._entry import main
 
 sys.exit(main())

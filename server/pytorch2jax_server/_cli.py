@@ -165,24 +165,43 @@ def _parser() -> argparse.ArgumentParser:
         type=_count(1),
         default=None,
         help="calls (Forward, Vjp, InferShapes) that run at once; other admitted calls wait "
-        "their turn (default 16)",
+        f"their turn (default {DEFAULT_MAX_WORKERS})",
     )
     p.add_argument(
         "--max-concurrent-calls",
         type=_count(1),
         default=None,
         help="calls admitted at once, running or waiting their turn; past it a call gets "
-        "RESOURCE_EXHAUSTED at once (default 64)",
+        f"RESOURCE_EXHAUSTED at once (default {DEFAULT_MAX_CONCURRENT_CALLS})",
     )
     p.add_argument(
         "--max-message-mb",
         type=_count(1, _MAX_MESSAGE_MB),
         default=None,
-        help="largest gRPC message; larger requests get RESOURCE_EXHAUSTED",
+        help="largest gRPC message; larger requests get RESOURCE_EXHAUSTED "
+        f"(default {DEFAULT_MAX_MESSAGE_BYTES // _MB}, at most {_MAX_MESSAGE_MB})",
     )
-    p.add_argument("--residual-cache-mb", type=_count(0), default=None)
-    p.add_argument("--residual-cache-entries", type=_count(0), default=None)
-    p.add_argument("--residual-ttl", type=_seconds, default=None, metavar="SECONDS")
+    p.add_argument(
+        "--residual-cache-mb",
+        type=_count(0),
+        default=None,
+        help="autograd state kept between a forward and its VJP, in MiB; the oldest go "
+        f"first, and their VJP recomputes the forward (default {DEFAULT_MAX_BYTES // _MB})",
+    )
+    p.add_argument(
+        "--residual-cache-entries",
+        type=_count(0),
+        default=None,
+        help="forwards whose autograd state is kept at most; 0 keeps none, so every VJP "
+        f"recomputes (default {DEFAULT_MAX_ENTRIES})",
+    )
+    p.add_argument(
+        "--residual-ttl",
+        type=_seconds,
+        default=None,
+        metavar="SECONDS",
+        help=f"how long unused autograd state is kept (default {DEFAULT_TTL_S:g})",
+    )
     p.add_argument(
         "--shared-memory",
         choices=SHARED_MEMORY_POLICIES,
@@ -194,13 +213,14 @@ def _parser() -> argparse.ArgumentParser:
         "--max-sessions",
         type=_count(1),
         default=None,
-        help="clients connected at once, each with a session (default 64)",
+        help=f"clients connected at once, each with a session (default {DEFAULT_MAX_SESSIONS})",
     )
     p.add_argument(
         "--shared-memory-mb",
         type=_count(1),
         default=None,
-        help="shared memory one client may register",
+        help="shared memory one client may register, in MiB "
+        f"(default {DEFAULT_MAX_SESSION_BYTES // _MB})",
     )
     _add_env_option(
         p,
@@ -208,8 +228,19 @@ def _parser() -> argparse.ArgumentParser:
         "where models run: cpu (the default), cuda or cuda:N; on a GPU, clients on the "
         "same host and GPU can pass tensors by CUDA IPC",
     )
-    p.add_argument("--torch-threads", type=_count(1), default=None, help="torch intra-op threads")
-    p.add_argument("--log-level", default=_env("LOG_LEVEL") or "WARNING")
+    p.add_argument(
+        "--torch-threads",
+        type=_count(1),
+        default=None,
+        help="torch intra-op threads (default: torch's own, one per core)",
+    )
+    p.add_argument(
+        "--log-level",
+        default=_env("LOG_LEVEL") or "WARNING",
+        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+        type=str.upper,
+        help=f"what the worker logs (env {_ENV_PREFIX}LOG_LEVEL; default WARNING)",
+    )
     return p
 
 
