@@ -1,18 +1,20 @@
 """The ``pytorch2jax-server`` command: says what to install where torch is missing.
 
 The wheel installs the command in every environment, the JAX client's too, where torch
-is absent by design; there it would die importing torch. This module imports nothing
-heavy until it knows torch is there.
+is absent by design; there it would die importing torch with a bare traceback.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 
 
 def main() -> int:
-    if importlib.util.find_spec("torch") is None:
+    try:
+        import torch  # noqa: F401 - the worker's first need; _cli imports it too
+    except ModuleNotFoundError as e:
+        if e.name != "torch":
+            raise
         print(
             "pytorch2jax-server: this environment has no torch; the worker runs where torch "
             "is: pip install -c constraints.txt 'pytorch2jax[server]' (see the README's "
