@@ -242,6 +242,7 @@ def test_mutable_names_are_checked(clients):
     params = {n: v for n, v in variables.items() if n not in STATS}
     y, new = apply_fn(params, BATCHES[0], mutable=True)
     assert new == {} and y.shape == (16, 1)
+    assert apply_fn(variables, BATCHES[0], mutable=None).shape == (16, 1)  # as False
 
 
 def test_the_readmes_state_and_randomness_example_runs():

@@ -278,7 +278,7 @@ class TorchFunction:
         key = [] if rng is None else [_key_bits(rng, self.backend.description)]
         sig = _Signature(treedef, tuple(statics), names, bool(key), train, returned)
         inputs = [params[n] for n in names] + arrays + key
-        if mutable is not False and not returned:
+        if mutable is not False and mutable is not None and not returned:
             # Nothing to return: the plain call, and an empty dict of new buffers.
             return self.__call__(params, args, kwargs, rng=rng, train=train), {}
         if not any(isinstance(x, jax.core.Tracer) for x in inputs):

@@ -32,7 +32,9 @@ Models
     ``run``, ``infer``, ``check_parameters``, ``floating_inputs``), ``Outcome`` (a
     forward's outputs and its ``Residual``), ``vjp`` (gradients of a kept forward w.r.t.
     all it kept), ``vjp_of_kept`` (a program's Vjp from a kept forward) and
-    ``tensor_leaves`` (an output pytree's tensors in wire order).
+    ``tensor_leaves`` (an output pytree's tensors in wire order). ``run`` takes a call's
+    PRNG key (torch's generators seeded from it for that call alone: ``_random``), its
+    training or eval mode, and the buffers to return after it.
 Programs
     ``Jvp``, ``Vjp`` and ``Vmap`` (the transforms a call can run the model under, as
     ``torch.func`` transforms; ``_programs`` says how), ``VMAP_METHODS`` and ``describe``
