@@ -4,6 +4,8 @@
 # stops the worker. Extra arguments go to the training script, e.g. `--steps 500`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# Piped (| tee, CI logs), Python would buffer its lines until the end.
+export PYTHONUNBUFFERED=1
 bash scripts/setup.sh
 
 run_dir="$(mktemp -d -t pytorch2jax-demo-XXXXXX)"
