@@ -161,3 +161,16 @@ def test_worker_killed_mid_session():
             with pytest.raises(Exception, match=r"WorkerUnavailableError: worker at"):
                 jitted(params, x).block_until_ready()
             assert time.monotonic() - start < 20.0
+
+
+def test_a_wrong_shape_under_jit_leaves_no_traceback_in_the_workers_log():
+    """Shape inference of a wrong-shape call fails in torch's fake tensors, which log a
+    traceback; the client gets the error, and the worker's log does not look like a crash."""
+    with start_worker(models={"mlp": "pytorch2jax_server.examples:mlp()"}) as w:
+        with pytorch2jax.connect(w.unix) as client:
+            apply_fn, params = client.convert_pytnn_to_jax("mlp")
+            with pytest.raises(pytorch2jax.InvalidArgumentError, match="failed on its arguments"):
+                jax.jit(apply_fn)(params, jnp.ones((2, 5)))  # the MLP takes 8 features
+            jax.jit(apply_fn)(params, jnp.ones((2, 8))).block_until_ready()  # still serving
+        log = w.stderr()
+    assert "Traceback" not in log and "failed while attempting to run meta" not in log, log

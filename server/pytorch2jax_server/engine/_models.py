@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import logging
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -68,6 +69,20 @@ _CANNOT_TRACE = (
     DynamicOutputShapeException,
     UnsupportedOperatorException,
 )
+
+_inferring = threading.local()  # .active: this thread infers output shapes
+
+
+class _QuietShapeInference(logging.Filter):
+    """Drops the traceback torch logs (at ERROR) when a meta kernel refuses fake inputs
+    while this thread infers shapes: that is a client's wrong shapes, which the client
+    is told (InvalidRequestError); in the worker's log it looked like a crash."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not getattr(_inferring, "active", False)
+
+
+logging.getLogger("torch._subclasses.fake_tensor").addFilter(_QuietShapeInference())
 
 
 def _plain(signature: inspect.Signature | None) -> str:
@@ -195,6 +210,7 @@ class ServedModel:
         in training mode).
         """
         args, kwargs = (), {}
+        _inferring.active = True
         try:
             with FakeTensorMode(allow_non_fake_inputs=True) as mode:
                 args, kwargs = build_arguments()
@@ -235,6 +251,8 @@ class ServedModel:
             raise
         except Exception as e:
             raise self._rejected(e) from None
+        finally:
+            _inferring.active = False
 
     def run(
         self,
