@@ -174,3 +174,27 @@ def test_a_wrong_shape_under_jit_leaves_no_traceback_in_the_workers_log():
             jax.jit(apply_fn)(params, jnp.ones((2, 8))).block_until_ready()  # still serving
         log = w.stderr()
     assert "Traceback" not in log and "failed while attempting to run meta" not in log, log
+
+
+@pytest.mark.parametrize("bridge", ["in_process", "inline", "shm"])
+def test_an_error_under_jit_gives_back_our_exception(bridge, clients):
+    """XLA reports an error raised inside a compiled call as its own JaxRuntimeError
+    (jaxlib formats it: our class cannot come through); original_error gives ours back,
+    and the text carries none of the bridge's own frames."""
+    from pytorch2jax_server import examples
+
+    if bridge == "in_process":
+        apply_fn, params = pytorch2jax.convert_pytnn_to_jax(examples.dropout_mlp())
+    else:
+        apply_fn, params = clients[bridge].convert_pytnn_to_jax("dropout_mlp")
+    call = jax.jit(lambda p, x: apply_fn(p, x, train=True))  # dropout, and no key
+    with pytest.raises(jax.errors.JaxRuntimeError) as info:
+        call(params, jnp.ones((4, 4)))
+    original = pytorch2jax.original_error(info.value)
+    assert isinstance(original, pytorch2jax.InvalidArgumentError)
+    assert "no PRNG key" in str(original)
+    text = str(info.value)
+    assert text.rstrip().endswith(f"InvalidArgumentError: {original}")
+    for internal in ("_ad.py", "_inprocess.py", "_remote.py", "_backend.py"):
+        assert internal not in text, internal
+    assert pytorch2jax.original_error(RuntimeError("something else")) is None

@@ -37,6 +37,7 @@ from pytorch2jax._exceptions import (
     WorkerInternalError,
     WorkerTimeoutError,
     WorkerUnavailableError,
+    original_error,
 )
 from pytorch2jax._flax import TorchModule
 from pytorch2jax._inprocess import (
@@ -71,5 +72,6 @@ __all__ = [
     "convert_pytnn_to_flax",
     "convert_pytnn_to_jax",
     "convert_pytnn_to_nnx",
+    "original_error",
     "py_to_jax_wrapper",
 ]

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pytorch2jax._copy import copy_into
+from pytorch2jax._exceptions import Pytorch2JaxError, remember
 
 try:
     from jax.experimental.buffer_callback import buffer_callback
@@ -74,7 +75,8 @@ HOST_IO = ArrayIO()
 
 def _into_buffers(host: Host, ctx: Any, out: Sequence[Any], *inputs: Any) -> None:
     # np.asarray of a CPU Buffer is a zero-copy view; the only copy is into XLA's output.
-    results = host(*(np.asarray(b) for b in inputs))
+    with _reported():
+        results = host(*(np.asarray(b) for b in inputs))
     for buf, value in zip(out, results):
         copy_into(np.asarray(buf), np.asarray(value))
 
@@ -82,4 +84,21 @@ def _into_buffers(host: Host, ctx: Any, out: Sequence[Any], *inputs: Any) -> Non
 def _as_results(
     host: Host, results: Sequence[jax.ShapeDtypeStruct], *inputs: Any
 ) -> list[np.ndarray]:
-    return [np.asarray(v, dtype=s.dtype) for v, s in zip(host(*inputs), results)]
+    with _reported():
+        outputs = host(*inputs)
+    return [np.asarray(v, dtype=s.dtype) for v, s in zip(outputs, results)]
+
+
+class _reported:  # noqa: N801 - used as a function: ``with _reported():``
+    """Our exceptions leaving a callback: remembered for ``original_error`` (XLA reports
+    them as a JaxRuntimeError, whose text is all that reaches the caller) and raised
+    without the bridge's own frames, which would fill that text."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
+        if isinstance(exc, Pytorch2JaxError):
+            remember(exc)
+            raise exc.with_traceback(None) from None
+        return False

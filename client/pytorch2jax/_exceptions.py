@@ -22,11 +22,16 @@
                                  ``vmap``: its batch runs as a loop on the torch side
 
 Inside a ``jax.jit``-compiled program, JAX reports an exception raised by a callback as a
-``JaxRuntimeError`` whose message holds the original class name and message. Errors found
-while tracing (unknown model, arity, shape, dtype) are raised as the classes above.
+``jax.errors.JaxRuntimeError`` whose text ends with the original class name and message
+(jaxlib formats it; the class itself cannot come through). ``original_error`` gives the
+original back. Errors found while tracing (unknown model, arity, shape, dtype) are raised
+as the classes above.
 """
 
 from __future__ import annotations
+
+import collections
+import threading
 
 import grpc
 
@@ -164,3 +169,40 @@ def from_rpc_error(error: grpc.RpcError, target: str) -> Pytorch2JaxError:
     elif code == grpc.StatusCode.RESOURCE_EXHAUSTED:
         details = _explained(details)
     return from_status(code, f"worker at {target}: {details}")
+
+
+# -- errors that left a compiled computation ---------------------------------------------
+
+_RECENT = 64
+_raised: collections.deque[Pytorch2JaxError] = collections.deque(maxlen=_RECENT)
+_raised_lock = threading.Lock()
+
+
+def remember(error: Pytorch2JaxError) -> None:
+    """Notes an error leaving a callback, for ``original_error`` (the last few are kept)."""
+    with _raised_lock:
+        _raised.append(error)
+
+
+def original_error(error: BaseException) -> Pytorch2JaxError | None:
+    """The pytorch2jax exception that a ``jax.errors.JaxRuntimeError`` reports, or None.
+
+    Under ``jit``, XLA turns an exception raised inside the computation into its own
+    runtime error, with the original's class and message at the end of its text. This
+    gives back the original (one of the last 64 raised in this process), to catch or
+    re-raise by its class::
+
+        try:
+            jax.jit(apply_fn)(params, x)
+        except jax.errors.JaxRuntimeError as e:
+            raise pytorch2jax.original_error(e) or e from None
+    """
+    if isinstance(error, Pytorch2JaxError):
+        return error
+    text = str(error)
+    with _raised_lock:
+        recent = list(_raised)
+    for candidate in reversed(recent):
+        if f"{type(candidate).__name__}: {candidate}" in text:
+            return candidate
+    return None
