@@ -41,6 +41,8 @@ EXAMPLE_MODELS = {
     "scale_shift": "pytorch2jax_server.examples:scale_shift",
     "noisy_scale": "pytorch2jax_server.examples:noisy_scale",
     "masked_select": "pytorch2jax_server.examples:masked_select",
+    "long_error": "pytorch2jax_server.examples:long_error",
+    "error_with_traceback": "pytorch2jax_server.examples:error_with_traceback",
     "attention": "pytorch2jax_server.examples:attention()",
     "lstm": "pytorch2jax_server.examples:lstm()",
     "counted": "pytorch2jax_server.examples:counted",

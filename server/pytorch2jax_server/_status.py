@@ -4,8 +4,9 @@
 (``engine.WorkerError``) carry the name of theirs (``status``, a plain string: the engine
 knows no gRPC), malformed messages are INVALID_ARGUMENT, running out of memory is
 RESOURCE_EXHAUSTED, anything unexpected is INTERNAL and logged with its traceback.
-Every message is ``scrubbed`` of file paths and shared-memory names before it leaves;
-the worker's log keeps the original (at INFO). ``RefuseUndecodable`` does the same for
+Every message is ``scrubbed`` of file paths and shared-memory names, loses its traceback
+blocks and is ``bounded`` to 4 KiB before it leaves; the worker's log keeps the original
+(at INFO). ``RefuseUndecodable`` does the same for
 requests that never reach a handler because their bytes do not parse.
 """
 
@@ -56,6 +57,43 @@ def scrubbed(message: str) -> str:
     return _PRIVATE.sub(_replacement, message)
 
 
+#: The longest message a client is sent, in bytes: well inside gRPC's limits on error
+#: details (8 KiB soft, 16 KiB hard), past which the client gets RESOURCE_EXHAUSTED
+#: ("metadata size exceeds ...") in place of the error's own status.
+MAX_DETAILS_BYTES = 4096
+
+#: A traceback block in a message (a DataLoader worker's, say): its header and the
+#: indented frame lines after it; the exception's own last line, not indented, stays. And
+#: the sentences that chain two blocks.
+_TRACEBACK = re.compile(
+    r"(?:Original )?Traceback \(most recent call last\):[ \t]*\n(?:[ \t]+[^\n]*(?:\n|$))*"
+)
+_CHAINING = re.compile(
+    r"\n\s*(?:During handling of the above exception, another exception occurred"
+    r"|The above exception was the direct cause of the following exception):\s*\n"
+)
+
+
+def without_tracebacks(message: str) -> str:
+    """``message`` with its traceback blocks taken out (each exception's last line kept)."""
+    if "Traceback (most recent call last)" not in message:
+        return message
+    return _TRACEBACK.sub("", _CHAINING.sub("\n", message))
+
+
+def bounded(message: str, limit: int = MAX_DETAILS_BYTES) -> str:
+    """``message`` within ``limit`` UTF-8 bytes: its start and its end, and how much of
+    the middle was cut."""
+    data = message.encode()
+    if len(data) <= limit:
+        return message
+    keep = (limit - 120) // 2
+    head = data[:keep].decode(errors="ignore")
+    tail = data[-keep:].decode(errors="ignore")
+    cut = len(message) - len(head) - len(tail)
+    return f"{head} [... {cut} characters cut; the worker's log has them all ...] {tail}"
+
+
 def status_of(e: BaseException) -> tuple[grpc.StatusCode, str]:
     """The status code and message a failure is reported with."""
     if isinstance(e, WorkerError):
@@ -68,9 +106,9 @@ def status_of(e: BaseException) -> tuple[grpc.StatusCode, str]:
         _log.exception("internal error while serving a request")
         code = grpc.StatusCode.INTERNAL
         details = f"internal error in the worker: {type(e).__name__}: {e}"
-    said = scrubbed(details)
+    said = bounded(without_tracebacks(scrubbed(details)))
     if said != details:
-        _log.info("%s: %s (sent without its paths)", code.name, details)
+        _log.info("%s: %s (sent without paths, tracebacks and length)", code.name, details)
     return code, said
 
 

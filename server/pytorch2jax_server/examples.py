@@ -262,6 +262,24 @@ def noisy_scale(x: torch.Tensor) -> torch.Tensor:
     return torch.rand(x.shape) * x
 
 
+def long_error(x: torch.Tensor, *, length: int = 12 * 1024) -> torch.Tensor:
+    """Fails with a message ``length`` characters long (a shape error on a large tuple,
+    say): the worker cuts it to stay within gRPC's bounds on error details."""
+    raise ValueError("START " + "x" * length + " END")
+
+
+def error_with_traceback(x: torch.Tensor) -> torch.Tensor:
+    """Fails as a DataLoader worker's error does, with a traceback inside the message."""
+    raise RuntimeError(
+        "Caught ValueError in DataLoader worker process 0.\n"
+        "Original Traceback (most recent call last):\n"
+        '  File "/srv/app/data.py", line 52, in fetch\n'
+        "    data = [self.dataset[idx] for idx in possibly_batched_index]\n"
+        "            ~~~~~~~~~~~~^^^^^\n"
+        "ValueError: sample 7 is corrupt"
+    )
+
+
 def masked_select(x: torch.Tensor) -> torch.Tensor:
     """Positive entries of ``x``: its output shape depends on the data."""
     return x[x > 0]
