@@ -7,12 +7,17 @@ model's message stay in the worker's log.
 
 from __future__ import annotations
 
+import time
+
+import grpc
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from conftest import TRANSPORTS, start_worker
 
 import pytorch2jax
+from pytorch2jax_protocol import SERVICE_NAME, channel_options, pb, tensors
 
 
 @pytest.mark.parametrize("length", [12 * 1024, 200 * 1024])
@@ -51,3 +56,61 @@ def test_the_workers_log_keeps_the_whole_message():
                 client.py_to_jax_wrapper("error_with_traceback")(jnp.ones(3))
         log = w.stderr()
     assert "Original Traceback (most recent call last)" in log and "dataset[idx]" in log
+
+
+def _peak_rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        line = next(x for x in f if x.startswith("VmHWM:"))
+    return int(line.split()[1]) / 1024
+
+
+def _many_tiny_tensors_request(n: int) -> bytes:
+    """A ForwardRequest of ``scale_shift`` with ``n`` one-element tensors as its
+    arguments, built as bytes (building n messages in Python would take minutes)."""
+    tiny = pb.Value(tensor=tensors.to_wire(np.ones(1, np.float32))).SerializeToString()
+    entry = b"\x0a" + _varint(len(tiny)) + tiny  # Arguments.args (field 1)
+    arguments = entry * n
+    model = b"scale_shift"
+    return (
+        b"\x0a" + _varint(len(model)) + model  # ForwardRequest.model (1)
+        + b"\x12" + _varint(len(arguments)) + arguments  # ForwardRequest.arguments (2)
+    )
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def test_a_request_of_a_million_tiny_tensors_is_refused_before_it_is_decoded():
+    """The value count is checked from the containers' lengths before decoding: the
+    worker's memory stays proportional to the bytes received (it was ~1 KB per tensor)."""
+    models = {"scale_shift": "pytorch2jax_server.examples:scale_shift"}
+    request = _many_tiny_tensors_request(1_000_000)
+    with start_worker(models=models) as w:
+        with pytorch2jax.connect(w.unix) as client:  # warm: one good call
+            client.py_to_jax_wrapper("scale_shift")(jnp.ones(3), jnp.ones(3))
+        before = _peak_rss_mib(w.process.pid)
+        channel = grpc.insecure_channel(w.unix, options=channel_options(1 << 30))
+        forward = channel.unary_unary(
+            f"/{SERVICE_NAME}/Forward",
+            request_serializer=lambda b: b,
+            response_deserializer=pb.ForwardResponse.FromString,
+        )
+        start = time.monotonic()
+        with pytest.raises(grpc.RpcError) as info:
+            forward(request, timeout=60)
+        seconds = time.monotonic() - start
+        channel.close()
+        after = _peak_rss_mib(w.process.pid)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "more than 65536 values" in info.value.details()
+    print(
+        f"\n1,000,000 tiny tensors ({len(request) / 2**20:.0f} MiB): refused in {seconds:.2f} s; "
+        f"worker peak RSS {before:.0f} -> {after:.0f} MiB (+{after - before:.0f})"
+    )
+    assert after - before < 300, (before, after)

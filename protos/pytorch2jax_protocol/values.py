@@ -18,6 +18,12 @@ from pytorch2jax_protocol import pb
 #: (each container level here is two messages), so this is the bound a peer meets first.
 MAX_DEPTH = 32
 
+#: Most values (leaves and containers) one pytree may hold. Each decoded value costs the
+#: receiver far more than its bytes on the wire (a 15-byte tensor became ~1 KB of worker
+#: memory), so the count is checked from the containers' lengths before their items are
+#: decoded: what a request makes the worker hold stays proportional to its bytes.
+MAX_VALUES = 1 << 16
+
 LeafEncoder = Callable[[Any], "pb.Tensor | pb.TensorSpec"]
 LeafDecoder = Callable[[Any], Any]
 
@@ -83,12 +89,33 @@ def encode_arguments(args: tuple, kwargs: dict, leaf: LeafEncoder) -> pb.Argumen
     )
 
 
+class _Budget:
+    """How many more values a pytree being decoded may hold."""
+
+    __slots__ = ("left",)
+
+    def __init__(self) -> None:
+        self.left = MAX_VALUES
+
+    def take(self, n: int) -> None:
+        self.left -= n
+        if self.left < 0:
+            raise TreeFormatError(
+                f"a pytree holds more than {MAX_VALUES} values (tensors, containers and "
+                "scalars); send fewer, larger tensors (stack them)"
+            )
+
+
 def decode(msg: pb.Value, tensor: LeafDecoder, spec: LeafDecoder | None = None) -> Any:
     """The pytree of ``msg``; ``tensor`` (and ``spec``) decode its leaves, in wire order."""
-    return _decode(msg, tensor, spec, 0)
+    budget = _Budget()
+    budget.take(1)
+    return _decode(msg, tensor, spec, 0, budget)
 
 
-def _decode(msg: pb.Value, tensor: LeafDecoder, spec: LeafDecoder | None, depth: int) -> Any:
+def _decode(
+    msg: pb.Value, tensor: LeafDecoder, spec: LeafDecoder | None, depth: int, budget: _Budget
+) -> Any:
     if depth > MAX_DEPTH:
         raise TreeFormatError(f"value is nested deeper than {MAX_DEPTH} levels")
     kind = msg.WhichOneof("kind")
@@ -99,10 +126,12 @@ def _decode(msg: pb.Value, tensor: LeafDecoder, spec: LeafDecoder | None, depth:
             raise TreeFormatError("a tensor leaf carries only a spec where data was expected")
         return spec(msg.spec)
     if kind in ("tuple", "list"):
-        items = [_decode(v, tensor, spec, depth + 1) for v in getattr(msg, kind).items]
+        values = getattr(msg, kind).items
+        budget.take(len(values))
+        items = [_decode(v, tensor, spec, depth + 1, budget) for v in values]
         return tuple(items) if kind == "tuple" else items
     if kind == "dict":
-        return _decode_mapping(msg.dict, tensor, spec, depth + 1)
+        return _decode_mapping(msg.dict, tensor, spec, depth + 1, budget)
     if kind == "none":
         return None
     if kind is None:
@@ -111,18 +140,21 @@ def _decode(msg: pb.Value, tensor: LeafDecoder, spec: LeafDecoder | None, depth:
 
 
 def _decode_mapping(
-    msg: pb.Mapping, tensor: LeafDecoder, spec: LeafDecoder | None, depth: int
+    msg: pb.Mapping, tensor: LeafDecoder, spec: LeafDecoder | None, depth: int, budget: _Budget
 ) -> dict:
     if len(msg.keys) != len(msg.values):
         raise TreeFormatError(f"a dict has {len(msg.keys)} keys but {len(msg.values)} values")
+    budget.take(len(msg.values))
     if len(set(msg.keys)) != len(msg.keys):
         raise TreeFormatError("a dict has repeated keys")
-    return {k: _decode(v, tensor, spec, depth) for k, v in zip(msg.keys, msg.values)}
+    return {k: _decode(v, tensor, spec, depth, budget) for k, v in zip(msg.keys, msg.values)}
 
 
 def decode_arguments(
     msg: pb.Arguments, tensor: LeafDecoder, spec: LeafDecoder | None = None
 ) -> tuple[tuple, dict]:
     """``(args, kwargs)`` of an ``Arguments`` message, leaves decoded in wire order."""
-    args = tuple(_decode(v, tensor, spec, 1) for v in msg.args)
-    return args, _decode_mapping(msg.kwargs, tensor, spec, 1)
+    budget = _Budget()
+    budget.take(len(msg.args))
+    args = tuple(_decode(v, tensor, spec, 1, budget) for v in msg.args)
+    return args, _decode_mapping(msg.kwargs, tensor, spec, 1, budget)
