@@ -7,6 +7,7 @@ model's message stay in the worker's log.
 
 from __future__ import annotations
 
+import threading
 import time
 
 import grpc
@@ -114,3 +115,46 @@ def test_a_request_of_a_million_tiny_tensors_is_refused_before_it_is_decoded():
         f"worker peak RSS {before:.0f} -> {after:.0f} MiB (+{after - before:.0f})"
     )
     assert after - before < 300, (before, after)
+
+
+def test_unauthenticated_requests_are_refused_before_they_are_read(tmp_path):
+    """The token is checked from the metadata, and a refused request is never read: four
+    concurrent 100 MiB requests without a token leave the worker's peak RSS where it was
+    (it rose by ~600 MiB when gRPC read each one whole first)."""
+    token = tmp_path / "token"
+    token.write_text("a-secret")
+    token.chmod(0o600)
+    models = {"scale_shift": "pytorch2jax_server.examples:scale_shift"}
+    body = b"\x00" * (100 << 20)
+    request = b"\x0a\x0bscale_shift\x12" + _varint(len(body)) + body
+    codes = []
+
+    with start_worker("--token-file", str(token), models=models, listen=["127.0.0.1:0"]) as w:
+        before = _peak_rss_mib(w.process.pid)
+
+        def send():
+            with grpc.insecure_channel(w.tcp, options=channel_options(1 << 30)) as channel:
+                forward = channel.unary_unary(
+                    f"/{SERVICE_NAME}/Forward",
+                    request_serializer=lambda b: b,
+                    response_deserializer=pb.ForwardResponse.FromString,
+                )
+                try:
+                    forward(request, timeout=60)
+                except grpc.RpcError as e:
+                    codes.append(e.code())
+
+        threads = [threading.Thread(target=send) for _ in range(4)]
+        start = time.monotonic()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        seconds = time.monotonic() - start
+        after = _peak_rss_mib(w.process.pid)
+    print(
+        f"\n4 x 100 MiB unauthenticated: refused in {seconds:.1f} s; worker peak RSS "
+        f"{before:.0f} -> {after:.0f} MiB"
+    )
+    assert codes == [grpc.StatusCode.UNAUTHENTICATED] * 4
+    assert after - before < 100, (before, after)
