@@ -355,7 +355,8 @@ class TorchFunction:
                     Vmap(t.in_dims, t.size, "sequential") if i in loops else t
                     for i, t in enumerate(program)
                 )
-        args, kwargs = sig.rebuild(list(inputs[n_params : n_params + n_arrays]))
+        leaves = list(inputs[n_params : n_params + n_arrays])
+        args, kwargs = sig.rebuild(leaves)
         result = self.backend.run(
             Run(
                 params=dict(zip(sig.param_names, inputs[:n_params])),
@@ -370,6 +371,9 @@ class TorchFunction:
                 key=inputs[n_inputs - 1] if sig.keyed else None,
                 train=sig.train,
                 returned=sig.returned,
+                leaves=leaves,
+                structure=sig,
+                rebuild=sig.rebuild,
             )
         )
         if result.fallbacks and key is not None:

@@ -74,6 +74,14 @@ class Run:
     #: Buffers whose values after the call come back: the outputs are then
     #: ``(outputs, {name: buffer})`` (flat: the output leaves, then these by name).
     returned: tuple[str, ...] = ()
+    #: The array leaves of ``(args, kwargs)`` in wire order, as flat as the caller holds
+    #: them, so that a backend need not walk the trees again.
+    leaves: list[Any] = field(default_factory=list)
+    #: Hashable: the call's tree structure, static leaves and parameter names (all but
+    #: the arrays' data and shapes), for backends that keep something per signature.
+    structure: Any = None
+    #: ``(args, kwargs)`` with other array leaves (same order and number).
+    rebuild: Any = None
 
     def vjp_of_kept(self) -> tuple[Vjp, list[Any]] | None:
         """The last Vjp and its own cotangents (the kept forward had the other inputs),

@@ -178,15 +178,12 @@ class LocalModel(Backend):
 
     def _execute(self, run: Run):
         names = list(run.params)
-        arrays: list[np.ndarray] = []
-        _map_tree((run.args, run.kwargs), arrays.append)
+        arrays = run.leaves
         shared = [_np_to_torch(x) for x in (*(run.params[n] for n in names), *arrays, *run.extras)]
         key = (
-            tuple(names),
-            tuple((tuple(t.shape), t.dtype) for t in shared),
-            repr(_map_tree((run.args, run.kwargs), lambda _: None)),  # structure and statics
+            run.structure,  # tree structure, statics, parameter names, mode
+            tuple((t.shape, t.dtype) for t in shared),
             _program_key(run.program),
-            run.train,
         )
         with self._lock:
             writes = self._writes.get(key)
@@ -203,8 +200,7 @@ class LocalModel(Backend):
         used = [copied.get(i, t) for i, t in enumerate(shared)]
         before = [t._version for t in used]
         n_params, n_base = len(names), len(names) + len(arrays)
-        it = iter(used[n_params:n_base])
-        t_args, t_kwargs = _map_tree((run.args, run.kwargs), lambda _: next(it))
+        t_args, t_kwargs = run.rebuild(used[n_params:n_base])
         with _Unwrap():
             outcome = self._model.run(
                 t_args,
