@@ -164,3 +164,28 @@ def test_help_documents_every_option_with_its_default():
         assert option in text, option
     for default in ("(default 2048)", "(default 1024)", "(default 120)", "(default 1024, at most 2047)", "(default 8192)"):
         assert default in text, default
+
+
+def test_metrics_listen_is_documented_and_a_bad_address_is_refused(tmp_path):
+    text = " ".join(_run_cli("--help").stdout.split())
+    assert "--metrics-listen HOST:PORT serve Prometheus metrics over HTTP" in text
+    assert "(default: off) (env PYTORCH2JAX_METRICS_LISTEN)" in text
+    fix = "'nonsense' is not HOST:PORT; e.g. 127.0.0.1:9464, or 127.0.0.1:0 for any free port"
+    model = ("--model", "f=pytorch2jax_server.examples:double")
+    result = _run_cli(*model, "--metrics-listen", "nonsense")
+    assert result.returncode == 2
+    assert f"argument --metrics-listen: {fix}" in result.stderr, result.stderr
+    from_env = subprocess.run(
+        [sys.executable, "-m", "pytorch2jax_server", *model],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTORCH2JAX_METRICS_LISTEN": "nonsense"},
+    )
+    assert from_env.returncode == 2
+    assert f"argument --metrics-listen: {fix}" in from_env.stderr, from_env.stderr
+    config = tmp_path / "worker.toml"
+    config.write_text('[server]\nmetrics_listen = "nonsense"\n[models]\nf = "pytorch2jax_server.examples:double"\n')
+    result = _run_cli("--config", str(config))
+    assert result.returncode == 2
+    assert f"[server] metrics_listen: {fix}" in result.stderr, result.stderr

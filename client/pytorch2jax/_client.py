@@ -3,6 +3,7 @@ as JAX functions."""
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import os
 import re
@@ -21,6 +22,7 @@ from pytorch2jax._flax import TorchModule, linen_module
 from pytorch2jax._exceptions import (
     InvalidArgumentError,
     ModelNotFoundError,
+    ResidualLostError,
     WorkerInternalError,
     WorkerUnavailableError,
     from_rpc_error,
@@ -159,6 +161,50 @@ def _check_target(target: Any) -> None:
             )
 
 
+class _Seen:
+    """What a client sent and what came back, counted as each call ends (``Client.stats``).
+    Calls come from several threads (JAX runs callbacks on its own)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._calls: collections.Counter[str] = collections.Counter()
+        self._models: collections.Counter[str] = collections.Counter()
+        self._errors: collections.Counter[str] = collections.Counter()
+        self._seconds: collections.Counter[str] = collections.Counter()
+        self._retries = 0
+
+    def record(self, method: str, request: Any, code: str, started: float) -> None:
+        # No message sizes: upb's ByteSize() serializes the message again (about 1 ms
+        # per MB), as costly as sending it.
+        seconds = time.perf_counter() - started
+        model = getattr(request, "model", "")
+        with self._lock:
+            self._calls[method] += 1
+            self._seconds[method] += seconds
+            if model:
+                self._models[model] += 1
+            if code != "OK":
+                self._errors[code] += 1
+
+    def retried(self) -> None:
+        with self._lock:
+            self._retries += 1
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "calls": dict(self._calls),
+                "models": dict(self._models),
+                "errors": dict(self._errors),
+                "seconds": dict(self._seconds),
+                "retries": self._retries,
+            }
+
+
+def _code_name(error: grpc.RpcError) -> str:
+    return error.code().name if hasattr(error, "code") else grpc.StatusCode.UNKNOWN.name
+
+
 class Client:
     """A connection to one worker. Use ``connect()`` to make one; close it when done."""
 
@@ -233,6 +279,7 @@ class Client:
         # ReleaseResiduals calls sent without waiting (see _release_residuals).
         self._detached: set[grpc.Future] = set()
         self._detached_lock = threading.Lock()
+        self._seen = _Seen()
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -304,6 +351,33 @@ class Client:
         """
         reply = self._unary("GetWorkerStats", pb.WorkerStatsRequest())
         return {f.name: getattr(reply, f.name) for f in reply.DESCRIPTOR.fields}
+
+    def stats(self) -> dict[str, Any]:
+        """What this client has sent to its worker(s) so far, counted as each call ends:
+
+        - ``calls``: calls by RPC method (``Forward``, ``Vjp``, ``InferShapes``,
+          ``ListModels``...), failed ones too;
+        - ``models``: calls by the model they name;
+        - ``errors``: failed calls by gRPC status code (``INVALID_ARGUMENT``...;
+          ``ABORTED``: the worker had lost this client's session, so the call was sent
+          again on a new one; ``FAILED_PRECONDITION``: a residual was gone, so its VJP
+          recomputed the forward);
+        - ``seconds``: total seconds spent in calls, by method (retries included);
+        - ``retries``: times a call was sent again after finding its worker gone
+          (killed or restarting; see ``connect(reconnect=)``).
+
+        Parameter downloads (``get_parameters``) and residuals released in the background
+        are not counted. The worker's own view is its Prometheus metrics
+        (``pytorch2jax-server --metrics-listen``).
+
+        Example::
+
+            stats = worker.stats()
+            print(stats["calls"])    # {'ListModels': 1, 'InferShapes': 1, 'Forward': 20, 'Vjp': 10}
+            print(stats["errors"])   # {'INVALID_ARGUMENT': 1}
+            ms = 1e3 * stats["seconds"]["Forward"] / stats["calls"]["Forward"]
+        """
+        return self._seen.snapshot()
 
     def workers(self) -> dict[str, int]:
         """For a pool, the calls each worker answered, by its address; {} for one worker."""
@@ -533,11 +607,25 @@ class Client:
     # -- the one place calls go out and errors come back --------------------------------
 
     def _unary(self, method: str, request: Any, metadata: Any = ()) -> Any:
+        started = time.perf_counter()
+        try:
+            reply = self._send(method, request, metadata)
+        except grpc.RpcError as e:
+            self._seen.record(method, request, _code_name(e), started)
+            raise from_rpc_error(e, self.target) from None
+        except ResidualLostError:  # a pool's VJP whose worker left; no status of its own
+            self._seen.record(method, request, "FAILED_PRECONDITION", started)
+            raise
+        except BaseException:
+            self._seen.record(method, request, "UNKNOWN", started)
+            raise
+        self._seen.record(method, request, "OK", started)
+        return reply
+
+    def _send(self, method: str, request: Any, metadata: Any) -> Any:
+        """``method``'s reply, or the grpc.RpcError it ended with."""
         if self._pool is not None:  # gRPC retries over the pool's other workers
-            try:
-                return self._pool.call(method, request, self.call_timeout, metadata)
-            except grpc.RpcError as e:
-                raise from_rpc_error(e, self.target) from None
+            return self._pool.call(method, request, self.call_timeout, metadata)
         deadline = time.monotonic() + self.call_timeout
         give_up = None  # when to stop waiting for a worker that went away
         while True:
@@ -547,7 +635,7 @@ class Client:
                 )
             except grpc.RpcError as e:
                 if e.code() != grpc.StatusCode.UNAVAILABLE:
-                    raise from_rpc_error(e, self.target) from None
+                    raise
                 # Killed, or restarting: every Bridge call is safe to send again (a
                 # forward at worst leaves a residual that its session or TTL frees, and a
                 # restarted worker answers a stale session or residual with a status
@@ -555,8 +643,9 @@ class Client:
                 now = time.monotonic()
                 give_up = give_up or min(now + self.reconnect, deadline)
                 if now >= give_up or not self._answers_within(give_up - now):
-                    raise from_rpc_error(e, self.target) from None
+                    raise
                 time.sleep(min(0.05, max(give_up - time.monotonic(), 0)))  # never spin
+                self._seen.retried()
 
     def _release_residuals(self, handles: list[bytes]) -> None:
         """Asks the worker holding them to free these residuals, without waiting. One that

@@ -61,6 +61,11 @@ class _Turns:
                     self.give_back()
                 call.check()
 
+    @property
+    def waiting(self) -> int:
+        """Calls waiting for a turn now."""
+        return len(self._waiting)
+
     def give_back(self) -> None:
         with self._lock:
             if self._waiting:
@@ -71,7 +76,7 @@ class _Turns:
 
 class Calls:
     """Admits calls (``serving``) within the worker's limits, and counts them for
-    ``GetWorkerStats``."""
+    ``GetWorkerStats`` and the metrics."""
 
     def __init__(self, *, max_calls: int, max_running: int) -> None:
         install_cancellation_hook()
@@ -82,6 +87,11 @@ class Calls:
         self.refused = 0
         self._lock = threading.Lock()
         self._turns = _Turns(max_running)
+
+    @property
+    def waiting(self) -> int:
+        """Admitted calls waiting for their turn to run (counted in ``in_flight`` too)."""
+        return self._turns.waiting
 
     @contextlib.contextmanager
     def serving(self, method: str, context: grpc.ServicerContext) -> Iterator[Call]:

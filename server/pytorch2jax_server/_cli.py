@@ -16,6 +16,7 @@ from pytorch2jax_protocol import DEFAULT_MAX_MESSAGE_BYTES
 from pytorch2jax_server import _loading
 from pytorch2jax_server._dataplane import SHARED_MEMORY_POLICIES, Sessions
 from pytorch2jax_server._dataplane.shm import DEFAULT_MAX_SESSION_BYTES, DEFAULT_MAX_SESSIONS
+from pytorch2jax_server._metrics import parse_address
 from pytorch2jax_server._security import Security, SecurityError
 from pytorch2jax_server._server import (
     DEFAULT_LISTEN,
@@ -60,6 +61,7 @@ _SERVER_KEYS: dict[str, type | tuple[type, ...]] = {
     "residual_cache_entries": int,
     "residual_ttl": (int, float),
     "torch_threads": int,
+    "metrics_listen": str,
 }
 _AT_LEAST = {"residual_cache_mb": 0, "residual_cache_entries": 0, "residual_ttl": 0}
 #: gRPC takes message sizes as 32-bit signed integers.
@@ -89,6 +91,11 @@ def _check_server_table(settings: dict) -> None:
             raise _loading.ConfigError(f"[server] max_message_mb must be at most {_MAX_MESSAGE_MB}")
         if key == "listen" and not all(isinstance(a, str) for a in value):
             raise _loading.ConfigError("[server] listen must be a list of address strings")
+        if key == "metrics_listen":
+            try:
+                parse_address(value)
+            except ValueError as e:
+                raise _loading.ConfigError(f"[server] metrics_listen: {e}") from None
 
 
 def _count(least: int, most: int | None = None):
@@ -111,6 +118,15 @@ def _seconds(text: str) -> float:
     if not (math.isfinite(value) and value >= 0):
         raise argparse.ArgumentTypeError(f"must be a number of seconds, 0 or more; got {text}")
     return value
+
+
+def _metrics_address(text: str) -> str:
+    """An argparse type: HOST:PORT, kept as it is written."""
+    try:
+        parse_address(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
 
 
 def _env(name: str) -> str | None:
@@ -234,6 +250,14 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="torch intra-op threads (default: torch's own, one per core)",
     )
+    _add_env_option(
+        p,
+        "--metrics-listen",
+        "serve Prometheus metrics over HTTP at http://HOST:PORT/metrics; port 0 picks a free "
+        "one, and the worker prints the address on stderr (default: off)",
+        metavar="HOST:PORT",
+        type=_metrics_address,
+    )
     p.add_argument(
         "--log-level",
         default=_env("LOG_LEVEL") or "WARNING",
@@ -326,6 +350,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             * _MB,
             security=security,
+            metrics_listen=setting("metrics_listen", args.metrics_listen, None),
         )
     except (OSError, RuntimeError) as e:
         print(f"pytorch2jax-server: {e}", file=sys.stderr)
@@ -334,6 +359,9 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    if worker.metrics is not None and worker.metrics.url is not None:
+        # Before the ready line: whoever waits for that one finds this one written.
+        print(f"metrics on {worker.metrics.url}", file=sys.stderr, flush=True)
     print(READY_PREFIX, " ".join(worker.addresses), flush=True)
     print(f"serving models: {', '.join(models)}", file=sys.stderr, flush=True)
     stop.wait()

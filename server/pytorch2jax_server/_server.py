@@ -1,4 +1,5 @@
-"""Building the gRPC server: the Bridge service, health, reflection, and bound addresses."""
+"""Building the gRPC server: the Bridge service, health, reflection, bound addresses, and
+the metrics listener beside them."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from grpc_reflection.v1alpha import reflection
 from pytorch2jax_protocol import DEFAULT_MAX_MESSAGE_BYTES, SERVICE_NAME, channel_options, pb_grpc
 from pytorch2jax_server._calls import Calls
 from pytorch2jax_server._dataplane import Sessions
+from pytorch2jax_server._metrics import Metrics
 from pytorch2jax_server._security import Security
 from pytorch2jax_server._servicer import BridgeServicer
 from pytorch2jax_server._status import RefuseUndecodable
@@ -59,6 +61,8 @@ class Worker:
     sessions: Sessions
     calls: Calls
     _unix_paths: list[str] = field(default_factory=list)
+    #: Its Prometheus metrics; ``metrics.url`` is where they are served, if anywhere.
+    metrics: Metrics | None = None
     _stopping: threading.Event = field(default_factory=threading.Event)
     _sweeper: threading.Thread | None = None
 
@@ -93,6 +97,8 @@ class Worker:
                 os.unlink(path)
             except FileNotFoundError:
                 pass
+        if self.metrics is not None:  # last: scrapes go on through the grace period
+            self.metrics.close()
 
 
 def _unix_path(address: str) -> str | None:
@@ -134,13 +140,16 @@ def create_server(
     max_concurrent_calls: int = DEFAULT_MAX_CONCURRENT_CALLS,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     security: Security | None = None,
+    metrics_listen: str | None = None,
 ) -> Worker:
     """Binds a server that serves ``registry`` on every address of ``listen``, and starts it.
 
     TCP addresses may use port 0; the returned ``Worker.addresses`` hold the bound ports.
     Unix sockets (``unix:///path``) are created with mode 0600; a stale socket file that
     no process listens on (a killed worker's) is replaced. ``security`` adds TLS to
-    the TCP addresses and a bearer-token check to every call.
+    the TCP addresses and a bearer-token check to every call. ``metrics_listen``
+    (``HOST:PORT``, port 0 for any free one) serves Prometheus metrics over plain HTTP at
+    ``Worker.metrics.url``; they are counted either way (``Worker.metrics.registry``).
     """
     # Not `residuals or ...`: an empty cache is falsy (it has a length), and the worker's
     # --residual-cache-* settings were once dropped that way.
@@ -149,6 +158,7 @@ def create_server(
     sessions.on_close.append(residuals.release_owner)
     security = security or Security()
     calls = Calls(max_calls=max_concurrent_calls, max_running=max_workers)
+    metrics = Metrics(calls, residuals, sessions)
     # Every RPC gRPC admits gets a thread at once: a call never waits unseen in the
     # executor's queue (where no limit, deadline or cancellation reaches it). Calls are
     # limited by ``calls`` itself; each open session holds a thread (its stream) for its
@@ -164,7 +174,7 @@ def create_server(
         interceptors=[*security.interceptors(), RefuseUndecodable()],
     )
     pb_grpc.add_BridgeServicer_to_server(
-        BridgeServicer(registry, residuals, sessions, calls), server
+        BridgeServicer(registry, residuals, sessions, calls, metrics), server
     )
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -202,9 +212,17 @@ def create_server(
             bound.append(_PORT.sub(f":{ok}", address))
         if not ok:
             raise OSError(f"cannot listen on {address}")
+    if metrics_listen is not None:
+        try:
+            metrics.serve(metrics_listen)
+        except BaseException:
+            server.stop(None)  # let go of the addresses bound above
+            raise
     server.start()
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    worker = Worker(server, bound, health_servicer, residuals, sessions, calls, unix_paths)
+    worker = Worker(
+        server, bound, health_servicer, residuals, sessions, calls, unix_paths, metrics=metrics
+    )
     worker._start_sweeping()
     return worker

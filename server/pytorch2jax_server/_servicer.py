@@ -7,6 +7,8 @@ bad request never takes the worker down.
 
 Calls that run a model (``_serving``) are counted and stopped once nobody waits for them
 (see ``_calls``); what they would have kept for a Vjp is kept for the client's session.
+Every call's method, model, status code and latency go to the worker's ``_metrics`` where
+its status is decided (``_reporting``; ``GetParameters`` records its own).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import functools
 import os
 import secrets
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -30,6 +33,7 @@ from pytorch2jax_protocol import (
 )
 from pytorch2jax_server._calls import Calls
 from pytorch2jax_server._dataplane import CallCodec, Sessions, inline, named_session, session_of
+from pytorch2jax_server._metrics import Metrics
 from pytorch2jax_server._status import status_of
 from pytorch2jax_server._version import __version__
 from pytorch2jax_server._wire import empty_from_spec, model_info, to_spec
@@ -49,15 +53,22 @@ from pytorch2jax_server.engine import (
 
 def _reporting(method):
     """Turns any exception of a unary handler into its status code (``status_of``),
-    and names the worker in the trailing metadata (for clients of several workers)."""
+    records the call in the metrics, and names the worker in the trailing metadata (for
+    clients of several workers)."""
+    name = method.__name__
 
     @functools.wraps(method)
     def handler(self, request, context: grpc.ServicerContext):
+        started = time.perf_counter()
         context.set_trailing_metadata(self._identity)
         try:
-            return method(self, request, context)
+            reply = method(self, request, context)
         except Exception as e:  # noqa: BLE001 - the one boundary where all of them are mapped
             code, details = status_of(e)
+        else:
+            self._record(name, request, "OK", started)
+            return reply
+        self._record(name, request, code.name, started)
         context.abort(code, details)
 
     return handler
@@ -134,13 +145,24 @@ class BridgeServicer(pb_grpc.BridgeServicer):
         residuals: ResidualCache,
         sessions: Sessions,
         calls: Calls,
+        metrics: Metrics | None = None,
     ) -> None:
         self._registry = registry
         self._residuals = residuals
         self._sessions = sessions
         self._calls = calls
+        self._metrics = Metrics(calls, residuals, sessions) if metrics is None else metrics
+        # Metric labels name served models only: a client's made-up names (a typo, a
+        # fuzzer) would each add series without end.
+        self._served = frozenset(m.name for m in registry)
         # Tells a client of several workers where a residual lives (see the client's _pool).
         self._identity = ((WORKER_ID_METADATA_KEY, secrets.token_hex(8)),)
+
+    def _record(self, method: str, request, code: str, started: float) -> None:
+        model = getattr(request, "model", "")
+        self._metrics.record(
+            method, model if model in self._served else "", code, time.perf_counter() - started
+        )
 
     def OpenSession(self, request, context) -> Iterator[pb.SessionInfo]:
         # The stream is the session's lifetime: it ends when the client closes it or its
@@ -181,6 +203,7 @@ class BridgeServicer(pb_grpc.BridgeServicer):
     def GetParameters(self, request, context) -> Iterator[pb.TensorChunk]:
         # A streaming handler cannot be wrapped like the unary ones: look everything up
         # before the first chunk, so that errors come out as a status, not mid-stream.
+        started = time.perf_counter()
         try:
             model = self._registry.get(request.model)
             tensors = [(n, p, False) for n, p in model.parameters.items()]
@@ -189,18 +212,28 @@ class BridgeServicer(pb_grpc.BridgeServicer):
             for _, t, _ in tensors:
                 wire_dtype(t.dtype)
         except Exception as e:  # noqa: BLE001 - mapped at the boundary
-            context.abort(*status_of(e))
-        for name, t, is_buffer in tensors:
-            data = inline.encode(t).inline_data
-            first = pb.TensorChunk(
-                name=name, dtype=wire_dtype(t.dtype), shape=t.shape, is_buffer=is_buffer
-            )
-            if not data:
-                yield first
-            for offset in range(0, len(data), PARAMETER_CHUNK_BYTES):
-                chunk = first if offset == 0 else pb.TensorChunk(name=name, offset=offset)
-                chunk.data = data[offset : offset + PARAMETER_CHUNK_BYTES]
-                yield chunk
+            code, details = status_of(e)
+            self._record("GetParameters", request, code.name, started)
+            context.abort(code, details)
+        ended = "UNKNOWN"  # what gRPC answers for a stream whose handler raised
+        try:
+            for name, t, is_buffer in tensors:
+                data = inline.encode(t).inline_data
+                first = pb.TensorChunk(
+                    name=name, dtype=wire_dtype(t.dtype), shape=t.shape, is_buffer=is_buffer
+                )
+                if not data:
+                    yield first
+                for offset in range(0, len(data), PARAMETER_CHUNK_BYTES):
+                    chunk = first if offset == 0 else pb.TensorChunk(name=name, offset=offset)
+                    chunk.data = data[offset : offset + PARAMETER_CHUNK_BYTES]
+                    yield chunk
+            ended = "OK"
+        except GeneratorExit:  # the client left (or its deadline passed) mid-stream
+            ended = "CANCELLED"
+            raise
+        finally:
+            self._record("GetParameters", request, ended, started)
 
     @_serving
     def InferShapes(self, request, context, call: Call):
