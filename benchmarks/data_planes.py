@@ -159,6 +159,17 @@ def small_calls(rows: list[Row], worker: list[str], echo: list[str], calls: int)
     lin, tx = torch.nn.Linear(10, 10), torch.ones(10, 10)
     with torch.no_grad():
         rows.append(Row("small: torch Linear in process", _median(lambda: lin(tx), calls)))
+    # Floors below gRPC: a raw unix-socket round trip of 100 bytes, and a bare
+    # buffer_callback (what any in-process bridge under jit pays at the least).
+    rows.append(Row("small: raw unix-socket ping-pong, 100 B", _ping_pong(100, calls)))
+    identity = jax.jit(_bare_buffer_callback)
+    rows.append(
+        Row(
+            "small: bare buffer_callback identity",
+            _median(lambda: identity(x).block_until_ready(), calls),
+        )
+    )
+    peer = _wrap_torch2jax_rows(rows, x, calls)
     # The in-process API: the weights reach torch zero-copy; buffers given with them
     # (BatchNorm statistics, which torch may update in place) always run on copies.
     floor = "small: torch Linear in process"
@@ -168,7 +179,17 @@ def small_calls(rows: list[Row], worker: list[str], echo: list[str], calls: int)
         Row(
             "small: jit forward, pytorch2jax in process",
             _median(lambda: fwd(params, x).block_until_ready(), calls),
-            floor,
+            peer[0] or floor,
+            target=(peer[0], 1.0, "<=") if peer[0] else None,
+        )
+    )
+    vag = jax.jit(jax.value_and_grad(lambda p, x: apply_fn(p, x).sum(), argnums=(0, 1)))
+    rows.append(
+        Row(
+            "small: jit forward+VJP, pytorch2jax in process",
+            _median(lambda: jax.block_until_ready(vag(params, x)), calls),
+            peer[1] or floor,
+            target=(peer[1], 1.0, "<=") if peer[1] else None,
         )
     )
     bn = torch.nn.Sequential(torch.nn.Linear(10, 10), torch.nn.BatchNorm1d(10)).eval()
@@ -183,6 +204,66 @@ def small_calls(rows: list[Row], worker: list[str], echo: list[str], calls: int)
                 floor,
             )
         )
+
+
+def _ping_pong(nbytes: int, calls: int) -> float:
+    """A round trip of ``nbytes`` over a unix socket pair, to a thread that echoes."""
+    import socket
+    import threading
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    payload = b"x" * nbytes
+
+    def echo() -> None:
+        while data := theirs.recv(1 << 16):
+            theirs.sendall(data)
+
+    thread = threading.Thread(target=echo, daemon=True)
+    thread.start()
+
+    def once() -> None:
+        ours.sendall(payload)
+        got = 0
+        while got < nbytes:
+            got += len(ours.recv(1 << 16))
+
+    try:
+        return _median(once, calls)
+    finally:
+        ours.close()
+        thread.join(timeout=5)
+        theirs.close()
+
+
+def _bare_buffer_callback(x: jax.Array) -> jax.Array:
+    from jax.experimental.buffer_callback import buffer_callback
+
+    def copy(ctx, out, x) -> None:
+        np.copyto(np.asarray(out), np.asarray(x))
+
+    return buffer_callback(copy, jax.ShapeDtypeStruct(x.shape, x.dtype))(x)
+
+
+def _wrap_torch2jax_rows(rows: list[Row], x: jax.Array, calls: int) -> tuple[str | None, str | None]:
+    """The lightest in-process peer, rdyro/torch2jax (``wrap-torch2jax``, the dev extra),
+    on the same Linear: its rows' names, or (None, None) where it is not installed. Its
+    first use compiles a C++ extension (minutes on 2 cores; cached after)."""
+    try:
+        import torch
+        from wrap_torch2jax import torch2jax
+    except ImportError:
+        print("wrap-torch2jax is not installed: no peer rows (pip install wrap-torch2jax)")
+        return None, None
+    lin = torch.nn.Linear(10, 10)
+    w, b = lin.weight.detach(), lin.bias.detach()
+    fn = torch2jax(lambda w, b, x: torch.nn.functional.linear(x, w, b), w, b, torch.ones(10, 10))
+    jw, jb = jnp.asarray(w.numpy()), jnp.asarray(b.numpy())
+    fwd = jax.jit(fn)
+    vag = jax.jit(jax.value_and_grad(lambda w, b, x: fn(w, b, x).sum(), argnums=(0, 1, 2)))
+    names = ("small: jit forward, wrap-torch2jax in process", "small: jit forward+VJP, wrap-torch2jax in process")
+    rows.append(Row(names[0], _median(lambda: fwd(jw, jb, x).block_until_ready(), calls)))
+    rows.append(Row(names[1], _median(lambda: jax.block_until_ready(vag(jw, jb, x)), calls)))
+    return names
 
 
 def large_tensors(
