@@ -158,3 +158,20 @@ def test_unauthenticated_requests_are_refused_before_they_are_read(tmp_path):
     )
     assert codes == [grpc.StatusCode.UNAUTHENTICATED] * 4
     assert after - before < 100, (before, after)
+
+
+def test_too_many_parameters_are_refused_before_they_are_decoded(worker):
+    named = pb.NamedTensor(name="w", tensor=tensors.to_wire(np.ones(1, np.float32)))
+    entry = named.SerializeToString()
+    model = b"mlp"
+    request = b"\x0a" + _varint(len(model)) + model + (b"\x1a" + _varint(len(entry)) + entry) * 70_000
+    with grpc.insecure_channel(worker.unix, options=channel_options(1 << 30)) as channel:
+        forward = channel.unary_unary(
+            f"/{SERVICE_NAME}/Forward",
+            request_serializer=lambda b: b,
+            response_deserializer=pb.ForwardResponse.FromString,
+        )
+        with pytest.raises(grpc.RpcError) as info:
+            forward(request, timeout=60)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "carries 70000 parameters, more than 65536" in info.value.details()

@@ -102,6 +102,7 @@ class _Decoded:
     ) -> None:
         self._codec = codec
         self.leaves: list[torch.Tensor] = []
+        _check_count(len(parameters), "parameters")
         self.args, self.kwargs = values.decode_arguments(arguments, self._leaf)
         self.params: dict[str, torch.Tensor] = {}
         for named in parameters:
@@ -113,6 +114,15 @@ class _Decoded:
         t = self._codec.decode(msg)
         self.leaves.append(t)
         return t
+
+
+def _check_count(n: int, what: str) -> None:
+    """Refuses, before decoding them, more tensors than any pytree may hold."""
+    if n > values.MAX_VALUES:
+        raise InvalidRequestError(
+            f"a request carries {n} {what}, more than {values.MAX_VALUES}; send fewer, "
+            "larger tensors (stack them)"
+        )
 
 
 def _encode_outputs(model: ServedModel, outputs: Any, leaf) -> pb.Value:
@@ -270,6 +280,7 @@ class BridgeServicer(pb_grpc.BridgeServicer):
         )
         try:
             decoded = _Decoded(request.arguments, request.parameters, codec)
+            _check_count(len(request.program_inputs), "program inputs")
             extras = [codec.decode(t) for t in request.program_inputs]
             keep = None
             if request.keep_residual:
