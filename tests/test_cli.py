@@ -55,11 +55,12 @@ def test_bad_model_specs_exit_with_a_fix(args, message):
     [
         ("max_workres = 4", r"unknown key 'max_workres' in \[server\]; known keys: listen,"),
         ('max_workers = "4"', r"\[server\] max_workers = '4' has the wrong type"),
-        ("max_concurrent_calls = 0", r"max_concurrent_calls must be at least 1; got 0"),
-        ("residual_ttl = nan", r"residual_ttl must be at least 0; got nan"),
-        ("max_message_mb = 4096", r"max_message_mb must be at most 2047"),
-        ('listen = ["localhost:0", 5]', r"listen must be a list of address strings"),
-        ('shared_memory = "sometimes"', r"shared_memory must be one of local, any, off"),
+        ("max_concurrent_calls = 0", r"\[server\] max_concurrent_calls: must be at least 1; got 0"),
+        ("residual_ttl = nan", r"\[server\] residual_ttl: must be a number of seconds, 0 or more; got nan"),
+        ("residual_ttl = inf", r"\[server\] residual_ttl: must be a number of seconds, 0 or more; got inf"),
+        ("max_message_mb = 4096", r"\[server\] max_message_mb: must be from 1 to 2047; got 4096"),
+        ('listen = ["localhost:0", 5]', r"\[server\] listen: must be a list of address strings"),
+        ('shared_memory = "sometimes"', r"\[server\] shared_memory: must be one of local, any, off"),
     ],
 )
 def test_bad_server_table_exits_with_a_fix(tmp_path, server_table, message):
@@ -162,14 +163,20 @@ def test_help_documents_every_option_with_its_default():
         "--log-level {DEBUG,INFO,WARNING,ERROR} what the worker logs",
     ):
         assert option in text, option
-    for default in ("(default 2048)", "(default 1024)", "(default 120)", "(default 1024, at most 2047)", "(default 8192)"):
+    for default in (
+        "(default: 2048; env PYTORCH2JAX_RESIDUAL_CACHE_MB)",
+        "(default: 1024; env PYTORCH2JAX_RESIDUAL_CACHE_ENTRIES)",
+        "(default: 120; env PYTORCH2JAX_RESIDUAL_TTL)",
+        "(at most 2047); larger requests get RESOURCE_EXHAUSTED (default: 1024;",
+        "(default: 8192; env PYTORCH2JAX_SHARED_MEMORY_MB)",
+    ):
         assert default in text, default
 
 
 def test_metrics_listen_is_documented_and_a_bad_address_is_refused(tmp_path):
     text = " ".join(_run_cli("--help").stdout.split())
     assert "--metrics-listen HOST:PORT serve Prometheus metrics over HTTP" in text
-    assert "(default: off) (env PYTORCH2JAX_METRICS_LISTEN)" in text
+    assert "(default: off; env PYTORCH2JAX_METRICS_LISTEN)" in text
     fix = "'nonsense' is not HOST:PORT; e.g. 127.0.0.1:9464, or 127.0.0.1:0 for any free port"
     model = ("--model", "f=pytorch2jax_server.examples:double")
     result = _run_cli(*model, "--metrics-listen", "nonsense")
@@ -183,9 +190,44 @@ def test_metrics_listen_is_documented_and_a_bad_address_is_refused(tmp_path):
         env={**os.environ, "PYTORCH2JAX_METRICS_LISTEN": "nonsense"},
     )
     assert from_env.returncode == 2
-    assert f"argument --metrics-listen: {fix}" in from_env.stderr, from_env.stderr
+    assert f"PYTORCH2JAX_METRICS_LISTEN='nonsense': {fix}" in from_env.stderr, from_env.stderr
     config = tmp_path / "worker.toml"
     config.write_text('[server]\nmetrics_listen = "nonsense"\n[models]\nf = "pytorch2jax_server.examples:double"\n')
     result = _run_cli("--config", str(config))
     assert result.returncode == 2
     assert f"[server] metrics_listen: {fix}" in result.stderr, result.stderr
+
+
+def test_every_setting_is_declared_once_and_reaches_all_three_places(tmp_path):
+    """Each setting of _settings.SETTINGS is an option, an environment variable and a
+    [server] key, and --help states its default; the environment wins over the file and
+    loses to the command line."""
+    from pytorch2jax_server._settings import SETTINGS
+
+    text = " ".join(_run_cli("--help").stdout.split())
+    for s in SETTINGS:
+        assert s.flag in text and f"env {s.env})" in text, s.name
+    config = tmp_path / "worker.toml"
+    config.write_text(
+        '[server]\nmax_workers = 3\nmax_sessions = 5\nresidual_ttl = 7.5\n'
+        '[models]\nf = "pytorch2jax_server.examples:double"\n'
+    )
+    import argparse
+
+    from pytorch2jax_server._cli import _parser
+    from pytorch2jax_server._settings import resolve
+
+    args = _parser().parse_args(["--config", str(config), "--max-workers", "2"])
+    settings = resolve(args, {"max_workers": 3, "max_sessions": 5, "residual_ttl": 7.5}, {"PYTORCH2JAX_MAX_SESSIONS": "4"})
+    assert (settings["max_workers"], settings["max_sessions"], settings["residual_ttl"]) == (2, 4, 7.5)
+    assert settings["listen"] == ["localhost:50051"] and settings["log_level"] == "WARNING"
+    assert isinstance(args, argparse.Namespace)
+    bad = subprocess.run(
+        [sys.executable, "-m", "pytorch2jax_server", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTORCH2JAX_MAX_WORKERS": "zero"},
+    )
+    assert bad.returncode == 2
+    assert "PYTORCH2JAX_MAX_WORKERS='zero': must be an integer; got 'zero'" in bad.stderr
