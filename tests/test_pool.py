@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import gc
 
+import grpc
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -124,3 +125,17 @@ def test_dns_target(two_workers):
         loss, grads = jax.value_and_grad(lambda p: (apply_fn(p, x) ** 2).mean())(params)
         _check(loss, grads, x)
         assert sum(c.workers().values()) >= 2
+
+
+def test_only_pool_clients_are_sent_the_worker_id(worker):
+    """Naming the worker in every reply costs tens of us a call; a pool asks for it."""
+    from pytorch2jax_protocol import POOL_METADATA_KEY, WORKER_ID_METADATA_KEY, pb, pb_grpc
+
+    with grpc.insecure_channel(worker.unix) as channel:
+        stub = pb_grpc.BridgeStub(channel)
+        _, plain = stub.ListModels.with_call(pb.ListModelsRequest(), timeout=10)
+        _, asked = stub.ListModels.with_call(
+            pb.ListModelsRequest(), timeout=10, metadata=((POOL_METADATA_KEY, "1"),)
+        )
+    assert WORKER_ID_METADATA_KEY not in dict(plain.trailing_metadata() or ())
+    assert len(dict(asked.trailing_metadata())[WORKER_ID_METADATA_KEY]) == 16

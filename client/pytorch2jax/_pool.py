@@ -27,7 +27,13 @@ from typing import Any
 import grpc
 
 from pytorch2jax._exceptions import InvalidArgumentError, ResidualLostError
-from pytorch2jax_protocol import SERVICE_NAME, WORKER_ID_METADATA_KEY, pb, pb_grpc
+from pytorch2jax_protocol import (
+    POOL_METADATA_KEY,
+    SERVICE_NAME,
+    WORKER_ID_METADATA_KEY,
+    pb,
+    pb_grpc,
+)
 
 #: Pinned residuals past this many are forgotten oldest first (their VJPs recompute).
 #: The worker's own cache is bounded too; this only bounds the client's memory.
@@ -179,7 +185,7 @@ class Pool:
         if method == "Vjp" and request.residual:
             return self._vjp_on_pinned(request, timeout, metadata)
         reply, call = getattr(self._stub, method).with_call(
-            request, timeout=timeout, metadata=metadata
+            request, timeout=timeout, metadata=(*metadata, _ASK_WORKER_ID)
         )
         worker = _worker_id(call)
         if worker is not None:
@@ -247,7 +253,7 @@ class Pool:
                 self._direct[address] = (channel, pb_grpc.BridgeStub(channel))
             try:
                 _, call = self._direct[address][1].ListModels.with_call(
-                    pb.ListModelsRequest(), timeout=_PROBE_TIMEOUT_S
+                    pb.ListModelsRequest(), timeout=_PROBE_TIMEOUT_S, metadata=(_ASK_WORKER_ID,)
                 )
             except grpc.RpcError:
                 continue  # down for now: asked again when an unknown id shows up
@@ -263,6 +269,10 @@ class Pool:
             for channel, _ in self._direct.values():
                 channel.close()
             self._direct.clear()
+
+
+#: Asks the worker to name itself in the reply's trailing metadata.
+_ASK_WORKER_ID = (POOL_METADATA_KEY, "1")
 
 
 def _worker_id(call: grpc.Call) -> str | None:

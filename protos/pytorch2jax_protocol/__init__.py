@@ -30,9 +30,12 @@ HANDLE_BYTES = 16
 #: The metadata entry that carries ``Bearer <token>`` to a worker started with a token.
 AUTHORIZATION_METADATA_KEY = "authorization"
 
-#: Trailing metadata of every unary reply: a random id of the worker process, so that a
-#: client of several workers can send a forward's VJP to the worker that ran it.
+#: Trailing metadata of a unary reply to a call that carries ``POOL_METADATA_KEY``: a
+#: random id of the worker process, so that a client of several workers can send a
+#: forward's VJP to the worker that ran it. (Setting it costs tens of us a call: only
+#: pool clients ask for it.)
 WORKER_ID_METADATA_KEY = "p2j-worker-id"
+POOL_METADATA_KEY = "p2j-pool"
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Bridge"].full_name
 
@@ -60,6 +63,7 @@ __all__ = [
     "DEFAULT_MAX_MESSAGE_BYTES",
     "HANDLE_BYTES",
     "PARAMETER_CHUNK_BYTES",
+    "POOL_METADATA_KEY",
     "SERVICE_NAME",
     "WORKER_ID_METADATA_KEY",
     "channel_options",

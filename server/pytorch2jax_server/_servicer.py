@@ -25,6 +25,7 @@ import torch
 
 from pytorch2jax_protocol import (
     PARAMETER_CHUNK_BYTES,
+    POOL_METADATA_KEY,
     WORKER_ID_METADATA_KEY,
     pb,
     pb_grpc,
@@ -60,7 +61,8 @@ def _reporting(method):
     @functools.wraps(method)
     def handler(self, request, context: grpc.ServicerContext):
         started = time.perf_counter()
-        context.set_trailing_metadata(self._identity)
+        if any(k == POOL_METADATA_KEY for k, _ in context.invocation_metadata() or ()):
+            context.set_trailing_metadata(self._identity)
         try:
             reply = method(self, request, context)
         except Exception as e:  # noqa: BLE001 - the one boundary where all of them are mapped
