@@ -10,6 +10,9 @@ at the end requires the loss to have dropped; it exits 1 if either fails.
 
 The worker's address, token and TLS settings may also come from the environment
 (PYTORCH2JAX_TARGET, PYTORCH2JAX_TOKEN, PYTORCH2JAX_TLS_CA), as in docker/docker-compose.yml.
+With a pool of workers (a list of addresses, or a ``dns:///`` name, as in
+docker/docker-compose.replicas.yml) it prints the calls each worker answered at the end,
+and --min-workers makes --check require that many of them to have taken calls.
 """
 
 from __future__ import annotations
@@ -75,6 +78,12 @@ def main() -> None:
         action="store_true",
         help="check gradients against JAX first (the example MLP), and that the loss drops",
     )
+    parser.add_argument(
+        "--min-workers",
+        type=int,
+        default=1,
+        help="with --check, also require calls to have reached this many workers of a pool",
+    )
     args = parser.parse_args()
 
     with pytorch2jax.connect(args.target) as worker:
@@ -119,6 +128,17 @@ def main() -> None:
         )
         if args.check and not last < 0.5 * first:
             print("check: the loss did not halve", flush=True)
+            sys.exit(1)
+        calls = worker.workers()  # {} for a single worker
+        if calls:
+            spread = ", ".join(f"{address} {n}" for address, n in sorted(calls.items()))
+            print(f"calls per worker: {spread}", flush=True)
+        reached = sum(1 for n in calls.values() if n) if calls else 1
+        if args.check and reached < args.min_workers:
+            print(
+                f"check: calls reached {reached} worker(s), not the {args.min_workers} asked for",
+                flush=True,
+            )
             sys.exit(1)
 
 
