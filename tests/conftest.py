@@ -136,6 +136,16 @@ def start_worker(
                 process.stdout.close()
 
 
+def varint(n: int) -> bytes:
+    """``n`` as a protobuf varint, for requests built as bytes."""
+    out = bytearray()
+    while True:
+        low, n = n & 0x7F, n >> 7
+        out.append(low | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
 def our_segments() -> set[str]:
     """The names of our shared-memory segments in /dev/shm."""
     return {n for n in os.listdir("/dev/shm") if n.startswith("p2j-")}

@@ -32,7 +32,7 @@ from google.protobuf.message import DecodeError, Message
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from conftest import EXAMPLE_MODELS, RawSession, start_worker
+from conftest import EXAMPLE_MODELS, RawSession, start_worker, varint
 from pytorch2jax_protocol import (
     DEFAULT_MAX_MESSAGE_BYTES,
     SERVICE_NAME,
@@ -414,15 +414,6 @@ def mappings(draw, items) -> pb.Mapping:
     return pb.Mapping(keys=keys, values=[draw(items) for _ in range(count)])
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        low, n = n & 0x7F, n >> 7
-        out.append(low | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
 def _nested(depth: int) -> pb.Value:
     """``[[...[None]...]]``, ``depth`` lists deep."""
     return pb.Value.FromString(_nested_bytes(depth))
@@ -432,8 +423,8 @@ def _nested_bytes(depth: int) -> bytes:
     # Written by hand: protobuf refuses to build a message deeper than it would parse.
     value = pb.Value(none=True).SerializeToString()
     for _ in range(depth):
-        items = b"\x0a" + _varint(len(value)) + value  # Sequence.items, field 1
-        value = b"\x22" + _varint(len(items)) + items  # Value.list, field 4
+        items = b"\x0a" + varint(len(value)) + value  # Sequence.items, field 1
+        value = b"\x22" + varint(len(items)) + items  # Value.list, field 4
     return value
 
 
@@ -724,14 +715,14 @@ def unknown_fields(draw) -> bytes:
     number = draw(st.one_of(st.integers(1, 20), st.integers(21, (1 << 29) - 1)))
     wire_type = draw(st.sampled_from([0, 1, 2, 5]))
     if wire_type == 0:
-        body = _varint(draw(st.integers(0, _UINT64)))
+        body = varint(draw(st.integers(0, _UINT64)))
     elif wire_type == 2:
         data = draw(st.binary(max_size=32))
-        body = _varint(len(data)) + data
+        body = varint(len(data)) + data
     else:
         size = 8 if wire_type == 1 else 4
         body = draw(st.binary(min_size=size, max_size=size))
-    return _varint(number << 3 | wire_type) + body
+    return varint(number << 3 | wire_type) + body
 
 
 _BYTE_MUTATIONS = [
@@ -773,8 +764,8 @@ def serialized_requests(draw) -> tuple[str, bytes]:
     elif how == "nested too deep":
         method = "Forward"
         value = _nested_bytes(draw(st.integers(40, 80)))
-        arguments = b"\x0a" + _varint(len(value)) + value  # Arguments.args, field 1
-        data = b"\x12" + _varint(len(arguments)) + arguments  # ForwardRequest.arguments
+        arguments = b"\x0a" + varint(len(value)) + value  # Arguments.args, field 1
+        data = b"\x12" + varint(len(arguments)) + arguments  # ForwardRequest.arguments
     return method, data
 
 

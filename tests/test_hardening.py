@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import TRANSPORTS, start_worker
+from conftest import TRANSPORTS, start_worker, varint
 
 import pytorch2jax
 from pytorch2jax_protocol import SERVICE_NAME, channel_options, pb, tensors
@@ -69,22 +69,13 @@ def _many_tiny_tensors_request(n: int) -> bytes:
     """A ForwardRequest of ``scale_shift`` with ``n`` one-element tensors as its
     arguments, built as bytes (building n messages in Python would take minutes)."""
     tiny = pb.Value(tensor=tensors.to_wire(np.ones(1, np.float32))).SerializeToString()
-    entry = b"\x0a" + _varint(len(tiny)) + tiny  # Arguments.args (field 1)
+    entry = b"\x0a" + varint(len(tiny)) + tiny  # Arguments.args (field 1)
     arguments = entry * n
     model = b"scale_shift"
     return (
-        b"\x0a" + _varint(len(model)) + model  # ForwardRequest.model (1)
-        + b"\x12" + _varint(len(arguments)) + arguments  # ForwardRequest.arguments (2)
+        b"\x0a" + varint(len(model)) + model  # ForwardRequest.model (1)
+        + b"\x12" + varint(len(arguments)) + arguments  # ForwardRequest.arguments (2)
     )
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
 
 
 def test_a_request_of_a_million_tiny_tensors_is_refused_before_it_is_decoded():
@@ -126,7 +117,7 @@ def test_unauthenticated_requests_are_refused_before_they_are_read(tmp_path):
     token.chmod(0o600)
     models = {"scale_shift": "pytorch2jax_server.examples:scale_shift"}
     body = b"\x00" * (100 << 20)
-    request = b"\x0a\x0bscale_shift\x12" + _varint(len(body)) + body
+    request = b"\x0a\x0bscale_shift\x12" + varint(len(body)) + body
     codes = []
 
     with start_worker("--token-file", str(token), models=models, listen=["127.0.0.1:0"]) as w:
@@ -164,7 +155,7 @@ def test_too_many_parameters_are_refused_before_they_are_decoded(worker):
     named = pb.NamedTensor(name="w", tensor=tensors.to_wire(np.ones(1, np.float32)))
     entry = named.SerializeToString()
     model = b"mlp"
-    request = b"\x0a" + _varint(len(model)) + model + (b"\x1a" + _varint(len(entry)) + entry) * 70_000
+    request = b"\x0a" + varint(len(model)) + model + (b"\x1a" + varint(len(entry)) + entry) * 70_000
     with grpc.insecure_channel(worker.unix, options=channel_options(1 << 30)) as channel:
         forward = channel.unary_unary(
             f"/{SERVICE_NAME}/Forward",

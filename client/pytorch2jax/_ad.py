@@ -275,12 +275,12 @@ class TorchFunction:
                 f"bool, static under jit); got {type(train).__name__}"
             )
         returned = self._returned(mutable, names)
-        key = [] if rng is None else [_key_bits(rng, self.backend.description)]
-        sig = _Signature(treedef, tuple(statics), names, bool(key), train, returned)
-        inputs = [params[n] for n in names] + arrays + key
         if mutable is not False and mutable is not None and not returned:
             # Nothing to return: the plain call, and an empty dict of new buffers.
             return self.__call__(params, args, kwargs, rng=rng, train=train), {}
+        key = [] if rng is None else [_key_bits(rng, self.backend.description)]
+        sig = _Signature(treedef, tuple(statics), names, bool(key), train, returned)
+        inputs = [params[n] for n in names] + arrays + key
         if not any(isinstance(x, jax.core.Tracer) for x in inputs):
             return self._direct(sig, inputs)
         structs = self._output_structs(sig, inputs)
@@ -355,13 +355,12 @@ class TorchFunction:
                     Vmap(t.in_dims, t.size, "sequential") if i in loops else t
                     for i, t in enumerate(program)
                 )
-        leaves = list(inputs[n_params : n_params + n_arrays])
-        args, kwargs = sig.rebuild(leaves)
         result = self.backend.run(
             Run(
                 params=dict(zip(sig.param_names, inputs[:n_params])),
-                args=args,
-                kwargs=kwargs,
+                leaves=list(inputs[n_params : n_params + n_arrays]),
+                rebuild=sig.rebuild,
+                structure=sig,
                 program=program,
                 extras=list(inputs[n_inputs:]),
                 keep=keep,
@@ -371,9 +370,6 @@ class TorchFunction:
                 key=inputs[n_inputs - 1] if sig.keyed else None,
                 train=sig.train,
                 returned=sig.returned,
-                leaves=leaves,
-                structure=sig,
-                rebuild=sig.rebuild,
             )
         )
         if result.fallbacks and key is not None:

@@ -23,6 +23,7 @@ CPU, zero-copy views of XLA's buffers) unless a transport works in GPU memory.
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,8 +51,13 @@ class Run:
     """One call of a program, as the backend receives it."""
 
     params: dict[str, Any]
-    args: tuple
-    kwargs: dict
+    #: The array leaves of the arguments ``(args, kwargs)``, in wire order.
+    leaves: list[Any]
+    #: ``(args, kwargs)`` with the given array leaves (same order and number) in place.
+    rebuild: Callable[[list[Any]], tuple[tuple, dict]]
+    #: Hashable: the call's tree structure, static leaves and parameter names (all but
+    #: the arrays' data and shapes), for backends that keep something per signature.
+    structure: Any
     #: The transforms, innermost first; () calls the model as it is.
     program: tuple[Transform, ...] = ()
     #: The transforms' extra inputs, in order (tangents, cotangents).
@@ -74,14 +80,9 @@ class Run:
     #: Buffers whose values after the call come back: the outputs are then
     #: ``(outputs, {name: buffer})`` (flat: the output leaves, then these by name).
     returned: tuple[str, ...] = ()
-    #: The array leaves of ``(args, kwargs)`` in wire order, as flat as the caller holds
-    #: them, so that a backend need not walk the trees again.
-    leaves: list[Any] = field(default_factory=list)
-    #: Hashable: the call's tree structure, static leaves and parameter names (all but
-    #: the arrays' data and shapes), for backends that keep something per signature.
-    structure: Any = None
-    #: ``(args, kwargs)`` with other array leaves (same order and number).
-    rebuild: Any = None
+    def arguments(self) -> tuple[tuple, dict]:
+        """``(args, kwargs)``: the call's argument pytrees."""
+        return self.rebuild(self.leaves)
 
     def vjp_of_kept(self) -> tuple[Vjp, list[Any]] | None:
         """The last Vjp and its own cotangents (the kept forward had the other inputs),

@@ -153,10 +153,12 @@ class RemoteModel(Backend):
     def _forward(self, run: Run) -> Result:
         program = programs.to_wire(run.program) if run.program else None
 
+        args, kwargs = run.arguments()
+
         def build(call: Call) -> pb.ForwardRequest:
             msg = pb.ForwardRequest(
                 model=self.info.name,
-                arguments=values.encode_arguments(run.args, run.kwargs, call.put),
+                arguments=values.encode_arguments(args, kwargs, call.put),
                 parameters=_named(run.params, call),
                 keep_residual=run.keep is not None,
                 residual_wrt=run.keep or (),
@@ -184,7 +186,7 @@ class RemoteModel(Backend):
             )
 
         small = self._client._transport.inline_below
-        request_bytes = _nbytes((run.params, run.args, run.kwargs, run.key, run.extras), small)
+        request_bytes = _nbytes((run.params, run.leaves, run.key, run.extras), small)
         if run.out_structs is not None:
             reply_bytes = sum(shm.align(_struct_nbytes(s)) for s in run.out_structs)
         else:  # eager: guess from the last reply, and from the inputs
@@ -211,8 +213,7 @@ class RemoteModel(Backend):
         if run.out_structs is not None:
             grads_bytes = sum(shm.align(_struct_nbytes(s)) for s in run.out_structs)
         else:
-            leaves = jax.tree_util.tree_leaves((run.args, run.kwargs))
-            grads_bytes = _nbytes([*run.params.values(), *leaves])
+            grads_bytes = _nbytes([*run.params.values(), *run.leaves])
         return self._exchange("Vjp", _nbytes(cts, small), grads_bytes, build, decode)
 
 

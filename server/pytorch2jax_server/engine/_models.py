@@ -297,7 +297,9 @@ class ServedModel:
                 f"{', '.join(self.buffers) or 'none'}"
             )
         training = self.is_module and (self._obj.training if train is None else train)
-        devices = [self.device] if self.is_module else [t.device for t in leaves if t.is_cuda]
+        devices: list[torch.device] = []  # only a seeded or watched call needs them
+        if key is not None or training:
+            devices = [self.device] if self.is_module else [t.device for t in leaves if t.is_cuda]
         with drawing(key, devices=devices, watched=training, name=self.name):
             return self._run(
                 args,
