@@ -89,10 +89,12 @@ def connect(
             call's deadline. A worker restarted at the same address is used again by
             the same Client (its session reopened); 0 raises at once.
         max_message_bytes: largest message sent or received (inline tensors included).
-        transport: ``"auto"`` (CUDA IPC for a GPU JAX, shared memory on CPU, if the worker
-            is on this host and allows it, else inline), ``"shm"``, ``"cuda_ipc"`` (each
-            or UnsupportedError), or ``"inline"`` (bytes in the gRPC messages; any host).
-            A pool always sends tensors inline.
+        transport: ``"auto"`` (CUDA IPC for a GPU JAX; on CPU the fast lane, else
+            shared memory; if the worker is on this host and allows it, else inline),
+            ``"lane"`` (calls over the worker's fast lane, a unix socket beside gRPC, with
+            shared memory passed as file descriptors), ``"shm"`` (shared memory, calls by
+            gRPC), ``"cuda_ipc"`` (each or UnsupportedError), or ``"inline"`` (bytes in
+            the gRPC messages; any host). A pool always sends tensors inline.
 
     Example::
 
@@ -113,7 +115,9 @@ def connect(
         client.wait_ready(timeout)
         client.list_models()  # wrong credentials fail here, not at the first call
         if client._pool is None:
-            client._transport = open_transport(transport, client._channel, client.target)
+            client._transport = open_transport(
+                transport, client._channel, client.target, max_message_bytes=max_message_bytes
+            )
         elif transport not in ("auto", "inline"):
             raise InvalidArgumentError(
                 f"transport={transport!r} needs a single worker: a shared-memory or CUDA IPC "
@@ -332,7 +336,8 @@ class Client:
 
     @property
     def transport(self) -> str:
-        """How tensor bytes travel to this worker: ``"shm"`` or ``"inline"``."""
+        """How calls and tensor bytes travel to this worker: ``"lane"``, ``"shm"``,
+        ``"cuda_ipc"`` or ``"inline"`` (see ``connect``)."""
         return self._transport.name
 
     def transport_info(self) -> dict[str, Any]:
@@ -630,9 +635,14 @@ class Client:
         give_up = None  # when to stop waiting for a worker that went away
         while True:
             try:
-                return getattr(self._stub, method)(
-                    request, timeout=max(deadline - time.monotonic(), 0.001), metadata=metadata
-                )
+                timeout = max(deadline - time.monotonic(), 0.001)
+                lane = self._transport.lane
+                if lane is not None and lane.usable and method in lane.methods:
+                    # A broken lane raises UNAVAILABLE once; the call then goes by gRPC.
+                    reply = lane.call(method, request, metadata, timeout)
+                    if reply is not None:
+                        return reply
+                return getattr(self._stub, method)(request, timeout=timeout, metadata=metadata)
             except grpc.RpcError as e:
                 if e.code() != grpc.StatusCode.UNAVAILABLE:
                     raise

@@ -18,6 +18,7 @@ cannot back kills the process with SIGBUS. Reserving first turns that into a cle
 from __future__ import annotations
 
 import errno
+import fcntl
 import mmap
 import os
 import re
@@ -57,19 +58,7 @@ def create(size: int) -> tuple[str, mmap.mmap]:
     name = f"/p2j-{secrets.token_hex(16)}"
     fd = _posixshmem.shm_open(name, os.O_CREAT | os.O_EXCL | os.O_RDWR, mode=0o600)
     try:
-        try:
-            if hasattr(os, "posix_fallocate"):
-                os.posix_fallocate(fd, 0, size)
-            else:  # macOS: no reservation, only a size
-                os.ftruncate(fd, size)
-        except OSError as e:
-            if e.errno not in (errno.ENOSPC, errno.ENOMEM):
-                raise
-            raise SharedMemoryError(
-                e.errno,
-                f"cannot reserve {size >> 20} MiB of shared memory in /dev/shm ({e.strerror}); "
-                "free some, make it larger (Docker: shm_size), or use transport='inline'",
-            ) from None
+        _reserve(fd, size)
         return name, mmap.mmap(fd, size)
     except BaseException:
         unlink(name)
@@ -112,6 +101,75 @@ def attach(name: str, size: int) -> mmap.mmap:
         return mmap.mmap(fd, size)
     finally:
         os.close(fd)
+
+
+#: Whether this system makes anonymous shared memory that can be passed as a descriptor.
+HAS_MEMFD = hasattr(os, "memfd_create") and hasattr(fcntl, "F_ADD_SEALS")
+
+#: The seals a passed region must carry: its size is fixed, so no page the worker maps
+#: can vanish under it (SIGBUS), and nobody can unseal it.
+_SEALS = 0
+if HAS_MEMFD:
+    _SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+
+
+def create_fd(size: int) -> tuple[int, mmap.mmap]:
+    """A new anonymous region of ``size`` bytes (``memfd_create``), reserved, sealed at
+    that size and mapped read-write: its descriptor (the caller closes it once passed)
+    and the mapping. Nothing is ever named in /dev/shm: the memory goes when the last
+    descriptor and mapping of it do, a crash included."""
+    fd = os.memfd_create("pytorch2jax", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        _reserve(fd, size)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
+        return fd, mmap.mmap(fd, size)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def attach_fd(fd: int, size: int) -> mmap.mmap:
+    """Maps a region a client passed as a descriptor, after checking it: a regular file
+    of this user, at least ``size`` bytes, sealed against shrinking. Closes ``fd``."""
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid():
+            raise SharedMemoryError(
+                errno.EPERM, "the region must be a memfd of the user the worker runs as"
+            )
+        try:
+            seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+        except OSError:
+            seals = 0
+        if seals & _SEALS != _SEALS:
+            raise SharedMemoryError(
+                errno.EPERM, "the region must be sealed at its size (F_SEAL_SHRINK, F_SEAL_GROW)"
+            )
+        if size <= 0 or info.st_size < size:
+            raise SharedMemoryError(
+                errno.EINVAL, f"the region has {info.st_size} bytes, not the {size} registered"
+            )
+        return mmap.mmap(fd, size)
+    finally:
+        os.close(fd)
+
+
+def _reserve(fd: int, size: int) -> None:
+    """Reserves ``size`` bytes of ``fd`` up front: touching a page that tmpfs cannot back
+    would kill the process with SIGBUS, where this gives a clear error."""
+    try:
+        if hasattr(os, "posix_fallocate"):
+            os.posix_fallocate(fd, 0, size)
+        else:  # macOS: no reservation, only a size
+            os.ftruncate(fd, size)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.ENOMEM):
+            raise
+        raise SharedMemoryError(
+            e.errno,
+            f"cannot reserve {size >> 20} MiB of shared memory ({e.strerror}); free some, "
+            "make it larger (Docker: shm_size), or use transport='inline'",
+        ) from None
 
 
 def unlink(name: str) -> None:

@@ -118,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
             max_message_bytes=settings["max_message_mb"] * _MB,
             security=security,
             metrics_listen=settings["metrics_listen"],
+            fast_lane=settings["fast_lane"] == "on",
         )
     except (OSError, RuntimeError) as e:
         print(f"pytorch2jax-server: {e}", file=sys.stderr)

@@ -10,6 +10,7 @@ import re
 import socket
 import stat
 import threading
+import time
 from concurrent import futures
 from dataclasses import dataclass, field
 
@@ -20,6 +21,8 @@ from grpc_reflection.v1alpha import reflection
 from pytorch2jax_protocol import DEFAULT_MAX_MESSAGE_BYTES, SERVICE_NAME, channel_options, pb_grpc
 from pytorch2jax_server._calls import Calls
 from pytorch2jax_server._dataplane import Sessions
+from pytorch2jax_server._lane import Lane
+from pytorch2jax_server._lane import unavailable_reason as lane_unavailable_reason
 from pytorch2jax_server._metrics import Metrics
 from pytorch2jax_server._security import Security
 from pytorch2jax_server._servicer import BridgeServicer
@@ -63,6 +66,8 @@ class Worker:
     _unix_paths: list[str] = field(default_factory=list)
     #: Its Prometheus metrics; ``metrics.url`` is where they are served, if anywhere.
     metrics: Metrics | None = None
+    #: The fast lane beside gRPC for same-host sessions, if on (``_lane``).
+    lane: Lane | None = None
     _stopping: threading.Event = field(default_factory=threading.Event)
     _sweeper: threading.Thread | None = None
 
@@ -81,13 +86,21 @@ class Worker:
         """Refuses new calls (UNAVAILABLE; health NOT_SERVING), lets the calls in flight
         finish for up to ``grace`` seconds, then ends sessions and removes sockets."""
         self.health.enter_graceful_shutdown()
+        started = time.monotonic()
         stopped = self.server.stop(grace)
+        if self.lane is not None:
+            self.lane.stop_calls()
         # Session streams never finish by themselves, and would hold stop for the whole
         # grace: end them now, but keep the sessions (their memory, their residuals) for
         # the calls in flight, and drop them once those are done.
         self.sessions.end_streams()
         stopped.wait()
+        if self.lane is not None:
+            left = None if grace is None else max(grace - (time.monotonic() - started), 0.0)
+            self.lane.drain(left)
         self.sessions.close_all()
+        if self.lane is not None:
+            self.lane.close()
         self._stopping.set()
         if self._sweeper is not None:
             self._sweeper.join()
@@ -141,6 +154,7 @@ def create_server(
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     security: Security | None = None,
     metrics_listen: str | None = None,
+    fast_lane: bool = True,
 ) -> Worker:
     """Binds a server that serves ``registry`` on every address of ``listen``, and starts it.
 
@@ -150,6 +164,8 @@ def create_server(
     the TCP addresses and a bearer-token check to every call. ``metrics_listen``
     (``HOST:PORT``, port 0 for any free one) serves Prometheus metrics over plain HTTP at
     ``Worker.metrics.url``; they are counted either way (``Worker.metrics.registry``).
+    ``fast_lane`` offers clients that may use shared memory a unix socket beside gRPC for
+    their calls (``_lane``), where the system allows it (Linux).
     """
     # Not `residuals or ...`: an empty cache is falsy (it has a length), and the worker's
     # --residual-cache-* settings were once dropped that way.
@@ -173,9 +189,15 @@ def create_server(
         # The token is checked first: a refused request is never parsed.
         interceptors=[*security.interceptors(), RefuseUndecodable()],
     )
-    pb_grpc.add_BridgeServicer_to_server(
-        BridgeServicer(registry, residuals, sessions, calls, metrics), server
-    )
+    lane = None
+    if fast_lane:
+        why_not = lane_unavailable_reason()
+        if why_not:
+            _log.info("no fast lane: %s", why_not)
+        else:
+            lane = Lane(sessions, max_message_bytes=max_message_bytes)
+    servicer = BridgeServicer(registry, residuals, sessions, calls, metrics, lane=lane)
+    pb_grpc.add_BridgeServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -219,10 +241,20 @@ def create_server(
             server.stop(None)  # let go of the addresses bound above
             raise
     server.start()
+    if lane is not None:
+        lane.start(servicer)
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     worker = Worker(
-        server, bound, health_servicer, residuals, sessions, calls, unix_paths, metrics=metrics
+        server,
+        bound,
+        health_servicer,
+        residuals,
+        sessions,
+        calls,
+        unix_paths,
+        metrics=metrics,
+        lane=lane,
     )
     worker._start_sweeping()
     return worker

@@ -34,6 +34,7 @@ from pytorch2jax_protocol import (
 )
 from pytorch2jax_server._calls import Calls
 from pytorch2jax_server._dataplane import CallCodec, Sessions, inline, named_session, session_of
+from pytorch2jax_server._lane import Lane
 from pytorch2jax_server._metrics import Metrics
 from pytorch2jax_server._status import status_of
 from pytorch2jax_server._version import __version__
@@ -158,8 +159,10 @@ class BridgeServicer(pb_grpc.BridgeServicer):
         sessions: Sessions,
         calls: Calls,
         metrics: Metrics | None = None,
+        lane: Lane | None = None,
     ) -> None:
         self._registry = registry
+        self._lane = lane
         self._residuals = residuals
         self._sessions = sessions
         self._calls = calls
@@ -185,12 +188,18 @@ class BridgeServicer(pb_grpc.BridgeServicer):
             context.abort(*status_of(e))
         context.add_callback(session.ended.set)
         try:
-            yield pb.SessionInfo(
+            info = pb.SessionInfo(
                 session=session.id,
                 transports=session.transports,
                 server_version=__version__,
                 refused=refused,
             )
+            if request.fast_lane and pb.SHM in session.transports:
+                if self._lane is not None:
+                    info.fast_lane.CopyFrom(self._lane.offer(session, request.pid))
+                else:
+                    info.refused = "; ".join(filter(None, (refused, "the fast lane is off")))
+            yield info
             session.ended.wait()
         finally:
             self._sessions.close(session)

@@ -233,6 +233,13 @@ SETTINGS: tuple[Setting, ...] = (
         "which clients may pass tensors through shared memory: local ones (unix socket, "
         "loopback), any (containers sharing /dev/shm), or none (off)",
     ),
+    Setting(
+        "fast_lane",
+        Choice(("on", "off")),
+        "on",
+        "carry the Forward and Vjp calls of clients that may use shared memory over a unix "
+        "socket beside gRPC, with memory passed as file descriptors (Linux)",
+    ),
     Setting("max_sessions", Count(1), DEFAULT_MAX_SESSIONS,
             "clients connected at once, each with a session"),
     Setting("shared_memory_mb", Count(1), DEFAULT_MAX_SESSION_BYTES // _MB,

@@ -1,10 +1,13 @@
 """How tensor bytes travel to and from the worker: one module per transport.
 
 ``open_transport`` picks one for a new Client: ``"inline"`` (in the gRPC messages, any
-host), ``"shm"`` (POSIX shared memory, a worker on this host), ``"cuda_ipc"`` (GPU pools of
-a worker on this host serving on the same GPU as JAX) or ``"auto"``: CUDA IPC when JAX runs
-on a GPU and the worker offers it, else shared memory when the worker offers it and can map
-our segments, inline otherwise.
+host), ``"shm"`` (POSIX shared memory, a worker on this host, calls by gRPC), ``"lane"``
+(shared memory passed as file descriptors, and the calls over the worker's fast lane, a
+unix socket beside gRPC: a worker on this host, Linux), ``"cuda_ipc"`` (GPU pools of a
+worker on this host serving on the same GPU as JAX) or ``"auto"``: CUDA IPC when JAX runs
+on a GPU and the worker offers it, else the fast lane when the worker offers one and it
+can be reached, else shared memory when the worker offers it and can map our segments,
+inline otherwise.
 """
 
 from __future__ import annotations
@@ -22,12 +25,14 @@ from pytorch2jax_protocol import cuda
 
 __all__ = ["TRANSPORTS", "Call", "InlineTransport", "ShmTransport", "Transport", "open_transport"]
 
-TRANSPORTS = ("auto", "inline", "shm", "cuda_ipc")
+TRANSPORTS = ("auto", "inline", "shm", "lane", "cuda_ipc")
 
 _log = logging.getLogger("pytorch2jax")
 
 
-def open_transport(choice: str, channel: grpc.Channel, target: str) -> Transport:
+def open_transport(
+    choice: str, channel: grpc.Channel, target: str, *, max_message_bytes: int
+) -> Transport:
     if choice not in TRANSPORTS:
         raise InvalidArgumentError(
             f"transport must be one of {', '.join(map(repr, TRANSPORTS))}; got {choice!r}"
@@ -38,8 +43,9 @@ def open_transport(choice: str, channel: grpc.Channel, target: str) -> Transport
         from pytorch2jax._transports.cuda_ipc import CudaIpcTransport  # imports jax's GPU
 
         return CudaIpcTransport(channel, target)
-    if choice == "shm":
-        return ShmTransport(channel, target)
+    if choice in ("shm", "lane"):
+        lane = "required" if choice == "lane" else "off"
+        return ShmTransport(channel, target, fast_lane=lane, max_message_bytes=max_message_bytes)
     if jax.default_backend() == "gpu":
         from pytorch2jax._transports.cuda_ipc import CudaIpcTransport
 
@@ -48,7 +54,9 @@ def open_transport(choice: str, channel: grpc.Channel, target: str) -> Transport
         except (UnsupportedError, ResourceExhaustedError, cuda.CudaError) as e:
             _log.info("no CUDA IPC with %s: %s", target, e)
     try:
-        return ShmTransport(channel, target)
+        return ShmTransport(
+            channel, target, fast_lane="if_offered", max_message_bytes=max_message_bytes
+        )
     except UnsupportedError as e:
         _log.info("tensors travel inline to %s: %s", target, e)
     except ResourceExhaustedError as e:  # the worker's session limit, or /dev/shm is full

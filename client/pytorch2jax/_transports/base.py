@@ -16,6 +16,7 @@ from __future__ import annotations
 import abc
 import logging
 import math
+import os
 import sys
 import threading
 import time
@@ -27,6 +28,7 @@ import numpy as np
 
 from pytorch2jax._callbacks import HOST_IO, ArrayIO
 from pytorch2jax._exceptions import Pytorch2JaxError, WorkerUnavailableError, from_rpc_error
+from pytorch2jax._transports.lane import FastLane
 from pytorch2jax_protocol import pb, pb_grpc
 
 _log = logging.getLogger("pytorch2jax")
@@ -42,11 +44,13 @@ REOPEN_AT_MOST_S = 30.0
 
 
 def open_session(
-    stub: pb_grpc.BridgeStub, target: str, offers: Sequence[int]
+    stub: pb_grpc.BridgeStub, target: str, offers: Sequence[int], *, fast_lane: bool = False
 ) -> tuple[Any, pb.SessionInfo]:
-    """A new session offering ``offers`` (transports): its stream (cancel it to end the
-    session) and the worker's answer, which says the transports it allows."""
-    stream = stub.OpenSession(pb.OpenSessionRequest(transports=list(offers)))
+    """A new session offering ``offers`` (transports), asking for a fast lane if
+    ``fast_lane``: its stream (cancel it to end the session) and the worker's answer, which
+    says the transports it allows and the lane it gives."""
+    request = pb.OpenSessionRequest(transports=list(offers), fast_lane=fast_lane, pid=os.getpid())
+    stream = stub.OpenSession(request)
     # The stream lives as long as the session, so it takes no deadline: only its first
     # message does.
     timer = threading.Timer(SETUP_TIMEOUT_S, stream.cancel)
@@ -109,6 +113,10 @@ class Transport(abc.ABC):
     #: Arrays smaller than this travel inline even when the transport could carry them:
     #: for a few kilobytes, a slot costs more Python than the bytes cost protobuf.
     inline_below: int = sys.maxsize
+
+    #: The session's fast lane while it is usable (``_transports.lane``): the client sends
+    #: the calls it carries that way instead of by gRPC.
+    lane: FastLane | None = None
 
     @abc.abstractmethod
     def call(self, request_bytes: int, reply_bytes: int) -> Call:

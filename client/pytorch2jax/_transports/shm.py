@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 from typing import Any
 
 import grpc
@@ -29,7 +30,9 @@ import numpy as np
 from pytorch2jax._copy import copy_into
 from pytorch2jax._exceptions import UnsupportedError, WorkerInternalError, from_rpc_error
 from pytorch2jax._transports.base import SETUP_TIMEOUT_S, Call, SessionTransport, open_session
-from pytorch2jax_protocol import cuda, dtypes, pb, shm, tensors
+from pytorch2jax._transports.lane import FastLane
+from pytorch2jax_protocol import DEFAULT_MAX_MESSAGE_BYTES, cuda, dtypes, pb, shm, tensors
+from pytorch2jax_protocol import lane as lane_frames
 
 _log = logging.getLogger("pytorch2jax")
 
@@ -163,10 +166,19 @@ class ShmCall(Call):
         self._request_bytes = self._reply = None
 
 
+#: ``ShmTransport(fast_lane=...)``: use the worker's fast lane if it offers one and it can
+#: be reached, insist on it (UnsupportedError without), or never ask for it.
+FAST_LANE_CHOICES = ("if_offered", "required", "off")
+
+
 class ShmTransport(SessionTransport):
     """Shared memory with a worker on this host, under one session (see the module doc)."""
 
-    name = "shm"
+    @property
+    def name(self) -> str:
+        """``"lane"`` while calls go over the fast lane, else ``"shm"``."""
+        return "lane" if self._fast_lane != "off" and self.lane is not None else "shm"
+
     # What a subclass for other memory changes (``cuda_ipc``): the transport it asks the
     # worker for, and the lease and call types over its arenas.
     _offer = pb.SHM
@@ -182,8 +194,14 @@ class ShmTransport(SessionTransport):
         max_bytes: int = DEFAULT_MAX_SHARED_MEMORY_BYTES,
         arena_bytes: int = DEFAULT_ARENA_BYTES,
         inline_below: int = DEFAULT_INLINE_BELOW,
+        fast_lane: str = "off",
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ) -> None:
         super().__init__(channel, target)
+        if fast_lane not in FAST_LANE_CHOICES:
+            raise ValueError(f"fast_lane must be one of {FAST_LANE_CHOICES}; got {fast_lane!r}")
+        self._fast_lane = fast_lane
+        self._max_message_bytes = max_message_bytes
         self.inline_below = inline_below
         self._max_bytes = max_bytes
         self._arena_bytes = arena_bytes
@@ -197,7 +215,10 @@ class ShmTransport(SessionTransport):
     def _open(self) -> None:
         """Opens a session and registers a first arena, which proves the worker can map our
         segments (same host, same /dev/shm, same user). Raises UnsupportedError if not."""
-        stream, info = open_session(self._stub, self._target, [self._offer])
+        wants_lane = self._fast_lane != "off"
+        stream, info = open_session(
+            self._stub, self._target, [self._offer], fast_lane=wants_lane
+        )
         if self._offer not in info.transports:
             stream.cancel()
             raise UnsupportedError(
@@ -208,13 +229,40 @@ class ShmTransport(SessionTransport):
         self._metadata = ((shm.SESSION_METADATA_KEY, info.session.hex()),)
         self._arenas = []
         try:
+            if wants_lane:
+                self.lane = self._reach_lane(info)
             self._grow(self._arena_bytes, strict=True)
         except BaseException:
             self._end()
             raise
 
+    def _reach_lane(self, info: pb.SessionInfo) -> FastLane | None:
+        """The session's fast lane, connected; None (or UnsupportedError, if required)
+        when the worker gives none or it cannot be reached (another network namespace,
+        another process id space: a container)."""
+        why = info.refused or "the worker is too old to offer one"
+        if info.HasField("fast_lane"):
+            if not shm.HAS_MEMFD:
+                why = "this system cannot pass memory as a file descriptor (memfd)"
+            else:
+                try:
+                    return FastLane(
+                        info.fast_lane,
+                        max_message_bytes=self._max_message_bytes,
+                        setup_timeout=SETUP_TIMEOUT_S,
+                    )
+                except (OSError, grpc.RpcError, lane_frames.FrameError) as e:
+                    why = f"cannot reach it: {getattr(e, 'details', lambda: e)()}"
+        if self._fast_lane == "required":
+            raise UnsupportedError(f"no fast lane to the worker at {self._target}: {why}")
+        _log.info("no fast lane to %s (%s); calls go by gRPC", self._target, why)
+        return None
+
     def _end(self) -> None:
         super()._end()
+        if self.lane is not None:
+            self.lane.close()
+            self.lane = None
         # Live leases keep their arena's mapping until they die; blocks of the old arenas
         # that come back later are dropped (_drain).
         self._arenas = []
@@ -277,7 +325,16 @@ class ShmTransport(SessionTransport):
         return arena
 
     def _new_arena(self, size: int) -> _Arena:
-        """A new segment of ``size`` bytes, registered with the worker."""
+        """A new region of ``size`` bytes, registered with the worker: a memfd passed over
+        the fast lane, or else a named segment, unlinked once the worker mapped it."""
+        if self.lane is not None:
+            fd, mapping = shm.create_fd(size)
+            try:
+                region = self.lane.register(fd, size)
+            finally:
+                os.close(fd)  # the worker holds its own descriptor, or mapping, now
+            memory = np.frombuffer(mapping, np.uint8)
+            return _Arena(region, size, memory.ctypes.data, memory)
         name, mapping = shm.create(size)
         try:
             reply = self._stub.RegisterRegion(
@@ -300,6 +357,7 @@ class ShmTransport(SessionTransport):
             self._drain()
             return {
                 "transport": self.name,
+                "lane_connections": self.lane.connections() if self.lane is not None else 0,
                 "arenas": len(self._arenas),
                 "bytes": sum(a.size for a in self._arenas),
                 "in_use": sum(a.in_use() for a in self._arenas),

@@ -20,6 +20,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import mmap
+import os
 import secrets
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -93,6 +95,24 @@ class Session:
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def register(self, name: str, size: int) -> int:
+        """Maps the client's named segment ``name`` (RegisterRegion); its region id."""
+        return self._map(lambda: shm.attach(name, size), size, "segment")
+
+    def register_fd(self, fd: int, size: int) -> int:
+        """Maps a region the client passed as a descriptor (the fast lane), and closes the
+        descriptor; its region id."""
+        owned = [fd]  # attach_fd closes it; a refusal before it ran must close it too
+
+        def attach() -> mmap.mmap:
+            return shm.attach_fd(owned.pop(), size)
+
+        try:
+            return self._map(attach, size, "region")
+        finally:
+            for left in owned:
+                os.close(left)
+
+    def _map(self, attach: Callable[[], mmap.mmap], size: int, what: str) -> int:
         if pb.SHM not in self.transports:
             raise UnsupportedError(
                 "this worker does not accept shared memory from this client "
@@ -101,13 +121,13 @@ class Session:
             )
         with self._room(size):
             try:
-                mapping = shm.attach(name, size)
+                mapping = attach()
             except shm.SharedMemoryError as e:
                 if e.errno in (errno.ENOENT, errno.EPERM):
                     # Another host or container, or another user: the client should go inline.
                     raise UnsupportedError(str(e.strerror)) from None
                 raise InvalidRequestError(
-                    f"cannot use this shared-memory segment: {e.strerror}"
+                    f"cannot use this shared-memory {what}: {e.strerror}"
                 ) from None
         return self._add(Region(size, np.frombuffer(mapping, np.uint8)))
 

@@ -196,22 +196,36 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class OpenSessionRequest(_message.Message):
-    __slots__ = ("transports",)
+    __slots__ = ("transports", "fast_lane", "pid")
     TRANSPORTS_FIELD_NUMBER: _ClassVar[int]
+    FAST_LANE_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
     transports: _containers.RepeatedScalarFieldContainer[Transport]
-    def __init__(self, transports: _Optional[_Iterable[_Union[Transport, str]]] = ...) -> None: ...
+    fast_lane: bool
+    pid: int
+    def __init__(self, transports: _Optional[_Iterable[_Union[Transport, str]]] = ..., fast_lane: _Optional[bool] = ..., pid: _Optional[int] = ...) -> None: ...
 
 class SessionInfo(_message.Message):
-    __slots__ = ("session", "transports", "server_version", "refused")
+    __slots__ = ("session", "transports", "server_version", "refused", "fast_lane")
     SESSION_FIELD_NUMBER: _ClassVar[int]
     TRANSPORTS_FIELD_NUMBER: _ClassVar[int]
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
     REFUSED_FIELD_NUMBER: _ClassVar[int]
+    FAST_LANE_FIELD_NUMBER: _ClassVar[int]
     session: bytes
     transports: _containers.RepeatedScalarFieldContainer[Transport]
     server_version: str
     refused: str
-    def __init__(self, session: _Optional[bytes] = ..., transports: _Optional[_Iterable[_Union[Transport, str]]] = ..., server_version: _Optional[str] = ..., refused: _Optional[str] = ...) -> None: ...
+    fast_lane: FastLane
+    def __init__(self, session: _Optional[bytes] = ..., transports: _Optional[_Iterable[_Union[Transport, str]]] = ..., server_version: _Optional[str] = ..., refused: _Optional[str] = ..., fast_lane: _Optional[_Union[FastLane, _Mapping]] = ...) -> None: ...
+
+class FastLane(_message.Message):
+    __slots__ = ("address", "capability")
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    CAPABILITY_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    capability: bytes
+    def __init__(self, address: _Optional[str] = ..., capability: _Optional[bytes] = ...) -> None: ...
 
 class RegisterRegionRequest(_message.Message):
     __slots__ = ("name", "size")
