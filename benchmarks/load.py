@@ -1,11 +1,12 @@
-"""Load on one worker: many client processes at once, over both transports, checked.
+"""Load on one worker: many client processes at once, over every transport, checked.
 
 Starts its own worker (a unix socket and TCP 127.0.0.1, both loopback) serving the ``mlp``
-and ``convnet`` examples, then runs ``--clients`` client processes at once (``spawn``), half
-on the ``shm`` transport over the unix socket and half ``inline`` over TCP. Each makes
+and ``convnet`` examples, then runs ``--clients`` client processes at once (``spawn``), a
+third each on the fast lane (``lane``) and on ``shm`` over the unix socket, and on
+``inline`` over TCP. Each makes
 ``--calls`` calls, mixing eager and ``jit`` forwards and VJPs on both models, in its own
 order, with its own parameters and inputs, so that one client's numbers cannot pass for
-another's. Inputs are large enough to travel in shared memory on ``shm`` (mlp 512x8 and
+another's. Inputs are large enough to travel in shared memory on ``lane`` and ``shm`` (mlp 512x8 and
 convnet 8x3x32x32 float32, over ``DEFAULT_INLINE_BELOW``).
 
 Every result is checked: shapes and dtypes, finite, close to a pure-JAX reference of the
@@ -70,7 +71,9 @@ MODELS = {
 #: shared memory there.
 INPUT_SHAPES = {"mlp": (512, 8), "convnet": (8, 3, 32, 32)}
 KINDS = ("forward", "vjp", "jit forward", "jit vjp")
-TRANSPORTS = ("shm", "inline")
+TRANSPORTS = ("lane", "shm", "inline")
+if os.environ.get("PYTORCH2JAX_FAST_LANE", "on").lower() == "off":  # the suite's lane-off run
+    TRANSPORTS = ("shm", "inline")
 
 DEFAULT_CLIENTS = 16
 DEFAULT_CALLS = 500
@@ -144,7 +147,7 @@ def _start_worker(tmp: str, args: argparse.Namespace, deadline: float, state: di
                     raise RuntimeError(f"the worker exited ({worker.wait()}) before serving")
     unix = next(a for a in addresses if a.startswith("unix:"))
     tcp = next(a for a in addresses if not a.startswith("unix:"))
-    return worker, {"shm": unix, "inline": tcp}
+    return worker, {"lane": unix, "shm": unix, "inline": tcp}
 
 
 def _check_alive(worker: subprocess.Popen) -> None:
@@ -382,7 +385,7 @@ def _client_main(
                 if elapsed is not None:
                     result.latencies[op.model, op.kind].append(elapsed)
             del order, ops  # and with them every reply array: the shm slots come back
-            if transport == "shm":
+            if transport in ("shm", "lane"):
                 result.shm = worker.transport_info()
             messages.put(("result", index, result))
             # Hold the session until the parent has read the worker's RSS.
@@ -507,7 +510,7 @@ def _print_report(results, failed, snapshots, seconds, args) -> int:
 
 def _run(args: argparse.Namespace, tmp: str, deadline: float, procs: list, state: dict) -> int:
     worker, addresses = _start_worker(tmp, args, deadline, state)
-    print(f"worker pid {worker.pid}: {addresses['shm']} (shm), {addresses['inline']} (inline)")
+    print(f"worker pid {worker.pid}: {addresses['shm']} (lane, shm), {addresses['inline']} (inline)")
 
     def snapshot() -> tuple[dict, dict]:
         _check_alive(worker)
@@ -516,7 +519,7 @@ def _run(args: argparse.Namespace, tmp: str, deadline: float, procs: list, state
     ctx = multiprocessing.get_context("spawn")
     messages, start, done = ctx.Queue(), ctx.Event(), ctx.Event()
     for i in range(args.clients):
-        transport = TRANSPORTS[i % 2]
+        transport = TRANSPORTS[i % len(TRANSPORTS)]
         p = ctx.Process(
             target=_client_main,
             args=(i, transport, addresses[transport], args.calls, args.warmup_rounds,
@@ -586,7 +589,8 @@ def _on_sigterm(signum, frame):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=DEFAULT_CLIENTS,
-                        help="client processes, half shm (unix socket), half inline (TCP)")
+                        help="client processes, a third each over the fast lane and shm (unix "
+                             "socket), and inline (TCP)")
     parser.add_argument("--calls", type=int, default=DEFAULT_CALLS,
                         help="measured calls per client")
     parser.add_argument("--warmup-rounds", type=int, default=DEFAULT_WARMUP_ROUNDS,

@@ -6,6 +6,7 @@ import contextlib
 import os
 import select
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -18,7 +19,7 @@ import jax
 import numpy as np
 import pytest
 
-from pytorch2jax_protocol import DEFAULT_MAX_MESSAGE_BYTES, channel_options, pb, pb_grpc, shm
+from pytorch2jax_protocol import DEFAULT_MAX_MESSAGE_BYTES, channel_options, lane, pb, pb_grpc, shm
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
@@ -208,8 +209,13 @@ def _gpu() -> bool:
 #: GPU, and every worker test also runs over CUDA IPC.
 GPU = _gpu()
 
-#: The transports every worker test runs over.
-TRANSPORTS = ("inline", "shm", "cuda_ipc") if GPU else ("inline", "shm")
+#: Whether the workers tests start offer the fast lane: the suite also runs with it off
+#: everywhere (PYTORCH2JAX_FAST_LANE=off, which the workers read as --fast-lane off).
+FAST_LANE = os.environ.get("PYTORCH2JAX_FAST_LANE", "on").lower() != "off"
+
+#: The transports every worker test runs over: "shm" is shared memory with its calls by
+#: gRPC, "lane" the same over the fast lane (memory passed as descriptors).
+TRANSPORTS = ("inline", "shm") + (("lane",) if FAST_LANE else ()) + (("cuda_ipc",) if GPU else ())
 
 
 @pytest.fixture(scope="session")
@@ -220,6 +226,8 @@ def clients(worker) -> Iterator[dict]:
     opened = {t: pytorch2jax.connect(worker.unix, transport=t) for t in TRANSPORTS}
     # Small arrays would travel inline; the tests' arrays are small, and should not.
     opened["shm"]._transport.inline_below = 0
+    if FAST_LANE:
+        opened["lane"]._transport.inline_below = 0
     try:
         yield opened
     finally:
@@ -239,14 +247,53 @@ class RawSession:
     """A session opened by hand, to send what the client library never would; its
     ``forward`` calls the ``scale_shift`` example on one tensor."""
 
-    def __init__(self, target: str, transports: tuple[int, ...] = (pb.SHM,)) -> None:
+    def __init__(
+        self,
+        target: str,
+        transports: tuple[int, ...] = (pb.SHM,),
+        *,
+        fast_lane: bool = False,
+        pid: int | None = None,
+    ) -> None:
         self.channel = grpc.insecure_channel(
             target, options=channel_options(DEFAULT_MAX_MESSAGE_BYTES)
         )
         self.stub = pb_grpc.BridgeStub(self.channel)
-        self.stream = self.stub.OpenSession(pb.OpenSessionRequest(transports=list(transports)))
+        request = pb.OpenSessionRequest(
+            transports=list(transports), fast_lane=fast_lane, pid=os.getpid() if pid is None else pid
+        )
+        self.stream = self.stub.OpenSession(request)
         self.info = next(self.stream)
         self.metadata = (("p2j-session", self.info.session.hex()),)
+        #: The capability for the next fast-lane connection.
+        self.capability = self.info.fast_lane.capability
+
+    def lane_connect(self, capability: bytes | None = None) -> tuple[socket.socket, lane.Frame]:
+        """A raw connection to the session's fast lane, and the worker's answer to its
+        hello (a spent or refused capability gets a status); the next capability is kept."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(10)
+        sock.connect(lane.socket_address(self.info.fast_lane.address))
+        lane.send(sock, lane.HELLO, payload=self.capability if capability is None else capability)
+        answer = lane.receive(sock, 1 << 16)
+        if answer.code == 0 and capability is None:
+            self.capability = bytes(answer.payload)
+        return sock, answer
+
+    @staticmethod
+    def lane_call(
+        sock: socket.socket, method: str, request: bytes, metadata: tuple = (), timeout: float = 10
+    ) -> lane.Frame:
+        """One call over a raw lane connection: its reply frame (code 0, or a status)."""
+        lane.send(
+            sock,
+            lane.CALL,
+            lane.METHOD_CODES[method],
+            request,
+            metadata=lane.encode_metadata(metadata),
+            timeout=timeout,
+        )
+        return lane.receive(sock, DEFAULT_MAX_MESSAGE_BYTES)
 
     def register(self, size: int = 1 << 20) -> tuple[int, np.ndarray]:
         name, mapping = shm.create(size)

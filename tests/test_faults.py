@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import pytorch2jax
-from conftest import RawSession, client_process, start_worker, wait_until, worker_stats
+from conftest import FAST_LANE, RawSession, client_process, start_worker, wait_until, worker_stats
 from pytorch2jax_protocol import pb, pb_grpc
 from pytorch2jax_server import examples
 
@@ -26,8 +26,9 @@ MODELS = {
     "mlp": "pytorch2jax_server.examples:mlp()",
     "scale_shift": "pytorch2jax_server.examples:scale_shift",
 }
-#: Where each transport is tested: shared memory over the unix socket, inline over TCP.
-TRANSPORTS = ("inline", "shm")
+#: Where each transport is tested: shared memory over the unix socket (its calls by gRPC,
+#: or over the fast lane), inline over TCP.
+TRANSPORTS = ("inline", "shm") + (("lane",) if FAST_LANE else ())
 
 
 def _slow(folder, seconds: float = 30.0, steps: int = 300) -> tuple[str, str]:
@@ -42,7 +43,7 @@ def _slow(folder, seconds: float = 30.0, steps: int = 300) -> tuple[str, str]:
 
 
 def _address(worker, transport: str) -> str:
-    return worker.unix if transport == "shm" else worker.tcp
+    return worker.tcp if transport == "inline" else worker.unix
 
 
 def _slow_reference(x: np.ndarray) -> np.ndarray:
@@ -116,7 +117,7 @@ def test_worker_killed_mid_call_then_restarted_at_the_same_address(tmp_path, tra
         np.testing.assert_array_equal(np.asarray(grad(x)), 2.0)
         assert client.transport == transport
         assert worker_stats(address).sessions == 1
-        if transport == "shm":
+        if transport != "inline":
             assert client.transport_info()["arenas"] == 1  # the new session's
         client.close()
 
@@ -206,7 +207,7 @@ def test_client_killed_mid_call_releases_what_it_held(worker, transport):
         held = worker_stats(address)
         assert held.residuals == before.residuals + 3
         assert held.sessions == before.sessions + 1
-        if transport == "shm":
+        if transport != "inline":
             assert held.regions > before.regions
         proc.kill()
         proc.wait()
@@ -278,11 +279,12 @@ def test_sigterm_finishes_calls_in_flight_and_refuses_new_ones(tmp_path):
         stub.ListModels(pb.ListModelsRequest(), timeout=10)  # the connection is up
         clients = [
             pytorch2jax.connect(a, call_timeout=60, transport=t)
-            for a, t in ((w.unix, "shm"), (w.tcp, "shm"), (w.tcp, "inline"))
+            for a, t in ((w.unix, "shm"), (w.tcp, "shm"), (w.tcp, "inline"), (w.unix, "auto"))
         ]
+        assert clients[3].transport == ("lane" if FAST_LANE else "shm")
         x = jnp.linspace(-1, 1, 4096, dtype=jnp.float32).reshape(1024, 4)  # 16 KiB
         joins = [_in_thread(lambda c=c: c.py_to_jax_wrapper("slow")(x)) for c in clients]
-        wait_until(lambda: worker_stats(w.tcp).calls_in_flight == 3)
+        wait_until(lambda: worker_stats(w.tcp).calls_in_flight == 4)
         w.process.send_signal(signal.SIGTERM)
 
         def refuses_new_connections():

@@ -8,6 +8,9 @@ models, parameters and residual handles), serialized requests with unknown field
 bytes flipped or cut, bytes that are no message at all, and references into a real
 session's shared memory that point outside it. The worker is this module's own, so that a
 crash fails no other test; the number of requests and their statuses are printed at the end.
+
+Every test runs twice: with Forward and Vjp sent by gRPC, and over the fast lane (the same
+messages and bytes, in the lane's frames; tests/test_lane.py fuzzes the framing itself).
 """
 
 from __future__ import annotations
@@ -32,12 +35,13 @@ from google.protobuf.message import DecodeError, Message
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from conftest import EXAMPLE_MODELS, RawSession, start_worker, varint
+from conftest import EXAMPLE_MODELS, FAST_LANE, RawSession, start_worker, varint
 from pytorch2jax_protocol import (
     DEFAULT_MAX_MESSAGE_BYTES,
     SERVICE_NAME,
     channel_options,
     dtypes,
+    lane,
     pb,
     pb_grpc,
     shm,
@@ -65,6 +69,7 @@ ALLOWED = frozenset(
 #: test_undecodable_request_is_invalid_argument.
 
 _SERVICE = pb.DESCRIPTOR.services_by_name["Bridge"]
+_CODES = {code.value[0]: code for code in Code}
 _UINT64 = (1 << 64) - 1
 _INT64 = st.integers(-(1 << 63), (1 << 63) - 1)
 _REPO = Path(__file__).resolve().parents[1]
@@ -153,14 +158,19 @@ def _describe(request) -> str:
 class _Fuzzer:
     """Sends requests to its worker and checks every answer; counts requests and statuses."""
 
-    def __init__(self, worker) -> None:
+    def __init__(self, worker, plane: str) -> None:
         self.worker = worker
         self.channel = grpc.insecure_channel(
             worker.unix, options=channel_options(DEFAULT_MAX_MESSAGE_BYTES)
         )
         self.stub = pb_grpc.BridgeStub(self.channel)
         # References are fuzzed in this session's one region; registrations in another.
-        self.session = RawSession(worker.unix)
+        self.session = RawSession(worker.unix, fast_lane=plane == "lane")
+        # Forward and Vjp go over the session's lane, on one connection.
+        self.lane = None
+        if plane == "lane":
+            self.lane, answer = self.session.lane_connect()
+            assert answer.code == 0
         self.region, self.memory = self.session.register(REGION_BYTES)
         assert self.region == 1  # region ids count from 1 per session: the strategies' 1
         self.memory.view(np.float32)[:] = np.arange(REGION_BYTES // 4) % 199 - 99
@@ -171,6 +181,8 @@ class _Fuzzer:
         self.mlp_expected = examples.mlp()(torch.from_numpy(MLP_X)).detach().numpy()
 
     def close(self) -> None:
+        if self.lane is not None:
+            self.lane.close()
         self.session.close()
         self.registrations.close()
         self.channel.close()
@@ -200,7 +212,9 @@ class _Fuzzer:
         self.requests += 1
         reply, details = None, ""
         try:
-            if method == "OpenSession":  # the stream lasts as long as the session
+            if self.lane is not None and method in lane.METHOD_CODES:
+                code, reply, details = self._over_lane(method, request, metadata)
+            elif method == "OpenSession":  # the stream lasts as long as the session
                 answer = stub(request, timeout=CALL_TIMEOUT_S, metadata=metadata)
                 try:
                     reply = next(answer)
@@ -210,7 +224,8 @@ class _Fuzzer:
                 reply = list(stub(request, timeout=CALL_TIMEOUT_S, metadata=metadata))
             else:
                 reply = stub(request, timeout=CALL_TIMEOUT_S, metadata=metadata)
-            code = Code.OK
+            if self.lane is None or method not in lane.METHOD_CODES:
+                code = Code.OK
         except grpc.RpcError as e:
             code, details = e.code(), e.details() or ""
         self.statuses[code.name] += 1
@@ -218,6 +233,17 @@ class _Fuzzer:
         if code != Code.OK:
             self.check_still_serves(after=what)
         return code, reply
+
+    def _over_lane(self, method: str, request: Message | bytes, metadata: tuple):
+        """Sends a Forward or Vjp over the lane: its status, reply and details."""
+        data = request if isinstance(request, bytes) else request.SerializeToString()
+        frame = RawSession.lane_call(self.lane, method, data, metadata, CALL_TIMEOUT_S)
+        code = _CODES[frame.code]
+        if code != Code.OK:
+            return code, None, bytes(frame.payload).decode()
+        if isinstance(request, bytes):
+            return code, bytes(frame.payload), ""
+        return code, getattr(pb, f"{method}Response").FromString(frame.payload), ""
 
     def _check(self, method, request, what: str, code, details: str, echoed: list[str]) -> None:
         assert self.worker.process.poll() is None, (
@@ -271,7 +297,7 @@ class _Fuzzer:
     def summary(self, seconds: float) -> str:
         statuses = dict(self.statuses.most_common())
         line = (
-            f"fuzz: {self.requests} requests over {self.examples} examples in {seconds:.1f} s "
+            f"fuzz ({'fast lane' if self.lane is not None else 'gRPC'}): {self.requests} requests over {self.examples} examples in {seconds:.1f} s "
             f"(and {self.good} good ones, after each bad one and each example); "
             f"statuses: {statuses}"
         )
@@ -296,10 +322,10 @@ def _scale_shift(x: np.ndarray | pb.Tensor) -> pb.ForwardRequest:
     return pb.ForwardRequest(model="scale_shift", arguments=pb.Arguments(args=args))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", params=["grpc", "lane"] if FAST_LANE else ["grpc"])
 def fuzz(request) -> Iterator[_Fuzzer]:
     with start_worker(models=MODELS) as worker:
-        fuzzer = _Fuzzer(worker)
+        fuzzer = _Fuzzer(worker, request.param)
         start = time.monotonic()
         try:
             yield fuzzer
@@ -782,8 +808,13 @@ def test_random_requests(fuzz, case, metadata):
     method, request = case
     code, _ = fuzz.call(method, request, fuzz.metadata(metadata))
     if method in _MODEL_CALLS and request.model not in MODELS:
-        # Names are looked up, never imported: "os:system" is no model.
-        assert code == Code.NOT_FOUND, f"{code} for model {request.model!r}"
+        # Names are looked up, never imported: "os:system" is no model. (The lane refuses
+        # a call naming another session before it looks at the call.)
+        other_session = fuzz.lane is not None and method in lane.METHOD_CODES and metadata in (
+            "unknown session", "short session id", "not hex"
+        )
+        want = Code.ABORTED if other_session else Code.NOT_FOUND
+        assert code == want, f"{code} for model {request.model!r}"
     fuzz.end_example()
 
 

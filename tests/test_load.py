@@ -1,7 +1,8 @@
 """``benchmarks/load.py``: many client processes at once on one worker, every result right.
 
-The script starts its own worker and clients (half on shared memory over the unix socket,
-half inline over TCP, eager and ``jit`` forwards and VJPs on two models) and exits 0 only
+The script starts its own worker and clients (a third each over the fast lane and shared
+memory over the unix socket, and inline over TCP, eager and ``jit`` forwards and VJPs on
+two models) and exits 0 only
 if no call failed, the worker's RSS stayed within 10% over the measured run, the worker
 holds no residual after the last VJP and no session once the clients closed, and no
 segment was left in /dev/shm.

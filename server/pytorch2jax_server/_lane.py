@@ -191,6 +191,7 @@ class Lane:
         self._connections: dict[bytes, set[socket.socket]] = {}  # by session id
         self._handshakes = 0
         self._in_flight = 0
+        self._calls = 0
         self._stopping = False
         self._handlers: dict[int, tuple[Any, Callable[..., Any]]] = {}
         self._watch: _Watch | None = None
@@ -224,10 +225,10 @@ class Lane:
             self._capabilities[capability] = (session, pid)
         return capability
 
-    def held(self) -> int:
-        """Open connections, for stats and tests."""
+    def held(self) -> tuple[int, int]:
+        """Open connections, and the calls served over the lane, for stats."""
         with self._lock:
-            return sum(len(c) for c in self._connections.values())
+            return sum(len(c) for c in self._connections.values()), self._calls
 
     # -- connections -----------------------------------------------------------------------
 
@@ -292,6 +293,7 @@ class Lane:
         conn.settimeout(None)
         if frame.kind != lane.HELLO:
             raise lane.FrameError("a connection starts with a hello")
+        code = grpc.StatusCode.PERMISSION_DENIED
         with self._lock:
             issued = self._capabilities.pop(bytes(frame.payload), None)
             if issued is not None and issued[1] != pid:
@@ -306,15 +308,16 @@ class Lane:
                 if session.closed.is_set():
                     issued, why = None, "the session has ended"
                 elif len(held) >= self._max_connections:
+                    code = grpc.StatusCode.RESOURCE_EXHAUSTED
                     issued, why = None, (
                         f"the session has {self._max_connections} fast-lane connections, "
-                        "its limit"
+                        "its limit; its other calls go by gRPC"
                     )
                 else:
                     held.add(conn)
                     self._handshakes -= 1
         if issued is None:
-            raise _Abort(grpc.StatusCode.PERMISSION_DENIED, f"fast lane refused: {why}")
+            raise _Abort(code, f"fast lane refused: {why}")
         return issued
 
     def _call(self, conn: socket.socket, session: Session, pid: int, frame: lane.Frame) -> None:
@@ -355,6 +358,7 @@ class Lane:
             watch.unwatch(fd)
             with self._lock:
                 self._in_flight -= 1
+                self._calls += 1
                 self._idle.notify_all()
         lane.send(conn, lane.REPLY, code, payload)
 

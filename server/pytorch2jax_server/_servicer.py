@@ -396,8 +396,11 @@ class BridgeServicer(pb_grpc.BridgeServicer):
     @_reporting
     def GetWorkerStats(self, request, context):
         sessions, regions, region_bytes = self._sessions.held()
+        lane_connections, lane_calls = self._lane.held() if self._lane is not None else (0, 0)
         calls = self._calls
         return pb.WorkerStats(
+            lane_connections=lane_connections,
+            lane_calls=lane_calls,
             calls_in_flight=calls.in_flight,
             calls_served=calls.served,
             calls_cancelled=calls.cancelled,

@@ -428,7 +428,7 @@ class WorkerStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerStats(_message.Message):
-    __slots__ = ("calls_in_flight", "calls_served", "calls_cancelled", "sessions", "regions", "region_bytes", "residuals", "residual_bytes", "resident_bytes", "calls_refused")
+    __slots__ = ("calls_in_flight", "calls_served", "calls_cancelled", "sessions", "regions", "region_bytes", "residuals", "residual_bytes", "resident_bytes", "calls_refused", "lane_connections", "lane_calls")
     CALLS_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
     CALLS_SERVED_FIELD_NUMBER: _ClassVar[int]
     CALLS_CANCELLED_FIELD_NUMBER: _ClassVar[int]
@@ -439,6 +439,8 @@ class WorkerStats(_message.Message):
     RESIDUAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     RESIDENT_BYTES_FIELD_NUMBER: _ClassVar[int]
     CALLS_REFUSED_FIELD_NUMBER: _ClassVar[int]
+    LANE_CONNECTIONS_FIELD_NUMBER: _ClassVar[int]
+    LANE_CALLS_FIELD_NUMBER: _ClassVar[int]
     calls_in_flight: int
     calls_served: int
     calls_cancelled: int
@@ -449,4 +451,6 @@ class WorkerStats(_message.Message):
     residual_bytes: int
     resident_bytes: int
     calls_refused: int
-    def __init__(self, calls_in_flight: _Optional[int] = ..., calls_served: _Optional[int] = ..., calls_cancelled: _Optional[int] = ..., sessions: _Optional[int] = ..., regions: _Optional[int] = ..., region_bytes: _Optional[int] = ..., residuals: _Optional[int] = ..., residual_bytes: _Optional[int] = ..., resident_bytes: _Optional[int] = ..., calls_refused: _Optional[int] = ...) -> None: ...
+    lane_connections: int
+    lane_calls: int
+    def __init__(self, calls_in_flight: _Optional[int] = ..., calls_served: _Optional[int] = ..., calls_cancelled: _Optional[int] = ..., sessions: _Optional[int] = ..., regions: _Optional[int] = ..., region_bytes: _Optional[int] = ..., residuals: _Optional[int] = ..., residual_bytes: _Optional[int] = ..., resident_bytes: _Optional[int] = ..., calls_refused: _Optional[int] = ..., lane_connections: _Optional[int] = ..., lane_calls: _Optional[int] = ...) -> None: ...
