@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from pytorch2jax_server._cli import main
     from pytorch2jax_server._security import Security, SecurityError
     from pytorch2jax_server._server import Worker, create_server
+    from pytorch2jax_server._sessions import SessionPolicy
     from pytorch2jax_server.engine import Registry, ResidualCache
 
 __all__ = [
@@ -31,6 +32,7 @@ __all__ = [
     "ResidualCache",
     "Security",
     "SecurityError",
+    "SessionPolicy",
     "Worker",
     "__version__",
     "create_server",
@@ -47,6 +49,8 @@ def __getattr__(name: str) -> Any:
         from pytorch2jax_server import _security as module
     elif name in ("Worker", "create_server"):
         from pytorch2jax_server import _server as module
+    elif name == "SessionPolicy":
+        from pytorch2jax_server import _sessions as module
     elif name == "main":
         from pytorch2jax_server import _cli as module
     else:

@@ -12,7 +12,7 @@ import threading
 import torch
 
 from pytorch2jax_server import _loading
-from pytorch2jax_server._dataplane import Sessions
+from pytorch2jax_server._sessions import SessionPolicy
 from pytorch2jax_server._security import Security, SecurityError
 from pytorch2jax_server._server import create_server
 from pytorch2jax_server._settings import ENV_PREFIX, SettingError, add_options, resolve
@@ -101,8 +101,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    sessions = Sessions(
-        device=device,
+    sessions = SessionPolicy(
         shared_memory=settings["shared_memory"],
         max_sessions=settings["max_sessions"],
         max_bytes=settings["shared_memory_mb"] * _MB,

@@ -45,7 +45,8 @@ from typing import Any
 import grpc
 
 from pytorch2jax_protocol import lane, pb, shm
-from pytorch2jax_server._dataplane import Session, Sessions
+from pytorch2jax_server._dataplane import shm as shm_plane
+from pytorch2jax_server._sessions import Session, Sessions
 from pytorch2jax_server._status import status_of
 from pytorch2jax_server.engine import InvalidRequestError
 
@@ -386,7 +387,7 @@ class Lane:
                     "registering a region passes one descriptor and the region's size"
                 )
             (size,) = lane.REGION_SIZE.unpack(frame.payload)
-            region = session.register_fd(fds.pop(), size)
+            region = shm_plane.map_descriptor(session, fds.pop(), size)
         except Exception as e:  # noqa: BLE001 - mapped at the boundary, as a handler's
             code, details = status_of(e)
             lane.send(conn, lane.REPLY, code.value[0], details.encode())

@@ -26,7 +26,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 
 if TYPE_CHECKING:
     from pytorch2jax_server._calls import Calls
-    from pytorch2jax_server._dataplane import Sessions
+    from pytorch2jax_server._sessions import Sessions
     from pytorch2jax_server.engine import ResidualCache
 
 PREFIX = "pytorch2jax_"

@@ -20,12 +20,13 @@ from grpc_reflection.v1alpha import reflection
 
 from pytorch2jax_protocol import DEFAULT_MAX_MESSAGE_BYTES, SERVICE_NAME, channel_options, pb_grpc
 from pytorch2jax_server._calls import Calls
-from pytorch2jax_server._dataplane import Sessions
+from pytorch2jax_server._dataplane import cuda_ipc
 from pytorch2jax_server._lane import Lane
 from pytorch2jax_server._lane import unavailable_reason as lane_unavailable_reason
 from pytorch2jax_server._metrics import Metrics
 from pytorch2jax_server._security import Security
 from pytorch2jax_server._servicer import BridgeServicer
+from pytorch2jax_server._sessions import SessionPolicy, Sessions
 from pytorch2jax_server._status import RefuseUndecodable
 from pytorch2jax_server.engine import Registry, ResidualCache
 
@@ -148,7 +149,7 @@ def create_server(
     listen: list[str] | tuple[str, ...] = DEFAULT_LISTEN,
     *,
     residuals: ResidualCache | None = None,
-    sessions: Sessions | None = None,
+    sessions: SessionPolicy | None = None,
     max_workers: int = DEFAULT_MAX_WORKERS,
     max_concurrent_calls: int = DEFAULT_MAX_CONCURRENT_CALLS,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
@@ -161,7 +162,8 @@ def create_server(
     TCP addresses may use port 0; the returned ``Worker.addresses`` hold the bound ports.
     Unix sockets (``unix:///path``) are created with mode 0600; a stale socket file that
     no process listens on (a killed worker's) is replaced. ``security`` adds TLS to
-    the TCP addresses and a bearer-token check to every call. ``metrics_listen``
+    the TCP addresses and a bearer-token check to every call. ``sessions`` says who may
+    share memory and how much (``SessionPolicy``). ``metrics_listen``
     (``HOST:PORT``, port 0 for any free one) serves Prometheus metrics over plain HTTP at
     ``Worker.metrics.url``; they are counted either way (``Worker.metrics.registry``).
     ``fast_lane`` offers clients that may use shared memory a unix socket beside gRPC for
@@ -170,8 +172,11 @@ def create_server(
     # Not `residuals or ...`: an empty cache is falsy (it has a length), and the worker's
     # --residual-cache-* settings were once dropped that way.
     residuals = ResidualCache() if residuals is None else residuals
-    sessions = Sessions() if sessions is None else sessions
-    sessions.on_close.append(residuals.release_owner)
+    sessions = Sessions(
+        SessionPolicy() if sessions is None else sessions,
+        cuda_ipc_unavailable=cuda_ipc.unavailable_reason(registry.device),
+        on_close=[residuals.release_owner],
+    )
     security = security or Security()
     calls = Calls(max_calls=max_concurrent_calls, max_running=max_workers)
     metrics = Metrics(calls, residuals, sessions)

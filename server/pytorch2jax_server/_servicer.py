@@ -33,9 +33,17 @@ from pytorch2jax_protocol import (
     values,
 )
 from pytorch2jax_server._calls import Calls
-from pytorch2jax_server._dataplane import CallCodec, Sessions, inline, named_session, session_of
+from pytorch2jax_server._dataplane import (
+    CallCodec,
+    cuda_ipc,
+    inline,
+    named_session,
+    session_of,
+    shm,
+)
 from pytorch2jax_server._lane import Lane
 from pytorch2jax_server._metrics import Metrics
+from pytorch2jax_server._sessions import Sessions
 from pytorch2jax_server._status import status_of
 from pytorch2jax_server._version import __version__
 from pytorch2jax_server._wire import empty_from_spec, model_info, to_spec
@@ -207,12 +215,16 @@ class BridgeServicer(pb_grpc.BridgeServicer):
     @_reporting
     def RegisterRegion(self, request, context):
         session = session_of(self._sessions, context)
-        return pb.RegisterRegionResponse(region=session.register(request.name, request.size))
+        return pb.RegisterRegionResponse(
+            region=shm.map_segment(session, request.name, request.size)
+        )
 
     @_reporting
     def CreateCudaPool(self, request, context):
         session = session_of(self._sessions, context)
-        region, handle = session.create_pool(self._sessions.device, request.device_uuid, request.size)
+        region, handle = cuda_ipc.create_pool(
+            session, self._registry.device, request.device_uuid, request.size
+        )
         return pb.CreateCudaPoolResponse(region=region, ipc_handle=handle)
 
     @_reporting
@@ -260,7 +272,7 @@ class BridgeServicer(pb_grpc.BridgeServicer):
     def InferShapes(self, request, context, call: Call):
         model = self._registry.get(request.model)
 
-        device = self._sessions.device
+        device = self._registry.device
 
         def build():
             def from_tensor(msg: pb.Tensor) -> torch.Tensor:
@@ -287,7 +299,11 @@ class BridgeServicer(pb_grpc.BridgeServicer):
         # Checked before the work: a client whose session is gone must open a new one.
         owner = named_session(self._sessions, context) if request.keep_residual else None
         codec = CallCodec(
-            self._sessions, context, _reply_area(request), keep=request.keep_residual
+            self._sessions,
+            context,
+            self._registry.device,
+            _reply_area(request),
+            keep=request.keep_residual,
         )
         try:
             decoded = _Decoded(request.arguments, request.parameters, codec)
@@ -334,7 +350,7 @@ class BridgeServicer(pb_grpc.BridgeServicer):
     @_serving
     def Vjp(self, request, context, call: Call):
         model = self._registry.get(request.model)
-        codec = CallCodec(self._sessions, context, _reply_area(request))
+        codec = CallCodec(self._sessions, context, self._registry.device, _reply_area(request))
         try:
             return self._vjp(model, request, codec, call)
         finally:

@@ -18,8 +18,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from pytorch2jax_protocol import DEFAULT_MAX_MESSAGE_BYTES
-from pytorch2jax_server._dataplane import SHARED_MEMORY_POLICIES
-from pytorch2jax_server._dataplane.shm import DEFAULT_MAX_SESSION_BYTES, DEFAULT_MAX_SESSIONS
+from pytorch2jax_server._sessions import (
+    DEFAULT_MAX_SESSION_BYTES,
+    DEFAULT_MAX_SESSIONS,
+    SHARED_MEMORY_POLICIES,
+)
 from pytorch2jax_server._metrics import parse_address
 from pytorch2jax_server._server import (
     DEFAULT_LISTEN,

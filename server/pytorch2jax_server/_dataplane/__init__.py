@@ -13,21 +13,14 @@ from __future__ import annotations
 import grpc
 import torch
 
-from pytorch2jax_protocol import pb, shm as _shm
+from pytorch2jax_protocol import pb
+from pytorch2jax_protocol import shm as _shm
 
-from pytorch2jax_server._dataplane import inline
-from pytorch2jax_server._dataplane.shm import SHARED_MEMORY_POLICIES, Session, Sessions
+from pytorch2jax_server._dataplane import cuda_ipc, inline, shm
+from pytorch2jax_server._sessions import Session, Sessions
 from pytorch2jax_server.engine import InvalidRequestError, dense, dense_cpu, wire_dtype
 
-__all__ = [
-    "SHARED_MEMORY_POLICIES",
-    "CallCodec",
-    "Session",
-    "Sessions",
-    "inline",
-    "named_session",
-    "session_of",
-]
+__all__ = ["CallCodec", "cuda_ipc", "inline", "named_session", "session_of", "shm"]
 
 
 def named_session(sessions: Sessions, context: grpc.ServicerContext) -> Session | None:
@@ -63,18 +56,20 @@ class CallCodec:
         self,
         sessions: Sessions,
         context: grpc.ServicerContext,
+        device: torch.device,
         reply_area: pb.SharedMemoryRef | None = None,
         *,
         keep: bool = False,
     ) -> None:
         self._sessions = sessions
+        self._device = device  # where the models run
         self._context = context
         self._session: Session | None = None
         # Tensors kept past the call (a residual: autograd's graph holds its inputs) must
         # not view the client's slots, which it reuses once the call returns.
         self._keep = keep
         self._area_ref = reply_area
-        self._area = self._session_().area(reply_area) if reply_area is not None else None
+        self._area = shm.area(self._session_(), reply_area) if reply_area is not None else None
         self._cursor = 0
         # The GPU whose stream must be synchronised before the reply (see finish).
         self._gpu: torch.device | None = None
@@ -89,16 +84,16 @@ class CallCodec:
     def decode(self, msg: pb.Tensor) -> torch.Tensor:
         """The tensor of ``msg``, on the device the models run on."""
         payload = msg.WhichOneof("payload")
-        device = self._sessions.device
+        device = self._device
         if payload == "cuda_ipc":
-            # A pool is always on the serving device (Session.create_pool).
-            t = self._session_().view(msg.cuda_ipc, msg.dtype, msg.shape, gpu=True)
+            # A pool is always on the serving device (cuda_ipc.create_pool).
+            t = shm.view(self._session_(), msg.cuda_ipc, msg.dtype, msg.shape, gpu=True)
             self._gpu = t.device
             return t.clone() if self._keep else t
         if payload != "shm":
             t = inline.decode(msg)
         else:
-            t = self._session_().view(msg.shm, msg.dtype, msg.shape)
+            t = shm.view(self._session_(), msg.shm, msg.dtype, msg.shape)
             if self._keep and device.type == "cpu":
                 t = t.clone()
         return t if device.type == "cpu" else t.to(device)

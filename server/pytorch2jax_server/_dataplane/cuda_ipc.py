@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import torch
 
-from pytorch2jax_protocol import cuda
+from pytorch2jax_protocol import cuda, pb
 
-from pytorch2jax_server.engine import InvalidRequestError, UnsupportedError
+from pytorch2jax_server._sessions import Session
+from pytorch2jax_server.engine import InvalidRequestError, LimitExceededError, UnsupportedError
 
 
 class _Allocation:
@@ -69,3 +70,26 @@ def unavailable_reason(device: torch.device) -> str:
     if not cuda.available():
         return "this worker has no cuda-python or sees no GPU through it"
     return ""
+
+
+def create_pool(session: Session, device: torch.device, uuid: bytes, size: int) -> tuple[int, bytes]:
+    """A new GPU pool of ``size`` bytes in ``session``, on ``device`` (where models run),
+    which must be the GPU ``uuid`` names: its region id and CUDA IPC handle."""
+    if pb.CUDA_IPC not in session.transports:
+        raise UnsupportedError(
+            f"this worker does not offer CUDA IPC to this client (peer {session.peer}); use "
+            "transport='shm' or 'inline'"
+        )
+    device = serving_device(device, uuid)
+    if size <= 0:
+        raise InvalidRequestError(f"a CUDA pool needs a positive size; got {size}")
+    made: list[DevicePool] = []
+
+    def make() -> DevicePool:
+        try:
+            made.append(DevicePool(device, size))
+        except (cuda.CudaError, torch.OutOfMemoryError) as e:
+            raise LimitExceededError(f"cannot allocate {size} bytes on the worker's GPU: {e}") from None
+        return made[0]
+
+    return session.add(size, make), made[0].handle

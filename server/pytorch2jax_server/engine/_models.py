@@ -640,7 +640,9 @@ class Registry:
     """The models a worker serves, by name."""
 
     def __init__(self, models: dict[str, Any], device: torch.device | str = "cpu") -> None:
-        self._models = {name: ServedModel(name, obj, device) for name, obj in models.items()}
+        #: Where the models run: the one place the worker's serving device is kept.
+        self.device = torch.device(device)
+        self._models = {name: ServedModel(name, obj, self.device) for name, obj in models.items()}
 
     def __iter__(self):
         return iter(self._models.values())
