@@ -223,11 +223,12 @@ def clients(worker) -> Iterator[dict]:
     """One client per transport, to the shared worker, by transport name."""
     import pytorch2jax
 
-    opened = {t: pytorch2jax.connect(worker.unix, transport=t) for t in TRANSPORTS}
     # Small arrays would travel inline; the tests' arrays are small, and should not.
-    opened["shm"]._transport.inline_below = 0
-    if FAST_LANE:
-        opened["lane"]._transport.inline_below = 0
+    chosen = {
+        "shm": pytorch2jax.ShmTransport(inline_below=0, fast_lane="off"),
+        "lane": pytorch2jax.ShmTransport(inline_below=0, fast_lane="required"),
+    }
+    opened = {t: pytorch2jax.connect(worker.unix, transport=chosen.get(t, t)) for t in TRANSPORTS}
     try:
         yield opened
     finally:

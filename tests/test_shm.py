@@ -232,6 +232,19 @@ def test_unknown_transport_is_refused(shm_worker):
         pytorch2jax.connect(shm_worker.unix, transport="cuda_ipc")
 
 
+def test_a_transport_object_brings_its_own_options(shm_worker):
+    transport = pytorch2jax.ShmTransport(arena_bytes=4 << 20, inline_below=0, fast_lane="off")
+    with pytorch2jax.connect(shm_worker.unix, transport=transport) as c:
+        assert c.transport == "shm"
+        y = c.py_to_jax_wrapper("scale_shift")(jnp.ones(4), jnp.float32(0))
+        np.testing.assert_array_equal(y, 2.0)
+        assert c.transport_info()["bytes"] == 4 << 20
+        with pytest.raises(pytorch2jax.InvalidArgumentError, match="already belongs to a client"):
+            pytorch2jax.connect(shm_worker.unix, transport=transport)
+    with pytest.raises(pytorch2jax.InvalidArgumentError, match="fast_lane must be one of"):
+        pytorch2jax.ShmTransport(fast_lane="sometimes")
+
+
 def test_worker_restart_opens_a_new_session(tmp_path):
     socket = f"unix://{tmp_path}/w.sock"
     x = jnp.arange(float(1 << 14))  # 64 KiB: through shared memory, not inline

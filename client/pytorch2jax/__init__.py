@@ -47,12 +47,14 @@ from pytorch2jax._inprocess import (
     py_to_jax_wrapper,
 )
 from pytorch2jax._models import ModelInfo
+from pytorch2jax._transports import InlineTransport, ShmTransport, Transport
 from pytorch2jax_protocol.channels import TLS
 
 __all__ = [
     "AuthenticationError",
     "CallCancelledError",
     "Client",
+    "InlineTransport",
     "InvalidArgumentError",
     "ModelInfo",
     "ModelNotFoundError",
@@ -60,8 +62,10 @@ __all__ = [
     "ResidualLostError",
     "ResourceExhaustedError",
     "SessionLostError",
+    "ShmTransport",
     "TLS",
     "TorchModule",
+    "Transport",
     "UnsupportedError",
     "VmapFallbackWarning",
     "WorkerInternalError",

@@ -65,7 +65,7 @@ def connect(
     call_timeout: float = DEFAULT_CALL_TIMEOUT_S,
     reconnect: float = DEFAULT_RECONNECT_S,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-    transport: str = "auto",
+    transport: str | Transport = "auto",
 ) -> Client:
     """Connects to the worker at ``target``, waits until it answers, and agrees with it how
     tensor bytes travel.
@@ -94,7 +94,9 @@ def connect(
             ``"lane"`` (calls over the worker's fast lane, a unix socket beside gRPC, with
             shared memory passed as file descriptors), ``"shm"`` (shared memory, calls by
             gRPC), ``"cuda_ipc"`` (each or UnsupportedError), or ``"inline"`` (bytes in
-            the gRPC messages; any host). A pool always sends tensors inline.
+            the gRPC messages; any host); or a transport with options of its own, e.g.
+            ``pytorch2jax.ShmTransport(arena_bytes=256 << 20)``, which then belongs to
+            this client. A pool always sends tensors inline.
 
     Example::
 
@@ -118,7 +120,7 @@ def connect(
             client._transport = open_transport(
                 transport, client._channel, client.target, max_message_bytes=max_message_bytes
             )
-        elif transport not in ("auto", "inline"):
+        elif isinstance(transport, Transport) or transport not in ("auto", "inline"):
             raise InvalidArgumentError(
                 f"transport={transport!r} needs a single worker: a shared-memory or CUDA IPC "
                 "session belongs to one worker process, and a pool sends tensors inline; "

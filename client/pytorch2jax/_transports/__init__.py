@@ -7,7 +7,8 @@ unix socket beside gRPC: a worker on this host, Linux), ``"cuda_ipc"`` (GPU pool
 worker on this host serving on the same GPU as JAX) or ``"auto"``: CUDA IPC when JAX runs
 on a GPU and the worker offers it, else the fast lane when the worker offers one and it
 can be reached, else shared memory when the worker offers it and can map our segments,
-inline otherwise.
+inline otherwise. A Transport object (``ShmTransport(...)`` with options of its own) is
+opened as it is.
 """
 
 from __future__ import annotations
@@ -31,34 +32,41 @@ _log = logging.getLogger("pytorch2jax")
 
 
 def open_transport(
-    choice: str, channel: grpc.Channel, target: str, *, max_message_bytes: int
+    choice: str | Transport, channel: grpc.Channel, target: str, *, max_message_bytes: int
 ) -> Transport:
+    """The transport ``choice`` names (or is), opened with the worker at ``target``."""
+    if isinstance(choice, Transport):
+        choice.open(channel, target, max_message_bytes=max_message_bytes)
+        return choice
     if choice not in TRANSPORTS:
         raise InvalidArgumentError(
-            f"transport must be one of {', '.join(map(repr, TRANSPORTS))}; got {choice!r}"
+            f"transport must be one of {', '.join(map(repr, TRANSPORTS))} or a Transport "
+            f"(e.g. pytorch2jax.ShmTransport(...)); got {choice!r}"
         )
+
+    def opened(transport: Transport) -> Transport:
+        transport.open(channel, target, max_message_bytes=max_message_bytes)
+        return transport
+
     if choice == "inline":
-        return InlineTransport(channel, target)
+        return opened(InlineTransport())
     if choice == "cuda_ipc":
         from pytorch2jax._transports.cuda_ipc import CudaIpcTransport  # imports jax's GPU
 
-        return CudaIpcTransport(channel, target)
+        return opened(CudaIpcTransport())
     if choice in ("shm", "lane"):
-        lane = "required" if choice == "lane" else "off"
-        return ShmTransport(channel, target, fast_lane=lane, max_message_bytes=max_message_bytes)
+        return opened(ShmTransport(fast_lane="required" if choice == "lane" else "off"))
     if jax.default_backend() == "gpu":
         from pytorch2jax._transports.cuda_ipc import CudaIpcTransport
 
         try:
-            return CudaIpcTransport(channel, target)
+            return opened(CudaIpcTransport())
         except (UnsupportedError, ResourceExhaustedError, cuda.CudaError) as e:
             _log.info("no CUDA IPC with %s: %s", target, e)
     try:
-        return ShmTransport(
-            channel, target, fast_lane="if_offered", max_message_bytes=max_message_bytes
-        )
+        return opened(ShmTransport(fast_lane="if_offered"))
     except UnsupportedError as e:
         _log.info("tensors travel inline to %s: %s", target, e)
     except ResourceExhaustedError as e:  # the worker's session limit, or /dev/shm is full
         _log.warning("tensors travel inline to %s: %s", target, e)
-    return InlineTransport(channel, target)
+    return opened(InlineTransport())

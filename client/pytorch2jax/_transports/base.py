@@ -1,6 +1,8 @@
 """The interface every transport implements: how one call's tensor bytes travel.
 
-A ``Transport`` belongs to one Client and lasts as long as it. For each RPC the remote
+A ``Transport`` is made with its options only, and ``open`` ties it to one Client's
+channel (``connect(transport=...)`` does; a name there makes the transport of that name);
+it then belongs to that Client and lasts as long as it. For each RPC the remote
 backend opens a ``Call`` (a context manager), turns request arrays into wire tensors with
 ``put``, sends ``reply_area`` for the worker to write into, reads reply tensors with
 ``get``, and closes the call. What ``get`` returns may alias transport memory; such memory
@@ -27,7 +29,12 @@ import grpc
 import numpy as np
 
 from pytorch2jax._callbacks import HOST_IO, ArrayIO
-from pytorch2jax._exceptions import Pytorch2JaxError, WorkerUnavailableError, from_rpc_error
+from pytorch2jax._exceptions import (
+    InvalidArgumentError,
+    Pytorch2JaxError,
+    WorkerUnavailableError,
+    from_rpc_error,
+)
 from pytorch2jax._transports.lane import FastLane
 from pytorch2jax_protocol import pb, pb_grpc
 
@@ -103,7 +110,7 @@ class Call(abc.ABC):
 class Transport(abc.ABC):
     """A way for tensor bytes to travel between this client and its worker."""
 
-    #: "inline", "shm" or "cuda_ipc": what ``connect(transport=...)`` names it.
+    #: "inline", "shm", "lane" or "cuda_ipc": what ``connect(transport=...)`` names it.
     name: str
 
     #: How calls take and give arrays: numpy arrays, unless the transport works in GPU
@@ -117,6 +124,11 @@ class Transport(abc.ABC):
     #: The session's fast lane while it is usable (``_transports.lane``): the client sends
     #: the calls it carries that way instead of by gRPC.
     lane: FastLane | None = None
+
+    def open(self, channel: grpc.Channel, target: str, *, max_message_bytes: int) -> None:
+        """Ties the transport to the worker at ``target`` over ``channel``: opens what it
+        holds there (a session, memory). Raises UnsupportedError if the worker does not
+        offer it to this client."""
 
     @abc.abstractmethod
     def call(self, request_bytes: int, reply_bytes: int) -> Call:
@@ -143,9 +155,10 @@ class SessionTransport(Transport):
     Subclasses open the session in ``_open`` (setting ``_stream`` and ``_metadata``) and
     free what they hold besides the stream in ``_end``."""
 
-    def __init__(self, channel: grpc.Channel | None, target: str) -> None:
-        self._stub = pb_grpc.BridgeStub(channel) if channel is not None else None
-        self._target = target
+    def __init__(self) -> None:
+        self._stub: pb_grpc.BridgeStub | None = None  # until open()
+        self._target = ""
+        self._max_message_bytes = 0
         self._lock = threading.Lock()
         self._stream: Any = None
         self._closed = False
@@ -153,6 +166,17 @@ class SessionTransport(Transport):
         self._reopen_at = math.inf  # when to ask again for a session the worker refused
         self._reopen_after = REOPEN_AFTER_S
         self._warned_no_session = False
+
+    def open(self, channel: grpc.Channel, target: str, *, max_message_bytes: int) -> None:
+        if self._stub is not None:
+            raise InvalidArgumentError(
+                "this transport already belongs to a client; give each connect() a transport "
+                "of its own"
+            )
+        self._stub = pb_grpc.BridgeStub(channel)
+        self._target = target
+        self._max_message_bytes = max_message_bytes
+        self._open()
 
     @abc.abstractmethod
     def _open(self) -> None:

@@ -2,8 +2,9 @@
 the same GPU as a worker serving with ``--device cuda``.
 
 The worker owns the memory: for each arena it takes a pool with ``cudaMalloc`` and sends
-its IPC handle, which this client opens once (``pytorch2jax_protocol.cuda``); the arenas,
-leases and reply areas are the shared-memory transport's, over device addresses. Per call:
+its IPC handle, which this client opens once (``pytorch2jax_protocol.cuda``); arenas and
+leases are ``arenas``', over device addresses. Calls go by gRPC (the fast lane carries
+only host memory so far). Per call:
 
 - request arrays are copied device-to-device into a request block, in the order of the
   stream XLA runs the callback on (or after ``block_until_ready`` for eager calls), and
@@ -27,15 +28,14 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
-import grpc
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from pytorch2jax._callbacks import HOST_IO, ArrayIO, buffer_callback
 from pytorch2jax._exceptions import UnsupportedError, WorkerInternalError
-from pytorch2jax._transports.base import SETUP_TIMEOUT_S, Call
-from pytorch2jax._transports.shm import ShmTransport, _Arena, _Lease
+from pytorch2jax._transports.arenas import Arena, ArenaTransport, Lease, locate
+from pytorch2jax._transports.base import SETUP_TIMEOUT_S, Call, open_session
 from pytorch2jax_protocol import cuda, dtypes, pb, shm, tensors
 
 #: The first pool's size; each later one is at least twice the last.
@@ -169,23 +169,18 @@ def _into_device_buffers(host: Any, ctx: Any, out: Any, *inputs: Any) -> None:
 DEVICE_IO = DeviceIO()
 
 
-class _DeviceLease(_Lease):
-    """A block of a GPU pool: as ``_Lease``, but for device memory."""
+class DeviceLease(Lease):
+    """A block of a GPU pool, with the CUDA array interface (and none numpy would read)."""
 
     __slots__ = ("__cuda_array_interface__",)
 
-    def __init__(self, arena: _Arena, offset: int, nbytes: int, returns: Any) -> None:
+    def __init__(self, arena: Arena, offset: int, nbytes: int, returns: Any) -> None:
         super().__init__(arena, offset, nbytes, returns)
-        del self.__array_interface__  # not host memory: numpy must not read it
         self.__cuda_array_interface__ = cuda.array_interface(arena.address + offset, (nbytes,), "|u1")
-
-    @property
-    def address(self) -> int:
-        return self.arena.address + self.offset
 
 
 class CudaIpcCall(Call):
-    def __init__(self, request: _DeviceLease | None, reply: _DeviceLease | None, inline_below: int):
+    def __init__(self, request: DeviceLease | None, reply: DeviceLease | None, inline_below: int):
         self._request = request
         self._cursor = 0
         self._copied = False
@@ -216,7 +211,7 @@ class CudaIpcCall(Call):
     def get(self, msg: pb.Tensor) -> Any:
         if msg.WhichOneof("payload") != "cuda_ipc":
             return tensors.from_wire(msg)
-        start = _Lease.locate(self._reply, msg.cuda_ipc, msg)
+        start = locate(self._reply, msg.cuda_ipc, msg)
         dtype = dtypes.to_numpy(msg.dtype)
         return cuda.DeviceView(
             self._reply.address + start,
@@ -254,17 +249,18 @@ def _jax_gpu() -> Any:
     return jax.devices("gpu")[0]
 
 
-class CudaIpcTransport(ShmTransport):
+class CudaIpcTransport(ArenaTransport):
     """GPU pools of a worker on this host and GPU, under one session (see the module doc)."""
 
     name = "cuda_ipc"
     io = DEVICE_IO
-    _offer = pb.CUDA_IPC
     _memory = "a CUDA IPC pool"
-    _lease_type = _DeviceLease
+    _lease_type = DeviceLease
     _call_type = CudaIpcCall
 
-    def __init__(self, channel: grpc.Channel, target: str) -> None:
+    def __init__(
+        self, *, max_bytes: int = DEFAULT_MAX_POOL_BYTES, pool_bytes: int = DEFAULT_POOL_BYTES
+    ) -> None:
         if not cuda.available():
             raise UnsupportedError(
                 "the cuda_ipc transport needs cuda-python and a GPU on this machine: "
@@ -273,13 +269,23 @@ class CudaIpcTransport(ShmTransport):
         device = _jax_gpu()
         self._ordinal = device.local_hardware_id
         self._uuid = cuda.device_uuid(self._ordinal)
-        super().__init__(
-            channel,
-            target,
-            max_bytes=DEFAULT_MAX_POOL_BYTES,
-            arena_bytes=DEFAULT_POOL_BYTES,
-            inline_below=0,  # a small GPU array inline would cost a device-to-host copy
-        )
+        # A small GPU array inline would cost a device-to-host copy: none travel inline.
+        super().__init__(max_bytes=max_bytes, arena_bytes=pool_bytes, inline_below=0)
+
+    def _open(self) -> None:
+        """Opens a session and has the worker make a first pool, which proves it serves
+        on this GPU and can export its memory. Raises UnsupportedError if not."""
+        assert self._stub is not None  # opened
+        stream, info = open_session(self._stub, self._target, [pb.CUDA_IPC])
+        if pb.CUDA_IPC not in info.transports:
+            stream.cancel()
+            raise UnsupportedError(
+                f"the worker at {self._target} does not offer CUDA IPC to this client: "
+                f"{info.refused or 'not offered'}"
+            )
+        self._stream = stream
+        self._metadata = ((shm.SESSION_METADATA_KEY, info.session.hex()),)
+        self._first_arena()
 
     def _end(self) -> None:
         # Close our mappings before the worker frees the pools (which ending the session
@@ -288,11 +294,12 @@ class CudaIpcTransport(ShmTransport):
         self._arenas = []
         super()._end()
 
-    def _new_arena(self, size: int) -> _Arena:
+    def _new_arena(self, size: int) -> Arena:
+        assert self._stub is not None  # opened
         reply = self._stub.CreateCudaPool(
             pb.CreateCudaPoolRequest(device_uuid=self._uuid, size=size),
             metadata=self._metadata,
             timeout=SETUP_TIMEOUT_S,
         )
         mapping = _IpcMapping(self._ordinal, reply.ipc_handle)
-        return _Arena(reply.region, size, mapping.pointer, mapping)
+        return Arena(reply.region, size, mapping.pointer, mapping)

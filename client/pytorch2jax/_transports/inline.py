@@ -20,22 +20,22 @@ class InlineCall(Call):
 
 
 class InlineTransport(SessionTransport):
-    """Bytes in the messages. Given a ``channel`` (a client of one worker), it also holds a
+    """Bytes in the messages. Once opened (a client of one worker), it also holds a
     session, with no memory in it: its stream tells the worker when this client is gone,
-    so the worker frees the autograd state it kept for us at once, not a TTL later."""
+    so the worker frees the autograd state it kept for us at once, not a TTL later. Not
+    opened (a pool's client), it sends its calls without a session."""
 
     name = "inline"
 
-    def __init__(self, channel: grpc.Channel | None = None, target: str = "") -> None:
-        super().__init__(channel, target)
+    def open(self, channel: grpc.Channel, target: str, *, max_message_bytes: int) -> None:
         try:
-            self._open()
+            super().open(channel, target, max_message_bytes=max_message_bytes)
         except ResourceExhaustedError as e:  # the worker's session limit: works without
             self._without_session(e)
 
     def _open(self) -> None:
         if self._stub is None:
-            return
+            return  # not opened: no session to start over
         self._stream, info = open_session(self._stub, self._target, [pb.INLINE])
         self._metadata = ((shm.SESSION_METADATA_KEY, info.session.hex()),)
 

@@ -1,15 +1,18 @@
-"""The shared-memory transport: tensor bytes in POSIX shared memory, for a worker on this host.
+"""The shared-memory transport: tensor bytes in shared memory, for a worker on this host.
 
-The client owns the memory. It creates arenas (segments of 16 MiB, then doubling), has the
-worker map each one under its session, and unlinks the name at once; the segments hold
-nothing in /dev/shm from then on and vanish when both processes unmap them, crash or not.
+The client owns the memory. It creates arenas (regions of 16 MiB, then doubling) and has
+the worker map each one under its session. Over the worker's fast lane (``lane``) a
+region is a memfd passed as a file descriptor: nothing of ours is ever named in /dev/shm,
+and a crash at any moment leaks nothing. Without it (``fast_lane="off"``, a worker that
+offers no lane, or one it cannot reach: another network namespace), a region is a named
+POSIX segment, which the worker maps and both sides unlink at once; a client killed in the
+moment between creating one and the worker mapping it leaves it in /dev/shm.
 
 Per call, request tensors (inputs, parameters, cotangents) are copied into one block of an
 arena and a second block is lent to the worker as the reply area, where it writes outputs
 and gradients. Reply arrays are views of that block: ``jit`` copies them once into XLA's
-output buffers, and eager calls hand them to JAX as they are. A block is a ``_Lease``:
-numpy arrays made from it keep it alive, and it returns to its arena's free list only when
-the last of them dies, so a slot is never reused while an array aliases it.
+output buffers, and eager calls hand them to JAX as they are. Blocks are leases
+(``arenas``), never reused while an array aliases them.
 
 Why raw slots and not Arrow's tensor IPC format (pyarrow): the tensor's dtype and shape
 already travel in the gRPC message, so Arrow's flatbuffer header would only repeat them;
@@ -28,15 +31,14 @@ import grpc
 import numpy as np
 
 from pytorch2jax._copy import copy_into
-from pytorch2jax._exceptions import UnsupportedError, WorkerInternalError, from_rpc_error
-from pytorch2jax._transports.base import SETUP_TIMEOUT_S, Call, SessionTransport, open_session
+from pytorch2jax._exceptions import InvalidArgumentError, UnsupportedError
+from pytorch2jax._transports.arenas import Arena, ArenaTransport, Lease, locate
+from pytorch2jax._transports.base import SETUP_TIMEOUT_S, Call, open_session
 from pytorch2jax._transports.lane import FastLane
-from pytorch2jax_protocol import DEFAULT_MAX_MESSAGE_BYTES, cuda, dtypes, pb, shm, tensors
+from pytorch2jax_protocol import dtypes, pb, shm, tensors
 from pytorch2jax_protocol import lane as lane_frames
 
 _log = logging.getLogger("pytorch2jax")
-
-_ARENA_ERRORS = (OSError, cuda.CudaError)
 
 #: The first arena's size; each later one is at least twice the last.
 DEFAULT_ARENA_BYTES = 16 << 20
@@ -47,55 +49,20 @@ DEFAULT_MAX_SHARED_MEMORY_BYTES = 4 << 30
 #: ``benchmarks/data_planes.py``: at 10x10 float32 a slot round trip costs ~100 us more.
 DEFAULT_INLINE_BELOW = 8 << 10
 
-
-class _Arena:
-    """One region of the session (a host segment, or a GPU pool for ``cuda_ipc``) and the
-    free blocks in it (first fit, coalescing)."""
-
-    def __init__(self, region: int, size: int, address: int, owner: Any) -> None:
-        self.region = region
-        self.size = size
-        self.address = address
-        self.owner = owner  # keeps the memory mapped
-        self._free = [(0, size)]  # (offset, size), sorted by offset
-
-    def allocate(self, n: int) -> int | None:
-        for i, (offset, size) in enumerate(self._free):
-            if size >= n:
-                if size == n:
-                    del self._free[i]
-                else:
-                    self._free[i] = (offset + n, size - n)
-                return offset
-        return None
-
-    def release(self, offset: int, n: int) -> None:
-        free = self._free
-        i = 0
-        while i < len(free) and free[i][0] < offset:
-            i += 1
-        free.insert(i, (offset, n))
-        if i + 1 < len(free) and offset + n == free[i + 1][0]:  # merge with the next
-            free[i] = (offset, n + free.pop(i + 1)[1])
-        if i > 0 and free[i - 1][0] + free[i - 1][1] == offset:  # and with the previous
-            free[i - 1] = (free[i - 1][0], free[i - 1][1] + free.pop(i)[1])
-
-    def in_use(self) -> int:
-        return self.size - sum(n for _, n in self._free)
+#: ``ShmTransport(fast_lane=...)``: use the worker's fast lane if it offers one and it can
+#: be reached, insist on it (UnsupportedError without), or never ask for it.
+FAST_LANE_CHOICES = ("if_offered", "required", "off")
 
 
-class _Lease:
-    """Bytes ``[offset, offset + nbytes)`` of an arena, reserved until this object dies.
+class HostLease(Lease):
+    """A block of host shared memory. ``np.asarray(lease)`` is a uint8 array over it whose
+    base is the lease, so every view of it, and every JAX array wrapping one without a
+    copy, keeps the block reserved."""
 
-    ``np.asarray(lease)`` is a uint8 array over them whose base is the lease, so every view
-    of it, and every JAX array wrapping one without a copy, keeps the bytes reserved.
-    """
+    __slots__ = ("__array_interface__",)
 
-    __slots__ = ("__array_interface__", "_returns", "arena", "offset", "nbytes", "__weakref__")
-
-    def __init__(self, arena: _Arena, offset: int, nbytes: int, returns: collections.deque):
-        self.arena, self.offset, self.nbytes = arena, offset, nbytes
-        self._returns = returns
+    def __init__(self, arena: Arena, offset: int, nbytes: int, returns: collections.deque):
+        super().__init__(arena, offset, nbytes, returns)
         self.__array_interface__ = {
             "data": (arena.address + offset, False),
             "shape": (nbytes,),
@@ -103,30 +70,9 @@ class _Lease:
             "version": 3,
         }
 
-    @staticmethod
-    def locate(lease: _Lease | None, ref: pb.SharedMemoryRef, msg: pb.Tensor) -> int:
-        """Where the worker's reference ``ref`` to reply tensor ``msg`` starts in ``lease``
-        (the call's reply block), after checking that it lies inside it."""
-        try:
-            if lease is None or ref.region != lease.arena.region or ref.offset < lease.offset:
-                raise tensors.WireFormatError("reference outside the reply area")
-            start = ref.offset - lease.offset
-            shm.check_ref(start, ref.nbytes, lease.nbytes, msg.dtype, msg.shape)
-        except tensors.WireFormatError as e:
-            raise WorkerInternalError(f"the worker sent a bad reference to its reply: {e}") from None
-        return start
-
-    def ref(self) -> pb.SharedMemoryRef:
-        return pb.SharedMemoryRef(region=self.arena.region, offset=self.offset, nbytes=self.nbytes)
-
-    def __del__(self) -> None:
-        # May run in any thread, even inside the allocator (a garbage collection there):
-        # hand the block back through a deque, which the allocator drains under its lock.
-        self._returns.append((self.arena, self.offset, self.nbytes))
-
 
 class ShmCall(Call):
-    def __init__(self, request: _Lease | None, reply: _Lease | None, inline_below: int) -> None:
+    def __init__(self, request: HostLease | None, reply: HostLease | None, inline_below: int) -> None:
         self._inline_below = inline_below
         # A view whose base is the lease: it keeps the request block reserved until close().
         self._request_bytes = np.asarray(request) if request is not None else None
@@ -153,7 +99,7 @@ class ShmCall(Call):
         if msg.WhichOneof("payload") != "shm":
             return tensors.from_wire(msg)
         reply, ref = self._reply, msg.shm
-        start = _Lease.locate(reply, ref, msg)
+        start = locate(reply, ref, msg)
         out = np.asarray(reply)[start : start + ref.nbytes]
         out = out.view(dtypes.to_numpy(msg.dtype)).reshape(tuple(msg.shape))
         if ref.nbytes < self._inline_below:
@@ -166,75 +112,66 @@ class ShmCall(Call):
         self._request_bytes = self._reply = None
 
 
-#: ``ShmTransport(fast_lane=...)``: use the worker's fast lane if it offers one and it can
-#: be reached, insist on it (UnsupportedError without), or never ask for it.
-FAST_LANE_CHOICES = ("if_offered", "required", "off")
+class ShmTransport(ArenaTransport):
+    """Shared memory with a worker on this host, under one session (see the module doc).
 
+    ``fast_lane``: ``"if_offered"`` carries the calls over the worker's fast lane when it
+    offers one and it can be reached (memory then passes as file descriptors, never named
+    in /dev/shm), ``"required"`` insists on it (UnsupportedError without), ``"off"`` sends
+    the calls by gRPC and names the memory's segments.
 
-class ShmTransport(SessionTransport):
-    """Shared memory with a worker on this host, under one session (see the module doc)."""
+    Example::
 
-    @property
-    def name(self) -> str:
-        """``"lane"`` while calls go over the fast lane, else ``"shm"``."""
-        return "lane" if self._fast_lane != "off" and self.lane is not None else "shm"
+        transport = pytorch2jax.ShmTransport(arena_bytes=256 << 20, fast_lane="off")
+        worker = pytorch2jax.connect("unix:///tmp/worker.sock", transport=transport)
+    """
 
-    # What a subclass for other memory changes (``cuda_ipc``): the transport it asks the
-    # worker for, and the lease and call types over its arenas.
-    _offer = pb.SHM
     _memory = "shared memory"
-    _lease_type: type = _Lease
-    _call_type: type = ShmCall
+    _lease_type = HostLease
+    _call_type = ShmCall
 
     def __init__(
         self,
-        channel: grpc.Channel,
-        target: str,
         *,
         max_bytes: int = DEFAULT_MAX_SHARED_MEMORY_BYTES,
         arena_bytes: int = DEFAULT_ARENA_BYTES,
         inline_below: int = DEFAULT_INLINE_BELOW,
-        fast_lane: str = "off",
-        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        fast_lane: str = "if_offered",
     ) -> None:
-        super().__init__(channel, target)
         if fast_lane not in FAST_LANE_CHOICES:
-            raise ValueError(f"fast_lane must be one of {FAST_LANE_CHOICES}; got {fast_lane!r}")
+            raise InvalidArgumentError(
+                f"fast_lane must be one of {', '.join(map(repr, FAST_LANE_CHOICES))}; "
+                f"got {fast_lane!r}"
+            )
+        super().__init__(max_bytes=max_bytes, arena_bytes=arena_bytes, inline_below=inline_below)
         self._fast_lane = fast_lane
-        self._max_message_bytes = max_message_bytes
-        self.inline_below = inline_below
-        self._max_bytes = max_bytes
-        self._arena_bytes = arena_bytes
-        self._returns: collections.deque = collections.deque()
-        self._arenas: list[_Arena] = []
-        self._warned = False
-        self._open()
 
-    # -- session -------------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        """``"lane"`` while calls go over the fast lane, else ``"shm"``."""
+        return "lane" if self.lane is not None else "shm"
 
     def _open(self) -> None:
         """Opens a session and registers a first arena, which proves the worker can map our
-        segments (same host, same /dev/shm, same user). Raises UnsupportedError if not."""
+        memory (same host, same /dev/shm or lane, same user). Raises UnsupportedError if not."""
+        assert self._stub is not None  # opened
         wants_lane = self._fast_lane != "off"
-        stream, info = open_session(
-            self._stub, self._target, [self._offer], fast_lane=wants_lane
-        )
-        if self._offer not in info.transports:
+        stream, info = open_session(self._stub, self._target, [pb.SHM], fast_lane=wants_lane)
+        if pb.SHM not in info.transports:
             stream.cancel()
             raise UnsupportedError(
-                f"the worker at {self._target} does not offer the {self.name} transport to "
-                f"this client: {info.refused or 'not offered'}"
+                f"the worker at {self._target} does not offer shared memory to this client: "
+                f"{info.refused or 'not offered'}"
             )
         self._stream = stream
         self._metadata = ((shm.SESSION_METADATA_KEY, info.session.hex()),)
-        self._arenas = []
         try:
             if wants_lane:
                 self.lane = self._reach_lane(info)
-            self._grow(self._arena_bytes, strict=True)
         except BaseException:
             self._end()
             raise
+        self._first_arena()
 
     def _reach_lane(self, info: pb.SessionInfo) -> FastLane | None:
         """The session's fast lane, connected; None (or UnsupportedError, if required)
@@ -251,82 +188,25 @@ class ShmTransport(SessionTransport):
                         max_message_bytes=self._max_message_bytes,
                         setup_timeout=SETUP_TIMEOUT_S,
                     )
-                except (OSError, grpc.RpcError, lane_frames.FrameError) as e:
-                    why = f"cannot reach it: {getattr(e, 'details', lambda: e)()}"
+                except (OSError, lane_frames.FrameError) as e:
+                    why = f"cannot reach it: {e}"
+                except grpc.RpcError as e:  # the worker refused the connection
+                    why = f"cannot reach it: {e.details()}"
         if self._fast_lane == "required":
             raise UnsupportedError(f"no fast lane to the worker at {self._target}: {why}")
         _log.info("no fast lane to %s (%s); calls go by gRPC", self._target, why)
         return None
 
     def _end(self) -> None:
-        super()._end()
         if self.lane is not None:
             self.lane.close()
             self.lane = None
-        # Live leases keep their arena's mapping until they die; blocks of the old arenas
-        # that come back later are dropped (_drain).
-        self._arenas = []
+        super()._end()
 
-    # -- memory --------------------------------------------------------------------------
-
-    def call(self, request_bytes: int, reply_bytes: int) -> Call:
-        with self._lock:
-            self._reopen_if_due()
-            request = self._lease(request_bytes) if request_bytes else None
-            reply = self._lease(reply_bytes) if reply_bytes >= max(self.inline_below, 1) else None
-            call = self._call_type(request, reply, self.inline_below)
-            call.metadata = self._metadata  # the session of these leases
-        return call
-
-    def _drain(self) -> None:
-        returns = self._returns
-        while returns:
-            arena, offset, n = returns.popleft()
-            if any(a is arena for a in self._arenas):
-                arena.release(offset, n)
-
-    def _lease(self, nbytes: int) -> _Lease | None:
-        self._drain()
-        returns = self._returns
-        nbytes = shm.align(nbytes)
-        for arena in self._arenas:
-            offset = arena.allocate(nbytes)
-            if offset is not None:
-                return self._lease_type(arena, offset, nbytes, returns)
-        arena = self._grow(nbytes)
-        if arena is None:
-            return None
-        offset = arena.allocate(nbytes)
-        return None if offset is None else self._lease_type(arena, offset, nbytes, returns)
-
-    def _grow(self, need: int, *, strict: bool = False) -> _Arena | None:
-        if self._stream is None:
-            return None  # closed, or no session for now (see SessionTransport._reopen)
-        held = sum(a.size for a in self._arenas)
-        size = max(need, self._arena_bytes, 2 * self._arenas[-1].size if self._arenas else 0)
-        size = min(size, self._max_bytes - held)
-        if size < need:
-            self._warn(f"the client's shared-memory limit of {self._max_bytes} bytes is reached")
-            return None
-        try:
-            arena = self._new_arena(size)
-        except grpc.RpcError as e:
-            if strict:
-                raise from_rpc_error(e, self._target) from None
-            self._warn(str(from_rpc_error(e, self._target)))
-            return None
-        except _ARENA_ERRORS as e:  # SharedMemoryError, no /dev/shm, a CUDA error
-            why = getattr(e, "strerror", None) or str(e)
-            if strict:
-                raise UnsupportedError(f"cannot create {self._memory}: {why}") from None
-            self._warn(why)
-            return None
-        self._arenas.append(arena)
-        return arena
-
-    def _new_arena(self, size: int) -> _Arena:
+    def _new_arena(self, size: int) -> Arena:
         """A new region of ``size`` bytes, registered with the worker: a memfd passed over
         the fast lane, or else a named segment, unlinked once the worker mapped it."""
+        assert self._stub is not None  # opened
         if self.lane is not None:
             fd, mapping = shm.create_fd(size)
             try:
@@ -334,7 +214,7 @@ class ShmTransport(SessionTransport):
             finally:
                 os.close(fd)  # the worker holds its own descriptor, or mapping, now
             memory = np.frombuffer(mapping, np.uint8)
-            return _Arena(region, size, memory.ctypes.data, memory)
+            return Arena(region, size, memory.ctypes.data, memory)
         name, mapping = shm.create(size)
         try:
             reply = self._stub.RegisterRegion(
@@ -345,20 +225,9 @@ class ShmTransport(SessionTransport):
         finally:
             shm.unlink(name)  # the worker unlinked it too, unless it failed to map it
         memory = np.frombuffer(mapping, np.uint8)
-        return _Arena(reply.region, size, memory.ctypes.data, memory)
-
-    def _warn(self, why: str) -> None:
-        if not self._warned:
-            self._warned = True
-            _log.warning("tensors that do not fit in shared memory travel inline: %s", why)
+        return Arena(reply.region, size, memory.ctypes.data, memory)
 
     def describe(self) -> dict[str, Any]:
-        with self._lock:
-            self._drain()
-            return {
-                "transport": self.name,
-                "lane_connections": self.lane.connections() if self.lane is not None else 0,
-                "arenas": len(self._arenas),
-                "bytes": sum(a.size for a in self._arenas),
-                "in_use": sum(a.in_use() for a in self._arenas),
-            }
+        described = super().describe()
+        described["lane_connections"] = self.lane.connections() if self.lane is not None else 0
+        return described
