@@ -133,7 +133,7 @@ def test_chaos_soak(tmp_path):
     segments_before = our_segments()
     with start_worker(models=MODELS, listen=[unix, "127.0.0.1:0"]) as first:
         tcp = first.tcp
-        addresses = {"inline": tcp, "shm": unix}
+        addresses = {"inline": tcp, "shm": unix, "lane": unix}
         assert set(TRANSPORTS) - {"cuda_ipc"} <= set(addresses)
         clients = _Clients(addresses, tmp_path)
         transports = [t for t in TRANSPORTS if t in addresses]

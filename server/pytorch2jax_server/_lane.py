@@ -263,6 +263,8 @@ class Lane:
                 elif frame.kind == lane.REGISTER:
                     self._register(conn, session, frame)
                 else:
+                    for fd in frame.fds:
+                        os.close(fd)
                     raise lane.FrameError(f"a frame of kind {frame.kind} where a call belongs")
         except lane.FrameError as e:
             _refuse(conn, grpc.StatusCode.INVALID_ARGUMENT, f"not a fast-lane frame: {e}")
