@@ -195,6 +195,9 @@ class Lane:
         self._calls = 0
         self._stopping = False
         self._handlers: dict[int, tuple[Any, Callable[..., Any]]] = {}
+        # The last metadata decoded, as (bytes, pairs): shared by the connection threads,
+        # replaced whole (one assignment), so any thread sees a consistent pair.
+        self._last_metadata: tuple[bytes, tuple[tuple[str, str], ...]] = (b"", ())
         self._watch: _Watch | None = None
         sessions.on_close.append(self._session_closed)
         self._acceptor: threading.Thread | None = None
@@ -330,7 +333,7 @@ class Lane:
         if entry is None:
             raise lane.FrameError(f"unknown method {frame.code}")
         request_type, handler = entry
-        metadata = lane.decode_metadata(bytes(frame.metadata))
+        metadata = self._metadata_of(frame.metadata)
         try:
             request = request_type.FromString(frame.payload)
         except Exception:  # noqa: BLE001 - DecodeError, RecursionError, UnicodeError...
@@ -365,11 +368,23 @@ class Lane:
                 self._idle.notify_all()
         lane.send(conn, lane.REPLY, code, payload)
 
+    def _metadata_of(self, raw: bytes) -> tuple[tuple[str, str], ...]:
+        # A client sends the same metadata (its session) on every call: decode it once.
+        cached = self._last_metadata
+        if cached[0] == raw:
+            return cached[1]
+        metadata = lane.decode_metadata(bytes(raw))
+        self._last_metadata = (bytes(raw), metadata)
+        return metadata
+
     def _refusal(self, session: Session, metadata) -> tuple[grpc.StatusCode, str] | None:
         """Why a call cannot run now (the worker stops, another session), or None; counts it
         in flight otherwise."""
-        named = next((v for k, v in metadata if k == shm.SESSION_METADATA_KEY), None)
-        if named is not None and named != session.id.hex():
+        named = None
+        for key, value in metadata:
+            if key == shm.SESSION_METADATA_KEY:
+                named = value
+        if named is not None and named != session.hex_id:
             return (
                 grpc.StatusCode.ABORTED,
                 "this fast-lane connection belongs to another session; send the call on "

@@ -91,6 +91,11 @@ class Session:
     _pending: int = 0
     _pending_bytes: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    #: The id as calls name it in their metadata.
+    hex_id: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.hex_id = self.id.hex()
 
     def add(self, size: int, make: Callable[[], Region]) -> int:
         """Makes a region of ``size`` bytes (``make()``) within the session's limits
