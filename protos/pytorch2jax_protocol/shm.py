@@ -1,8 +1,12 @@
-"""POSIX shared-memory segments as both sides use them, and the checks on a reference.
+"""Shared memory as both sides use it, and the checks on a reference.
 
-The client creates a segment (``create``), the worker maps it (``attach``) and unlinks its
-name at once, so that from then on the memory lives exactly as long as the two mappings
-and a crash of either side leaves nothing in /dev/shm. Names are random (128 bits) and the
+Two kinds of region. Over the fast lane, the client creates an anonymous memfd
+(``create_fd``), sealed at its size, and passes its descriptor; the worker checks and maps
+it (``attach_fd``). Nothing is ever named, so a crash at any moment leaves nothing
+behind. Elsewhere the client creates a named POSIX segment (``create``), the worker maps
+it (``attach``) and unlinks its name at once, so that from then on the memory lives
+exactly as long as the two mappings; only a client killed between creating the segment
+and the worker mapping it leaves its name in /dev/shm. Names are random (128 bits) and the
 segment is mode 0600 from its creation.
 
 We call ``shm_open`` through ``_posixshmem`` (what ``multiprocessing.shared_memory`` uses)
