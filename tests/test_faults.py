@@ -270,9 +270,9 @@ def test_cancelled_call_stops_on_the_worker(worker):
 
 
 def test_sigterm_finishes_calls_in_flight_and_refuses_new_ones(tmp_path):
-    # One call runs at a time: of the three, two wait for their turn when SIGTERM comes,
+    # One call runs at a time: of the four, three wait for their turn when SIGTERM comes,
     # their inputs in shared memory that their sessions must keep until they are done.
-    slow = (*_slow(tmp_path, 3.0, 30), "--max-workers", "1")
+    slow = (*_slow(tmp_path, 2.0, 20), "--max-workers", "1")
     with start_worker(*slow, models=MODELS, listen=[f"unix://{tmp_path}/w.sock", "127.0.0.1:0"]) as w:
         connected = grpc.insecure_channel(w.tcp)
         stub = pb_grpc.BridgeStub(connected)
