@@ -407,7 +407,7 @@ _VICTIM = textwrap.dedent(
     """
     import os, signal, sys
     import jax, jax.numpy as jnp
-    from pytorch2jax._transports import base, lane, shm as shm_transport
+    from pytorch2jax._transports import arenas, base, lane
     from pytorch2jax_protocol import shm
 
     target, transport, stop_at = sys.argv[1:4]
@@ -422,7 +422,7 @@ _VICTIM = textwrap.dedent(
             return out
         return wrapped
 
-    shm_transport.open_session = pausing("open_session", base.open_session)
+    arenas.open_session = pausing("open_session", base.open_session)
     shm.create_fd = pausing("create_fd", shm.create_fd)
     shm.create = pausing("create", shm.create)
     lane.FastLane.register = pausing("register", lane.FastLane.register)

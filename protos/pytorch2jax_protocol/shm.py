@@ -98,13 +98,18 @@ def attach(name: str, size: int) -> mmap.mmap:
             )
         if info.st_mode & 0o077:
             raise SharedMemoryError(errno.EPERM, "the segment must have mode 0600")
-        if size <= 0 or info.st_size < size:
-            raise SharedMemoryError(
-                errno.EINVAL, f"the segment has {info.st_size} bytes, not the {size} registered"
-            )
-        return mmap.mmap(fd, size)
+        return _mapped(fd, info, size, "segment")
     finally:
         os.close(fd)
+
+
+def _mapped(fd: int, info: os.stat_result, size: int, what: str) -> mmap.mmap:
+    """``size`` bytes of ``fd`` mapped, after checking it has them."""
+    if size <= 0 or info.st_size < size:
+        raise SharedMemoryError(
+            errno.EINVAL, f"the {what} has {info.st_size} bytes, not the {size} registered"
+        )
+    return mmap.mmap(fd, size)
 
 
 #: Whether this system makes anonymous shared memory that can be passed as a descriptor.
@@ -149,11 +154,7 @@ def attach_fd(fd: int, size: int) -> mmap.mmap:
             raise SharedMemoryError(
                 errno.EPERM, "the region must be sealed at its size (F_SEAL_SHRINK, F_SEAL_GROW)"
             )
-        if size <= 0 or info.st_size < size:
-            raise SharedMemoryError(
-                errno.EINVAL, f"the region has {info.st_size} bytes, not the {size} registered"
-            )
-        return mmap.mmap(fd, size)
+        return _mapped(fd, info, size, "region")
     finally:
         os.close(fd)
 

@@ -27,7 +27,7 @@ from pytorch2jax._exceptions import (
     WorkerInternalError,
     from_rpc_error,
 )
-from pytorch2jax._transports.base import Call, SessionTransport
+from pytorch2jax._transports.base import Call, SessionTransport, open_session
 from pytorch2jax_protocol import cuda, pb, shm, tensors
 
 _log = logging.getLogger("pytorch2jax")
@@ -130,6 +130,21 @@ class ArenaTransport(SessionTransport):
     @abc.abstractmethod
     def _new_arena(self, size: int) -> Arena:
         """A new region of ``size`` bytes, registered with the worker under the session."""
+
+    def _open_session(self, offer: int, *, fast_lane: bool = False) -> pb.SessionInfo:
+        """Opens a session in which the worker allows ``offer`` (UnsupportedError if it
+        does not) and keeps its stream and metadata; the worker's answer."""
+        assert self._stub is not None  # opened
+        stream, info = open_session(self._stub, self._target, [offer], fast_lane=fast_lane)
+        if offer not in info.transports:
+            stream.cancel()
+            raise UnsupportedError(
+                f"the worker at {self._target} does not offer {self._memory} to this client: "
+                f"{info.refused or 'not offered'}"
+            )
+        self._stream = stream
+        self._metadata = ((shm.SESSION_METADATA_KEY, info.session.hex()),)
+        return info
 
     def _first_arena(self) -> None:
         """Makes the session's first arena, which proves the worker can use our memory;

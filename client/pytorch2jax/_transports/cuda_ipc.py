@@ -35,7 +35,7 @@ import numpy as np
 from pytorch2jax._callbacks import HOST_IO, ArrayIO, buffer_callback
 from pytorch2jax._exceptions import UnsupportedError, WorkerInternalError
 from pytorch2jax._transports.arenas import Arena, ArenaTransport, Lease, locate
-from pytorch2jax._transports.base import SETUP_TIMEOUT_S, Call, open_session
+from pytorch2jax._transports.base import SETUP_TIMEOUT_S, Call
 from pytorch2jax_protocol import cuda, dtypes, pb, shm, tensors
 
 #: The first pool's size; each later one is at least twice the last.
@@ -254,7 +254,7 @@ class CudaIpcTransport(ArenaTransport):
 
     name = "cuda_ipc"
     io = DEVICE_IO
-    _memory = "a CUDA IPC pool"
+    _memory = "CUDA IPC pools"
     _lease_type = DeviceLease
     _call_type = CudaIpcCall
 
@@ -275,16 +275,7 @@ class CudaIpcTransport(ArenaTransport):
     def _open(self) -> None:
         """Opens a session and has the worker make a first pool, which proves it serves
         on this GPU and can export its memory. Raises UnsupportedError if not."""
-        assert self._stub is not None  # opened
-        stream, info = open_session(self._stub, self._target, [pb.CUDA_IPC])
-        if pb.CUDA_IPC not in info.transports:
-            stream.cancel()
-            raise UnsupportedError(
-                f"the worker at {self._target} does not offer CUDA IPC to this client: "
-                f"{info.refused or 'not offered'}"
-            )
-        self._stream = stream
-        self._metadata = ((shm.SESSION_METADATA_KEY, info.session.hex()),)
+        self._open_session(pb.CUDA_IPC)
         self._first_arena()
 
     def _end(self) -> None:

@@ -33,7 +33,7 @@ import numpy as np
 from pytorch2jax._copy import copy_into
 from pytorch2jax._exceptions import InvalidArgumentError, UnsupportedError
 from pytorch2jax._transports.arenas import Arena, ArenaTransport, Lease, locate
-from pytorch2jax._transports.base import SETUP_TIMEOUT_S, Call, open_session
+from pytorch2jax._transports.base import SETUP_TIMEOUT_S, Call
 from pytorch2jax._transports.lane import FastLane
 from pytorch2jax_protocol import dtypes, pb, shm, tensors
 from pytorch2jax_protocol import lane as lane_frames
@@ -154,17 +154,8 @@ class ShmTransport(ArenaTransport):
     def _open(self) -> None:
         """Opens a session and registers a first arena, which proves the worker can map our
         memory (same host, same /dev/shm or lane, same user). Raises UnsupportedError if not."""
-        assert self._stub is not None  # opened
         wants_lane = self._fast_lane != "off"
-        stream, info = open_session(self._stub, self._target, [pb.SHM], fast_lane=wants_lane)
-        if pb.SHM not in info.transports:
-            stream.cancel()
-            raise UnsupportedError(
-                f"the worker at {self._target} does not offer shared memory to this client: "
-                f"{info.refused or 'not offered'}"
-            )
-        self._stream = stream
-        self._metadata = ((shm.SESSION_METADATA_KEY, info.session.hex()),)
+        info = self._open_session(pb.SHM, fast_lane=wants_lane)
         try:
             if wants_lane:
                 self.lane = self._reach_lane(info)
