@@ -310,7 +310,8 @@ class Lane:
                 why = "unknown or spent capability"
             if issued is not None:
                 session = issued[0]
-                held = self._connections.setdefault(session.id, set())
+                # A closed session's connections were ended: no entry may be made for it.
+                held = self._connections.get(session.id, set())
                 if session.closed.is_set():
                     issued, why = None, "the session has ended"
                 elif len(held) >= self._max_connections:
@@ -320,6 +321,7 @@ class Lane:
                         "its limit; its other calls go by gRPC"
                     )
                 else:
+                    self._connections[session.id] = held
                     held.add(conn)
                     self._handshakes -= 1
         if issued is None:
