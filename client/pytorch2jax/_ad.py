@@ -27,7 +27,10 @@ How a call runs:
 
 - With concrete arrays and no transformation, the backend is called directly: no
   compilation, data-dependent output shapes work, exceptions reach the caller as they are.
-- Otherwise through the primitive: eagerly (``impl``) or compiled (the callback).
+- Otherwise through the primitive: eagerly (``impl``) or compiled (the callback). Every
+  call of one compiled callback has one form and one set of shapes, so it goes through a
+  function the backend made for it (``Backend.call_site``), which may check the first
+  call and trust the rest: most of a small call's time was such checks.
 - An eager forward whose backward never runs (``jax.vjp`` left unused) frees its residual
   once JAX drops the handle (``_UnusedResiduals``); under ``jit`` the DCE rule and the
   backend's own bounds (bytes, entries, age, the session) free what is not used.
@@ -42,7 +45,8 @@ import logging
 import threading
 import warnings
 import weakref
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import jax
@@ -113,23 +117,25 @@ class _Signature:
     train: bool | None = None
     #: Buffers returned after the call, after the output leaves (by name).
     returned: tuple[str, ...] = ()
+    # Derived once: every compiled call rebuilds its arguments and splits its inputs.
+    n_arrays: int = field(init=False, repr=False, compare=False)
+    #: Flat inputs of the model's own function: parameters, argument arrays, key.
+    n_inputs: int = field(init=False, repr=False, compare=False)
+    _static: dict = field(init=False, repr=False, compare=False)
 
-    @property
-    def n_arrays(self) -> int:
-        return self.treedef.num_leaves - len(self.statics)
-
-    @property
-    def n_inputs(self) -> int:
-        """Flat inputs of the model's own function: parameters, argument arrays, key."""
-        return len(self.param_names) + self.n_arrays + self.keyed
+    def __post_init__(self) -> None:
+        n_arrays = self.treedef.num_leaves - len(self.statics)
+        object.__setattr__(self, "n_arrays", n_arrays)
+        object.__setattr__(self, "n_inputs", len(self.param_names) + n_arrays + self.keyed)
+        object.__setattr__(self, "_static", {i: v for i, _, v in self.statics})
 
     def rebuild(self, arrays: list[Any]) -> tuple[tuple, dict]:
-        leaves: list[Any] = [None] * self.treedef.num_leaves
-        static = {i: v for i, _, v in self.statics}
+        if not self.statics:
+            return self.treedef.unflatten(arrays)
+        static = self._static
         it = iter(arrays)
-        for i in range(len(leaves)):
-            leaves[i] = static[i] if i in static else next(it)
-        return jax.tree_util.tree_unflatten(self.treedef, leaves)
+        leaves = [static[i] if i in static else next(it) for i in range(self.treedef.num_leaves)]
+        return self.treedef.unflatten(leaves)
 
 
 def _check_containers(tree: Any, where: str) -> None:
@@ -183,6 +189,8 @@ class _UnusedResiduals:
             self._dropped.append(handle)
 
     def drain(self) -> list[bytes]:
+        if not self._dropped:  # every call asks: mostly there are none
+            return []
         out = []
         while True:
             try:  # calls run on several threads: another may take the last one first
@@ -333,8 +341,10 @@ class TorchFunction:
         keep: tuple[int, ...] | None = None,
         residual: bytes = b"",
         out_structs: list[jax.ShapeDtypeStruct] | None = None,
+        call: Callable[[Run], Result] | None = None,
     ) -> Result:
-        """Runs ``program`` on the flat ``inputs`` (backend arrays) through the backend."""
+        """Runs ``program`` on the flat ``inputs`` (backend arrays) through the backend,
+        or through ``call``, the backend's function for the call site (``call_site``)."""
         dropped = self._unused.drain()
         if dropped:
             try:
@@ -348,14 +358,14 @@ class TorchFunction:
         n_params, n_arrays, n_inputs = len(sig.param_names), sig.n_arrays, sig.n_inputs
         key = None
         if any(isinstance(t, Vmap) for t in program):
-            key = (sig, program, tuple((np.shape(x), str(x.dtype)) for x in inputs))
+            key = (sig, program, tuple((np.shape(x), x.dtype) for x in inputs))
             loops = self._loops.get(key)
             if loops:
                 program = tuple(
                     Vmap(t.in_dims, t.size, "sequential") if i in loops else t
                     for i, t in enumerate(program)
                 )
-        result = self.backend.run(
+        result = (call or self.backend.run)(
             Run(
                 params=dict(zip(sig.param_names, inputs[:n_params])),
                 leaves=list(inputs[n_params : n_params + n_arrays]),
@@ -434,7 +444,8 @@ class TorchFunction:
         outputs = result.outputs
         leaves = jax.tree_util.tree_leaves(outputs) if not program else list(outputs)
         if len(leaves) != len(out_avals) or any(
-            np.shape(x) != a.shape or jax.dtypes.canonicalize_dtype(x.dtype) != a.dtype
+            np.shape(x) != a.shape
+            or (x.dtype != a.dtype and jax.dtypes.canonicalize_dtype(x.dtype) != a.dtype)
             for x, a in zip(leaves, out_avals)
         ):
             expected: Any = [_struct(a) for a in out_avals]
@@ -528,6 +539,10 @@ def _impl(*values, fn, sig, program, out_avals, keep, has_residual):
 def _lowering(ctx, *values, fn, sig, program, out_avals, keep, has_residual):
     results = [_struct(a) for a in out_avals] + ([_HANDLE] if keep is not None else [])
     io = fn.backend.io
+    # Every call of this callback has one form and the shapes of its avals: the backend
+    # may remember what the first call checked and learnt (unless shapes are symbolic).
+    concrete = all(isinstance(d, int) for a in ctx.avals_in for d in a.shape)
+    call = fn.backend.call_site() if concrete else fn.backend.run
 
     def host(*arrays):
         residual, inputs = _split(arrays, has_residual)
@@ -538,6 +553,7 @@ def _lowering(ctx, *values, fn, sig, program, out_avals, keep, has_residual):
             keep=keep,
             residual=io.to_bytes(residual) if has_residual else b"",
             out_structs=results[: len(out_avals)],
+            call=call,
         )
         leaves = fn._flat_outputs(result, program, out_avals)
         return leaves + ([_handle_array(result.residual)] if keep is not None else [])

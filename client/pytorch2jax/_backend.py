@@ -46,6 +46,7 @@ __all__ = [
     "Vmap",
 ]
 
+
 @dataclass
 class Run:
     """One call of a program, as the backend receives it."""
@@ -80,6 +81,7 @@ class Run:
     #: Buffers whose values after the call come back: the outputs are then
     #: ``(outputs, {name: buffer})`` (flat: the output leaves, then these by name).
     returned: tuple[str, ...] = ()
+
     def arguments(self) -> tuple[tuple, dict]:
         """``(args, kwargs)``: the call's argument pytrees."""
         return self.rebuild(self.leaves)
@@ -138,6 +140,12 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def run(self, run: Run) -> Result:
         """Runs ``run.program`` on the inputs. Errors are pytorch2jax's exceptions."""
+
+    def call_site(self) -> Callable[[Run], Result]:
+        """``run``, for the calls of one compiled call site: calls that differ only in
+        their arrays' data (one structure, program, keep, and shapes and dtypes), which
+        may skip what the first of them checked or learnt. By default ``run`` itself."""
+        return self.run
 
     def release(self, residuals: list[bytes]) -> None:
         """Frees the residuals of forwards whose backward will never run (an unused

@@ -73,23 +73,7 @@ class ArrayIO:
 HOST_IO = ArrayIO()
 
 
-def _into_buffers(host: Host, ctx: Any, out: Sequence[Any], *inputs: Any) -> None:
-    # np.asarray of a CPU Buffer is a zero-copy view; the only copy is into XLA's output.
-    with _reported():
-        results = host(*(np.asarray(b) for b in inputs))
-    for buf, value in zip(out, results):
-        copy_into(np.asarray(buf), np.asarray(value))
-
-
-def _as_results(
-    host: Host, results: Sequence[jax.ShapeDtypeStruct], *inputs: Any
-) -> list[np.ndarray]:
-    with _reported():
-        outputs = host(*inputs)
-    return [np.asarray(v, dtype=s.dtype) for v, s in zip(outputs, results)]
-
-
-class _reported:  # noqa: N801 - used as a function: ``with _reported():``
+class _Reported:
     """Our exceptions leaving a callback: remembered for ``original_error`` (XLA reports
     them as a JaxRuntimeError, whose text is all that reaches the caller) and raised
     without the bridge's own frames, which would fill that text."""
@@ -102,3 +86,22 @@ class _reported:  # noqa: N801 - used as a function: ``with _reported():``
             remember(exc)
             raise exc.with_traceback(None) from None
         return False
+
+
+_REPORTED = _Reported()  # it keeps no state: one serves every call, on any thread
+
+
+def _into_buffers(host: Host, ctx: Any, out: Sequence[Any], *inputs: Any) -> None:
+    # np.asarray of a CPU Buffer is a zero-copy view; the only copy is into XLA's output.
+    with _REPORTED:
+        results = host(*map(np.asarray, inputs))
+    for buf, value in zip(out, results):
+        copy_into(np.asarray(buf), np.asarray(value))
+
+
+def _as_results(
+    host: Host, results: Sequence[jax.ShapeDtypeStruct], *inputs: Any
+) -> list[np.ndarray]:
+    with _REPORTED:
+        outputs = host(*inputs)
+    return [np.asarray(v, dtype=s.dtype) for v, s in zip(outputs, results)]

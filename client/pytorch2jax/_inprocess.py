@@ -21,11 +21,18 @@ parameters (BatchNorm statistics, which torch updates in place without always bu
 the counters) always run on copies. A function that writes
 into an input only for some data (not on its first call) is caught by the same counters
 and raises InvalidArgumentError, saying to copy the input in torch first (``x = x.clone()``).
+
+What the first call of a signature checked and learnt (its form, by the engine's
+``CallSite``; where torch writes; a kept forward's size) serves its later calls, which
+then skip those checks: a compiled call looks its signature up once, an eager call every
+time.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import itertools
 import threading
 import warnings
 from collections.abc import Callable
@@ -40,9 +47,10 @@ import numpy as np
 from pytorch2jax._ad import OutShapes, TorchFunction, module_apply_fn
 from pytorch2jax._backend import Backend, Result, Run, Transform, Vmap
 from pytorch2jax._exceptions import InvalidArgumentError, ResidualLostError, from_status
-from pytorch2jax_protocol import dtypes
+from pytorch2jax_protocol import HANDLE_BYTES, dtypes
 
 
+@functools.cache  # on every tensor's path: a cached call is cheaper than an import
 def _torch():
     import torch  # deferred: `import pytorch2jax` must not import torch
 
@@ -64,12 +72,17 @@ def _need_torch(api: str) -> None:
 # -- numpy <-> torch, zero-copy -----------------------------------------------------------
 
 
+_BF16 = np.dtype(ml_dtypes.bfloat16)
+
+
 def _np_to_torch(a: np.ndarray):
     torch = _torch()
-    bf16 = a.dtype == ml_dtypes.bfloat16
+    if a.flags.writeable and a.dtype != _BF16:  # XLA's buffers inside a callback
+        return torch.from_numpy(a)
+    bf16 = a.dtype == _BF16
     if bf16:  # torch does not know numpy's bfloat16: go through its bits
         a = a.view(np.uint16)
-    if a.flags.writeable:  # XLA's buffers inside a callback
+    if a.flags.writeable:
         t = torch.from_numpy(a)
     else:
         with warnings.catch_warnings():
@@ -81,13 +94,14 @@ def _np_to_torch(a: np.ndarray):
 
 
 def _torch_to_np(t) -> np.ndarray:
-    torch = _torch()
-    t = t.detach()
+    if t.requires_grad:
+        t = t.detach()
     if t.is_conj():
         t = t.resolve_conj()
+    torch = _torch()
     if t.dtype == torch.bfloat16:
         return t.view(torch.int16).cpu().numpy().view(ml_dtypes.bfloat16)
-    return t.cpu().numpy()
+    return (t if t.is_cpu else t.cpu()).numpy()
 
 
 def _map_tree(tree: Any, leaf: Callable[[Any], Any]) -> Any:
@@ -109,6 +123,8 @@ class _Unwrap:
         return self
 
     def __exit__(self, exc_type, exc, tb):
+        if exc is None:
+            return False
         from pytorch2jax_server.engine import WorkerError
 
         if isinstance(exc, WorkerError):
@@ -116,22 +132,54 @@ class _Unwrap:
         return False
 
 
+_UNWRAP = _Unwrap()
+
+
+class _Site:
+    """What the calls of one signature (one compiled call site, or one eager signature:
+    structure, shapes and dtypes, program, keep) have shown: the engine's ``CallSite``
+    for them, and after the first call, which inputs torch writes into in place."""
+
+    __slots__ = ("copied", "engine", "watched", "writes")
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+        #: The inputs the first call wrote into; None until it ran.
+        self.writes: frozenset[int] | None = None
+        #: Those later calls run on copies (the written ones, and buffers), and the
+        #: others, whose version counters are watched.
+        self.copied: tuple[int, ...] = ()
+        self.watched: tuple[int, ...] = ()
+
+    def learn(self, writes: frozenset[int], buffers: set[int], n: int) -> None:
+        copied = writes | buffers
+        self.copied = tuple(sorted(copied))
+        self.watched = tuple(i for i in range(n) if i not in copied)
+        self.writes = writes
+
+
 class LocalModel(Backend):
     """Runs a torch module or function in this process."""
 
     def __init__(self, obj: Any, name: str) -> None:
-        from pytorch2jax_server.engine import ResidualCache, ServedModel
+        from pytorch2jax_server.engine import ResidualCache, ServedModel, vjp_of_kept
 
         self._model = ServedModel(name, obj)
         self.buffers = {
             n: jax.ShapeDtypeStruct(tuple(b.shape), _np_dtype(b.dtype))
             for n, b in self._model.buffers.items()
         }
-        self._residuals = ResidualCache()
+        # Handles from a counter: only this process's code reaches this cache, so they
+        # need not be unguessable (as a worker's are), and counting costs no system call.
+        counter = itertools.count(1)
+        self._residuals = ResidualCache(
+            handles=lambda: next(counter).to_bytes(HANDLE_BYTES, "little")
+        )
+        self._vjp_of_kept = vjp_of_kept
         kind = "module" if self._model.is_module else "function"
         self.description = f"torch {kind} {name!r}"
-        # Per input signature: indices of the leaves (params first) torch writes into.
-        self._writes: dict[Any, frozenset[int]] = {}
+        # What the calls of each signature have shown, by signature.
+        self._sites: dict[Any, _Site] = {}
         self._lock = threading.Lock()
 
     def infer(self, params, args, kwargs, *, int32_as_int64=False, train=None):
@@ -155,8 +203,39 @@ class LocalModel(Backend):
         )
 
     def run(self, run: Run) -> Result:
-        from pytorch2jax_server import engine
+        return self._run(run, self._site_of(run))
 
+    def call_site(self):
+        site: _Site | None = None
+
+        def call(run: Run) -> Result:
+            # The site of its signature, looked up once: eager calls of the signature
+            # share what it learns.
+            nonlocal site
+            if site is None:
+                site = self._site_of(run)
+            return self._run(run, site)
+
+        return call
+
+    def _site_of(self, run: Run) -> _Site:
+        arrays = (*run.params.values(), *run.leaves, *run.extras)
+        key = (
+            run.structure,  # tree structure, statics, parameter names, mode
+            tuple((a.shape, a.dtype) for a in arrays),
+            _program_key(run.program),
+            run.keep,
+            run.int32_as_int64,
+        )
+        with self._lock:
+            site = self._sites.get(key)
+            if site is None:
+                if len(self._sites) >= _MAX_SITES:
+                    self._sites.clear()  # a new shape every call: keep memory bounded
+                site = self._sites[key] = _Site(self._model.call_site())
+        return site
+
+    def _run(self, run: Run, site: _Site) -> Result:
         kept = run.vjp_of_kept()
         if kept is not None:
             last, cotangents = kept
@@ -164,49 +243,46 @@ class LocalModel(Backend):
             if found is not None:
                 cts = [_np_to_torch(c) for c in cotangents]
                 try:
-                    with _Unwrap():
-                        grads = engine.vjp_of_kept(found, cts, last.outputs, last.wrt)
+                    with _UNWRAP:
+                        grads = self._vjp_of_kept(found, cts, last.outputs, last.wrt)
                     return Result([_torch_to_np(g) for g in grads])
                 except ResidualLostError:
                     pass  # it kept no state for an input asked about: recompute
         elif run.residual:
             self._residuals.release([run.residual])  # a call that cannot use it
-        outcome = self._execute(run)
+        outcome = self._execute(run, site)
         handle = self._residuals.put(outcome.residual) if outcome.residual else b""
         outputs = _map_tree(outcome.outputs, _torch_to_np)
         return Result(outputs, handle, tuple(outcome.fallbacks))
 
-    def _execute(self, run: Run):
-        names = list(run.params)
-        arrays = run.leaves
-        shared = [_np_to_torch(x) for x in (*(run.params[n] for n in names), *arrays, *run.extras)]
-        key = (
-            run.structure,  # tree structure, statics, parameter names, mode
-            tuple((t.shape, t.dtype) for t in shared),
-            _program_key(run.program),
-        )
-        with self._lock:
-            writes = self._writes.get(key)
-        first = writes is None
-        # A kept autograd graph outlives this call, but XLA's buffers are lent only for its
-        # duration: the tensors it saves must own their memory, so that path copies.
-        copy_all = first or run.keep is not None
-        # Buffers given as parameters (BatchNorm statistics) are state torch updates in
-        # place, without always bumping version counters: they always run on copies.
-        buffers = {i for i, n in enumerate(names) if n in self._model.buffers}
-        copied = {
-            i: t.clone() for i, t in enumerate(shared) if copy_all or i in writes or i in buffers
-        }
-        used = [copied.get(i, t) for i, t in enumerate(shared)]
-        before = [t._version for t in used]
-        n_params, n_base = len(names), len(names) + len(arrays)
-        t_args, t_kwargs = run.rebuild(used[n_params:n_base])
-        with _Unwrap():
-            outcome = self._model.run(
+    def _execute(self, run: Run, site: _Site):
+        params = run.params
+        shared = [_np_to_torch(x) for x in (*params.values(), *run.leaves, *run.extras)]
+        first = site.writes is None
+        if first or run.keep is not None:
+            # A kept autograd graph outlives this call, but XLA's buffers are lent only
+            # for its duration: the tensors it saves must own their memory, so that path
+            # copies; and the first call runs on copies to learn where torch writes.
+            used = [t.clone() for t in shared]
+            watched: Any = range(len(used)) if first else ()
+        else:
+            # Buffers given as parameters (BatchNorm statistics) are state torch updates
+            # in place, without always bumping version counters: they always run on
+            # copies, as do the inputs the first call wrote into.
+            used = shared
+            for i in site.copied:
+                used[i] = used[i].clone()
+            watched = site.watched
+        before = [used[i]._version for i in watched]
+        n_params, n_base = len(params), len(params) + len(run.leaves)
+        leaves = used[n_params:n_base]
+        t_args, t_kwargs = run.rebuild(leaves)
+        with _UNWRAP:
+            outcome = site.engine.run(
                 t_args,
                 t_kwargs,
-                used[n_params:n_base],
-                dict(zip(names, used[:n_params])),
+                leaves,
+                dict(zip(params, used[:n_params])),
                 keep=run.keep,
                 program=run.program,
                 extras=used[n_base:],
@@ -216,13 +292,13 @@ class LocalModel(Backend):
                 train=run.train,
                 returned=run.returned,
             )
-        written = frozenset(i for i, t in enumerate(used) if t._version != before[i])
+        written = [i for i, v in zip(watched, before) if used[i]._version != v]
         if first:
-            with self._lock:
-                self._writes[key] = written
-        elif written - set(copied):
+            buffers = {i for i, n in enumerate(params) if n in self._model.buffers}
+            site.learn(frozenset(written), buffers, len(used))
+        elif written:
             raise InvalidArgumentError(
-                f"{self.description} wrote in place into input {min(written - set(copied))} "
+                f"{self.description} wrote in place into input {min(written)} "
                 "(counting parameters first), which it did not do on its first call with "
                 "these shapes; JAX arrays must not change: copy it in torch first "
                 "(x = x.clone())"
@@ -231,6 +307,10 @@ class LocalModel(Backend):
 
     def release(self, residuals):
         self._residuals.release(residuals)
+
+
+#: Eager signatures remembered per model, beyond which they are forgotten (and learnt again).
+_MAX_SITES = 4096
 
 
 def _program_key(program: tuple[Transform, ...]) -> tuple:

@@ -29,7 +29,9 @@ The surface:
 
 Models
     ``Registry`` (the models a worker serves, by name), ``ServedModel`` (one of them:
-    ``run``, ``infer``, ``check_parameters``, ``floating_inputs``), ``Outcome`` (a
+    ``run``, ``infer``, ``check_parameters``, ``floating_inputs``, ``call_site``),
+    ``CallSite`` (``run`` for calls that differ only in their tensors' data, checking
+    their form once: the in-process backend's compiled calls), ``Outcome`` (a
     forward's outputs and its ``Residual``), ``vjp`` (gradients of a kept forward w.r.t.
     all it kept), ``vjp_of_kept`` (a program's Vjp from a kept forward) and
     ``tensor_leaves`` (an output pytree's tensors in wire order). ``run`` takes a call's
@@ -75,6 +77,7 @@ from pytorch2jax_server.engine._errors import (
     WorkerError,
 )
 from pytorch2jax_server.engine._models import (
+    CallSite,
     Outcome,
     Registry,
     ServedModel,
@@ -108,6 +111,7 @@ __all__ = [
     "WAIT_SLICE_S",
     "Call",
     "CallCancelledError",
+    "CallSite",
     "CannotInferShapesError",
     "InvalidRequestError",
     "Jvp",

@@ -119,6 +119,27 @@ class _Options:
 
 
 _PLAIN = _Options()
+_NO_HOOKS = contextlib.nullcontext()
+
+
+@dataclass(frozen=True)
+class _Form:
+    """What ``run`` checks of a call before it runs: everything but its tensors' data.
+    ``ServedModel.run`` checks it on every call, a ``CallSite`` on its first only."""
+
+    options: _Options
+    #: The parameters' names in the call's order, and which of them are buffers.
+    names: tuple[str, ...]
+    constants: frozenset[int]
+    #: Whether int32 leaves are widened to int64 (``int32_as_int64``).
+    widen_leaves: bool
+    #: Parameters given narrowed by a client without x64, each with the module's dtype
+    #: (checked here for a forward; a program checks its own where it calls the model).
+    narrowed: tuple[tuple[str, torch.dtype], ...]
+    #: The flat inputs a forward's ``keep`` names that can keep autograd state.
+    kept: frozenset[int]
+    #: The CUDA devices whose generators a keyed or watched call seeds or watches.
+    devices: tuple[torch.device, ...]
 
 
 class ServedModel:
@@ -173,9 +194,14 @@ class ServedModel:
         A JAX client without ``jax_enable_x64`` holds a float64 (int64, complex128) weight
         as float32 (int32, complex64); such values are widened back to the module's dtype.
         """
+        return _widened_params(params, self._narrowed(params))
+
+    def _narrowed(self, params: dict[str, torch.Tensor]) -> tuple[tuple[str, torch.dtype], ...]:
+        """``params`` checked as ``check_parameters`` says; those given narrowed, each with
+        the module's dtype to widen it back to."""
         if params and not self.is_module:
             raise InvalidRequestError(f"model {self.name!r} is a function; it takes no parameters")
-        checked = {}
+        narrowed = []
         for name, value in params.items():
             # Buffers may be given too (e.g. BatchNorm statistics kept by the client).
             own = self.parameters.get(name, self.buffers.get(name))
@@ -184,16 +210,17 @@ class ServedModel:
                 raise InvalidRequestError(
                     f"model {self.name!r} has no parameter {name!r}; its parameters: {known}"
                 )
-            if value.dtype != own.dtype and _X64_NARROWED.get(own.dtype) == value.dtype:
-                value = value.to(own.dtype)
-            if value.shape != own.shape or value.dtype != own.dtype:
+            dtype = value.dtype
+            if dtype != own.dtype and _X64_NARROWED.get(own.dtype) == dtype:
+                narrowed.append((name, own.dtype))
+                dtype = own.dtype
+            if value.shape != own.shape or dtype != own.dtype:
                 raise InvalidRequestError(
                     f"parameter {name!r} of model {self.name!r} is "
                     f"{str(own.dtype).removeprefix('torch.')}{shape_str(own.shape)}; got "
-                    f"{str(value.dtype).removeprefix('torch.')}{shape_str(value.shape)}"
+                    f"{str(dtype).removeprefix('torch.')}{shape_str(value.shape)}"
                 )
-            checked[name] = value
-        return checked
+        return tuple(narrowed)
 
     def infer(
         self,
@@ -287,6 +314,30 @@ class ServedModel:
         ``returned`` names buffers whose values after the call come back with the
         outputs, as ``(outputs, {name: buffer})`` (flat: after the output leaves, by name).
         """
+        program = tuple(program)
+        form = self._form(
+            args, kwargs, leaves, params, keep, program, int32_as_int64, key, train, returned
+        )
+        return self._run(form, args, kwargs, leaves, params, keep, program, list(extras), key)
+
+    def call_site(self) -> CallSite:
+        """A ``CallSite``: ``run`` for calls that differ only in their tensors' data."""
+        return CallSite(self._form, self._run)
+
+    def _form(
+        self,
+        args: tuple,
+        kwargs: dict,
+        leaves: Sequence[torch.Tensor],
+        params: dict[str, torch.Tensor],
+        keep: Sequence[int] | None,
+        program: tuple[Transform, ...],
+        int32_as_int64: bool,
+        key: torch.Tensor | None,
+        train: bool | None,
+        returned: Sequence[str],
+    ) -> _Form:
+        """What ``run`` checks of a call before running it (raising as it says)."""
         self.check_arity(args, kwargs)
         self._check_train(train)
         returned = tuple(returned)
@@ -296,26 +347,34 @@ class ServedModel:
                 f"model {self.name!r} has no buffer {unknown[0]!r} to return; its buffers: "
                 f"{', '.join(self.buffers) or 'none'}"
             )
-        training = self.is_module and (self._obj.training if train is None else train)
-        devices: list[torch.device] = []  # only a seeded or watched call needs them
-        if key is not None or training:
-            devices = [self.device] if self.is_module else [t.device for t in leaves if t.is_cuda]
-        with drawing(key, devices=devices, watched=training, name=self.name):
-            return self._run(
-                args,
-                kwargs,
-                leaves,
-                params,
-                keep,
-                tuple(program),
-                list(extras),
-                int32_as_int64,
-                key,
-                _Options(train, returned),
-            )
+        names = tuple(params)
+        narrowed: tuple[tuple[str, torch.dtype], ...] = ()
+        kept: frozenset[int] = frozenset()
+        # Buffers (BatchNorm statistics) are state, not weights: never differentiated.
+        constants = frozenset(i for i, n in enumerate(names) if n in self.buffers)
+        if not program:  # a program checks its parameters where it calls the model
+            narrowed = self._narrowed(params)
+            if keep is not None:
+                # Narrowing and int32 -> int64 keep what can have gradients as it was.
+                tail = [key] if key is not None else []
+                flat = [*params.values(), *leaves, *tail]
+                kept = frozenset(checked_keep(keep, flat, self.name)) - constants
+        # The CPU generator is always seeded or watched; these are the CUDA ones.
+        placed = (self.device,) if self.is_module else (t.device for t in leaves)
+        devices = tuple(d for d in placed if d.type == "cuda")
+        return _Form(
+            _Options(train, returned),
+            names,
+            constants,
+            int32_as_int64 and any(t.dtype == torch.int32 for t in leaves),
+            narrowed,
+            kept,
+            devices,
+        )
 
     def _run(
         self,
+        form: _Form,
         args: tuple,
         kwargs: dict,
         leaves: list[torch.Tensor],
@@ -323,75 +382,64 @@ class ServedModel:
         keep: Sequence[int] | None,
         program: tuple[Transform, ...],
         extras: list[torch.Tensor],
-        int32_as_int64: bool,
         key: torch.Tensor | None,
-        options: _Options,
+        nbytes: int | None = None,
     ) -> Outcome:
-        if int32_as_int64 and any(t.dtype == torch.int32 for t in leaves):
-            leaves = [t.to(torch.int64) if t.dtype == torch.int32 else t for t in leaves]
-            args, kwargs = _substitute((args, kwargs), iter(leaves))
-        names = list(params)
-        # Buffers (BatchNorm statistics) are state, not weights: never differentiated.
-        constants = frozenset(i for i, n in enumerate(names) if n in self.buffers)
-        saved = _SavedBytes()
-        # Counting what autograd saves takes saved-tensor hooks, which torch.func.vjp
-        # refuses and which see torch.func's wrapped tensors: a program with transforms
-        # under its outermost Vjp is counted by its inputs and outputs alone.
-        inner = program[:-1] if program and isinstance(program[-1], Vjp) else program
-        hooks = (
-            torch.autograd.graph.saved_tensors_hooks(saved.pack, _unpack)
-            if keep is not None and not inner
-            else contextlib.nullcontext()
-        )
-        fallbacks: list[tuple[int, str]] = []
-        tail = [key] if key is not None else []  # a flat input the model never sees
-        with hooks:
-            if not program:
-                checked = self.check_parameters(params)
-                flat: list[torch.Tensor] = [*checked.values(), *leaves, *tail]
-                outputs = self.checked_outputs(
-                    self._forward(args, kwargs, checked, flat, keep, constants, options)
-                )
-                out_leaves = tensor_leaves(outputs)
-            else:
-                executed = self._execute(
-                    names,
-                    args,
-                    kwargs,
-                    len(leaves) + len(tail),
-                    [*params.values(), *leaves, *tail, *extras],
-                    program,
-                    keep,
-                    constants,
-                    options,
-                )
-                flat, fallbacks = executed.inputs, executed.fallbacks
-                outputs = out_leaves = list(executed.outputs)
+        """Runs a call of ``form``; a kept forward's residual is ``nbytes`` large when that
+        is known (a call site's first kept forward measured it), else measured."""
+        options = form.options
+        train = options.train
+        training = self.is_module and (self._obj.training if train is None else train)
+        with drawing(key, devices=form.devices, watched=training, name=self.name):
+            if form.widen_leaves:
+                leaves = [t.to(torch.int64) if t.dtype == torch.int32 else t for t in leaves]
+                args, kwargs = _substitute((args, kwargs), iter(leaves))
+            tail = [key] if key is not None else []  # a flat input the model never sees
+            if not program and keep is None:  # the plain forward: nothing kept, nothing counted
+                checked = _widened_params(params, form.narrowed)
+                with torch.no_grad():
+                    return Outcome(self.checked_outputs(self._call(args, kwargs, checked, options)))
+            saved = _SavedBytes()
+            # Counting what autograd saves takes saved-tensor hooks, which torch.func.vjp
+            # refuses and which see torch.func's wrapped tensors: a program with transforms
+            # under its outermost Vjp is counted by its inputs and outputs alone.
+            inner = program[:-1] if program and isinstance(program[-1], Vjp) else program
+            hooks = (
+                torch.autograd.graph.saved_tensors_hooks(saved.pack, _unpack)
+                if keep is not None and not inner and nbytes is None
+                else _NO_HOOKS
+            )
+            fallbacks: list[tuple[int, str]] = []
+            with hooks:
+                if not program:
+                    # The very tensors the model gets, so marking them marks those.
+                    checked = _widened_params(params, form.narrowed)
+                    flat: list[torch.Tensor] = [*checked.values(), *leaves, *tail]
+                    for i in form.kept:
+                        flat[i].requires_grad_(True)
+                    with torch.enable_grad():
+                        outputs = self.checked_outputs(self._call(args, kwargs, checked, options))
+                    out_leaves = tensor_leaves(outputs)
+                else:
+                    executed = self._execute(
+                        list(form.names),
+                        args,
+                        kwargs,
+                        len(leaves) + len(tail),
+                        [*params.values(), *leaves, *tail, *extras],
+                        program,
+                        keep,
+                        form.constants,
+                        options,
+                    )
+                    flat, fallbacks = executed.inputs, executed.fallbacks
+                    outputs = out_leaves = list(executed.outputs)
         if keep is None:
             return Outcome(outputs, fallbacks=fallbacks)
-        nbytes = saved.total + _nbytes(flat) + _nbytes(out_leaves)
-        residual = Residual(self.name, out_leaves, flat, tuple(names), nbytes, constants)
+        if nbytes is None:
+            nbytes = saved.total + _nbytes(flat) + _nbytes(out_leaves)
+        residual = Residual(self.name, out_leaves, flat, form.names, nbytes, form.constants)
         return Outcome(outputs, residual, fallbacks)
-
-    def _forward(
-        self,
-        args: tuple,
-        kwargs: dict,
-        params: dict[str, torch.Tensor],
-        flat: list[torch.Tensor],
-        keep: Sequence[int] | None,
-        constants: frozenset[int],
-        options: _Options,
-    ) -> Any:
-        """The model as it is: its output pytree. ``flat`` holds ``params``' values, then
-        the leaves of ``(args, kwargs)``: the very tensors, so marking them marks those."""
-        if keep is None:
-            with torch.no_grad():
-                return self._call(args, kwargs, params, options)
-        for i in checked_keep(keep, flat, self.name) - constants:
-            flat[i].requires_grad_(True)
-        with torch.enable_grad():
-            return self._call(args, kwargs, params, options)
 
     def _execute(
         self,
@@ -500,7 +548,7 @@ class ServedModel:
     def _invoke_held(
         self, args: tuple, kwargs: dict, params: dict[str, torch.Tensor], options: _Options
     ) -> Any:
-        if self._obj.training:
+        if self.buffers and self._obj.training:
             # Training mode updates buffers in place (BatchNorm's running statistics):
             # those the caller did not give run on copies, so the module's own never
             # change and its clients never see each other's calls.
@@ -537,6 +585,60 @@ class ServedModel:
         return InvalidRequestError(
             f"model {self.name!r} failed on its arguments: {type(e).__name__}: {e}"
         )
+
+
+class CallSite:
+    """The calls of one model that differ only in their tensors' data, as those of one
+    compiled JAX call site do: the same argument structure, parameter names, shapes and
+    dtypes, program, keep, key or none, mode and returned buffers. ``run`` takes and
+    gives what ``ServedModel.run`` does; what that checks of a call's form on every call
+    (arity, parameters, keep, which dtypes to widen) it checks on the first and then
+    trusts, and a kept forward's size (which counting takes a Python call per tensor
+    autograd saves) is measured once. Used with calls of another form, it misbehaves.
+
+    Example::
+
+        site = model.call_site()
+        for x in batches:  # each of one shape and dtype
+            outcome = site.run((x,), {}, [x], params)
+    """
+
+    __slots__ = ("_check", "_execute", "_form", "_nbytes")
+
+    def __init__(self, check: Callable[..., _Form], execute: Callable[..., Outcome]) -> None:
+        self._check, self._execute = check, execute
+        self._form: _Form | None = None
+        self._nbytes: int | None = None
+
+    def run(
+        self,
+        args: tuple,
+        kwargs: dict,
+        leaves: list[torch.Tensor],
+        params: dict[str, torch.Tensor],
+        *,
+        keep: Sequence[int] | None = None,
+        program: Sequence[Transform] = (),
+        extras: Sequence[torch.Tensor] = (),
+        int32_as_int64: bool = False,
+        key: torch.Tensor | None = None,
+        train: bool | None = None,
+        returned: Sequence[str] = (),
+    ) -> Outcome:
+        """``ServedModel.run`` for a call of this site's form."""
+        program = tuple(program)
+        form = self._form
+        if form is None:
+            form = self._check(
+                args, kwargs, leaves, params, keep, program, int32_as_int64, key, train, returned
+            )
+            self._form = form
+        outcome = self._execute(
+            form, args, kwargs, leaves, params, keep, program, list(extras), key, self._nbytes
+        )
+        if outcome.residual is not None:
+            self._nbytes = outcome.residual.nbytes
+        return outcome
 
 
 def vjp(
@@ -674,6 +776,18 @@ def _widened(tree: Any) -> Any:
     if isinstance(tree, dict):
         return {k: _widened(v) for k, v in tree.items()}
     return tree
+
+
+def _widened_params(
+    params: dict[str, torch.Tensor], narrowed: tuple[tuple[str, torch.dtype], ...]
+) -> dict[str, torch.Tensor]:
+    """``params`` with those ``narrowed`` names widened back to their dtypes."""
+    if not narrowed:
+        return params
+    widened = dict(params)
+    for name, dtype in narrowed:
+        widened[name] = widened[name].to(dtype)
+    return widened
 
 
 def _substitute(tree: Any, leaves: Iterator[torch.Tensor]) -> Any:

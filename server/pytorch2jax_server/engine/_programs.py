@@ -301,7 +301,8 @@ def _seed(ct: torch.Tensor, out: torch.Tensor, name: str) -> torch.Tensor:
             f"a cotangent of model {name!r} has shape {shape_str(ct.shape)}; the output has "
             f"{shape_str(out.shape)}"
         )
-    ct = ct.to(out.dtype)
+    if ct.dtype != out.dtype:
+        ct = ct.to(out.dtype)
     return ct.conj() if ct.is_complex() else ct
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -57,6 +57,8 @@ def seed_of(key: torch.Tensor) -> int:
 
 
 def _generators(devices: Sequence[torch.device]) -> list[torch.Generator]:
+    if not devices:  # the CPU's alone: every watched call of a CPU module asks
+        return [torch.default_generator]
     found = [torch.default_generator]
     for d in {d for d in devices if d.type == "cuda"}:
         found.append(torch.cuda.default_generators[d.index or 0])
@@ -98,29 +100,55 @@ def drawing(
     """
     if key is None and not watched:
         return _UNTOUCHED
-    return _seeded(None if key is None else seed_of(key), devices, name)
+    return _Seeded(None if key is None else seed_of(key), devices, name)
 
 
-@contextlib.contextmanager
-def _seeded(seed: int | None, devices: Sequence[torch.device], name: str) -> Iterator[None]:
-    with waiting_for(_LOCK):
-        before = snapshot(devices)
-        if seed is not None:
-            for g, _ in before:
-                g.manual_seed(seed)
-        _this_thread.seeded = seed is not None
+class _Seeded:
+    """``drawing``'s seeded or watched block. (A class, not a generator: every call of a
+    module in training mode takes it.)"""
+
+    __slots__ = ("_before", "_devices", "_fingerprints", "_name", "_seed")
+
+    def __init__(self, seed: int | None, devices: Sequence[torch.device], name: str) -> None:
+        self._seed, self._devices, self._name = seed, devices, name
+
+    def __enter__(self) -> None:
+        waiting_for(_LOCK).__enter__()
         try:
-            yield
-            if seed is None and any(_changed(g, s) for g, s in before):
+            self._before = before = snapshot(self._devices)
+            if self._seed is None:
+                # What a watched block is compared with afterwards: bytes compare in about
+                # a microsecond, where torch.equal of the states takes three.
+                self._fingerprints = [_fingerprint(state) for _, state in before]
+            else:
+                for g, _ in before:
+                    g.manual_seed(self._seed)
+                _this_thread.seeded = True
+        except BaseException:
+            _LOCK.release()
+            raise
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        try:
+            if self._seed is not None:
+                _this_thread.seeded = False
+                restore(self._before)
+                return
+            for (g, _), before in zip(self._before, self._fingerprints):
+                if _fingerprint(g.get_state()) != before:
+                    break
+            else:
+                return
+            restore(self._before)  # the process's generators never move
+            if exc is None:
                 raise InvalidRequestError(
-                    f"model {name!r} drew random numbers in training mode (dropout, say) "
-                    f"but the call has no PRNG key, so its result would not be a function "
-                    f"of its inputs; {KEY_HINT}"
+                    f"model {self._name!r} drew random numbers in training mode (dropout, "
+                    "say) but the call has no PRNG key, so its result would not be a "
+                    f"function of its inputs; {KEY_HINT}"
                 )
         finally:
-            _this_thread.seeded = False
-            restore(before)
+            _LOCK.release()
 
 
-def _changed(g: torch.Generator, state: torch.Tensor) -> bool:
-    return g.get_state().numpy().tobytes() != state.numpy().tobytes()
+def _fingerprint(state: torch.Tensor) -> bytes:
+    return state.numpy().tobytes()

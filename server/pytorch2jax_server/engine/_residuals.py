@@ -16,6 +16,7 @@ import secrets
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,17 +48,28 @@ class Residual:
     created: float = field(default_factory=time.monotonic)
 
 
+def _unguessable() -> bytes:
+    return secrets.token_bytes(HANDLE_BYTES)
+
+
 class ResidualCache:
+    """``handles`` makes each new handle (HANDLE_BYTES, never all zeros): by default
+    unguessable ones, as a worker's must be (a client must not take another's residual);
+    a cache that only its own process reaches may count instead, sparing a system call
+    per forward."""
+
     def __init__(
         self,
         *,
         max_entries: int = DEFAULT_MAX_ENTRIES,
         max_bytes: int = DEFAULT_MAX_BYTES,
         ttl_s: float = DEFAULT_TTL_S,
+        handles: Callable[[], bytes] = _unguessable,
     ) -> None:
         self.max_entries = max_entries
         self.max_bytes = max_bytes
         self.ttl_s = ttl_s
+        self._handles = handles
         self._entries: OrderedDict[bytes, Residual] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
@@ -77,7 +89,7 @@ class ResidualCache:
         if self.max_entries <= 0 or residual.nbytes > self.max_bytes:
             return b""
         residual.owner = owner
-        handle = secrets.token_bytes(HANDLE_BYTES)
+        handle = self._handles()
         with self._lock:
             self._expire(time.monotonic())
             while self._entries and (
@@ -89,7 +101,9 @@ class ResidualCache:
             self._bytes += residual.nbytes
         return handle
 
-    def take(self, handle: bytes, *, model: str | None = None, keep: bool = False) -> Residual | None:
+    def take(
+        self, handle: bytes, *, model: str | None = None, keep: bool = False
+    ) -> Residual | None:
         """The residual of ``handle`` (of ``model``, if given), removed unless ``keep``;
         None if it is gone or belongs to another model (which then keeps it)."""
         with self._lock:
