@@ -32,6 +32,7 @@ from pytorch2jax._pool import Pool, is_pool, pool_target
 from pytorch2jax._pool import channel_options as pool_channel_options
 from pytorch2jax._remote import RemoteModel
 from pytorch2jax._transports import InlineTransport, Transport, open_transport
+from pytorch2jax._transports.lane import FastLane
 from pytorch2jax_protocol import DEFAULT_MAX_MESSAGE_BYTES, channel_options, dtypes, pb, pb_grpc
 from pytorch2jax_protocol.channels import (
     TARGET_ENV,
@@ -179,11 +180,11 @@ class _Seen:
         self._seconds: collections.Counter[str] = collections.Counter()
         self._retries = 0
 
-    def record(self, method: str, request: Any, code: str, started: float) -> None:
+    def record(self, method: str, model: str, code: str, started: float) -> None:
+        """One call of ``method`` (on ``model``, or "") that ended with ``code``."""
         # No message sizes: upb's ByteSize() serializes the message again (about 1 ms
         # per MB), as costly as sending it.
         seconds = time.perf_counter() - started
-        model = getattr(request, "model", "")
         with self._lock:
             self._calls[method] += 1
             self._seconds[method] += seconds
@@ -615,18 +616,38 @@ class Client:
 
     def _unary(self, method: str, request: Any, metadata: Any = ()) -> Any:
         started = time.perf_counter()
+        model = getattr(request, "model", "")
         try:
             reply = self._send(method, request, metadata)
         except grpc.RpcError as e:
-            self._seen.record(method, request, _code_name(e), started)
+            self._seen.record(method, model, _code_name(e), started)
             raise from_rpc_error(e, self.target) from None
         except ResidualLostError:  # a pool's VJP whose worker left; no status of its own
-            self._seen.record(method, request, "FAILED_PRECONDITION", started)
+            self._seen.record(method, model, "FAILED_PRECONDITION", started)
             raise
         except BaseException:
-            self._seen.record(method, request, "UNKNOWN", started)
+            self._seen.record(method, model, "UNKNOWN", started)
             raise
-        self._seen.record(method, request, "OK", started)
+        self._seen.record(method, model, "OK", started)
+        return reply
+
+    def _run_prepared(
+        self, method: str, model: str, lane: FastLane, payload: bytearray
+    ) -> memoryview | None:
+        """The reply's bytes to a RUN of a prepared ``method`` call of ``model`` over
+        ``lane``; None when the call must go in full instead: the session has no such
+        prepared call (the full call prepares it again), no connection is free, or the
+        lane broke or the worker stops (the full call goes by gRPC, which sees to that)."""
+        started = time.perf_counter()
+        try:
+            reply = lane.run(payload, self.call_timeout)
+        except grpc.RpcError as e:
+            if e.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAVAILABLE):
+                return None
+            self._seen.record(method, model, _code_name(e), started)
+            raise from_rpc_error(e, self.target) from None
+        if reply is not None:
+            self._seen.record(method, model, "OK", started)
         return reply
 
     def _send(self, method: str, request: Any, metadata: Any) -> Any:

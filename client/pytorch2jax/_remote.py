@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import math
@@ -14,14 +15,16 @@ from pytorch2jax._backend import Backend, Result, Run, Vjp
 from pytorch2jax._callbacks import ArrayIO
 from pytorch2jax._exceptions import InvalidArgumentError, ResidualLostError, SessionLostError
 from pytorch2jax._models import ModelInfo
+from pytorch2jax._prepared import PreparedCall, handle_of
 from pytorch2jax._transports import Call, cuda_ipc
-from pytorch2jax_protocol import dtypes, pb, programs, shm, tensors, values
+from pytorch2jax_protocol import HANDLE_BYTES, dtypes, pb, programs, shm, tensors, values
 
 # The wire code's own errors, for values that cannot be encoded (e.g. a string array).
 _UNENCODABLE = (dtypes.UnsupportedDTypeError, tensors.WireFormatError, values.TreeFormatError)
 
 if TYPE_CHECKING:
     from pytorch2jax._client import Client
+    from pytorch2jax._transports.lane import FastLane
 
 
 def _spec_to_struct(msg: pb.TensorSpec) -> jax.ShapeDtypeStruct:
@@ -138,20 +141,88 @@ class RemoteModel(Backend):
         raise AssertionError("unreachable")
 
     def run(self, run: Run) -> Result:
+        return self._run(run, None)
+
+    def call_site(self):
+        # Every call of a compiled call site has the same shapes and program: what the
+        # first works out of them (the bytes its request and reply take, the program's
+        # message, a prepared call over the fast lane) serves the others.
+        site = _Site()
+        return functools.partial(self._run, site=site)
+
+    def _prepare(self, run: Run, site: _Site | None, method: str) -> FastLane | None:
+        """The fast lane to prepare ``method`` calls of ``site`` on, if they may be: a
+        forward with no program or returned buffers, or the Vjp of a kept one, whose
+        inputs are on the host."""
+        if site is None or run.returned or site.declined[method] >= _DECLINES:
+            return None
+        if method == "Forward" and run.program:
+            return None
+        lane = self._client._transport.lane
+        if lane is None or not lane.usable:
+            return None
+        arrays = (*run.params.values(), *run.leaves, run.key, *run.extras)
+        if not all(isinstance(a, np.ndarray) for a in arrays if a is not None):
+            return None
+        return lane
+
+    def _prepared(self, site: _Site | None, method: str) -> PreparedCall | None:
+        """``site``'s prepared ``method`` call, if it is its session's lane's still."""
+        plan = site.plans.get(method) if site is not None else None
+        if plan is None:
+            return None
+        lane = self._client._transport.lane
+        if plan.lane is not lane or lane is None or not lane.usable:
+            site.plans.pop(method, None)  # another session's: prepare it again
+            return None
+        return plan
+
+    def _learn(self, site: _Site, method: str, plan_id: int, make) -> None:
+        if plan_id:
+            site.plans[method] = make(plan_id)
+        else:  # sent by gRPC (no free lane connection), or the worker would not
+            site.declined[method] += 1
+
+    def _run(self, run: Run, site: _Site | None) -> Result:
         kept = run.vjp_of_kept()
         if kept is not None:
             try:
-                return self._vjp_of_kept(run, *kept)
+                return self._vjp_of_kept(run, *kept, site=site)
             except ResidualLostError:
                 pass  # evicted or expired: recompute from the inputs
             run = dataclasses.replace(run, residual=b"")
-        return self._forward(run)
+        return self._forward(run, site)
 
     def release(self, residuals):
         self._client._release_residuals(residuals)
 
-    def _forward(self, run: Run) -> Result:
-        program = programs.to_wire(run.program) if run.program else None
+    def _forward(self, run: Run, site: _Site | None = None) -> Result:
+        inputs = [*run.params.values(), *run.leaves, *([] if run.key is None else [run.key])]
+        plan = self._prepared(site, "Forward")
+        if plan is not None:
+            reply = self._client._run_prepared(
+                "Forward", self.info.name, plan.lane, plan.payload(inputs)
+            )
+            if reply is not None:
+                if run.residual:
+                    self.release([run.residual])  # a call that cannot use it
+                outputs, head = plan.results(reply)
+                return Result(outputs, handle_of(head))
+            site.plans.pop("Forward", None)  # gone: this call prepares it again
+        lane = self._prepare(run, site, "Forward")
+        sizes = site.sizes.get("Forward") if site is not None else None
+        if sizes is None:
+            program = programs.to_wire(run.program) if run.program else None
+            small = self._client._transport.inline_below
+            request_bytes = _nbytes((run.params, run.leaves, run.key, run.extras), small)
+            if run.out_structs is not None:
+                reply_bytes = sum(shm.align(_struct_nbytes(s)) for s in run.out_structs)
+            else:  # eager: guess from the last reply, and from the inputs
+                reply_bytes = max(self._reply_bytes, request_bytes)
+            if site is not None and run.out_structs is not None:
+                site.sizes["Forward"] = (request_bytes, reply_bytes, program)
+        else:
+            request_bytes, reply_bytes, program = sizes
 
         args, kwargs = run.arguments()
 
@@ -166,6 +237,7 @@ class RemoteModel(Backend):
                 int32_as_int64=run.int32_as_int64,
                 train=run.train,
                 returned_buffers=run.returned,
+                prepare=lane is not None,
             )
             if run.key is not None:
                 msg.rng.CopyFrom(call.put(run.key))
@@ -178,23 +250,51 @@ class RemoteModel(Backend):
 
         def decode(reply: pb.ForwardResponse, call: Call) -> Result:
             outputs = values.decode(reply.outputs, call.get)
-            self._reply_bytes = max(_nbytes(outputs), 64)  # next time, as much as this took
+            if run.out_structs is None:  # eager: lend as much as this took next time
+                self._reply_bytes = max(_nbytes(outputs), 64)
+            if lane is not None:
+                specs: list[tuple[np.dtype, tuple[int, ...]]] = []
+
+                def spec(msg: pb.Tensor) -> int:
+                    specs.append((dtypes.to_numpy(msg.dtype), tuple(msg.shape)))
+                    return len(specs) - 1
+
+                # The reply's tensors in wire order, and where JAX's leaf order puts them.
+                order = jax.tree_util.tree_leaves(values.decode(reply.outputs, spec))
+                self._learn(
+                    site,
+                    "Forward",
+                    reply.prepared,
+                    lambda plan_id: PreparedCall(
+                        lane,
+                        plan_id,
+                        inputs,
+                        specs,
+                        reply_head=HANDLE_BYTES if run.keep is not None else 0,
+                        order=order,
+                    ),
+                )
             return Result(
                 outputs,
                 reply.residual,
                 tuple((f.transform, f.reason) for f in reply.vmap_fallbacks),
             )
 
-        small = self._client._transport.inline_below
-        request_bytes = _nbytes((run.params, run.leaves, run.key, run.extras), small)
-        if run.out_structs is not None:
-            reply_bytes = sum(shm.align(_struct_nbytes(s)) for s in run.out_structs)
-        else:  # eager: guess from the last reply, and from the inputs
-            reply_bytes = max(self._reply_bytes, request_bytes)
         return self._exchange("Forward", request_bytes, reply_bytes, build, decode)
 
-    def _vjp_of_kept(self, run: Run, last: Vjp, cts: list[Any]) -> Result:
+    def _vjp_of_kept(
+        self, run: Run, last: Vjp, cts: list[Any], site: _Site | None = None
+    ) -> Result:
         """The Vjp of a kept forward: torch's stored graph, no forward re-run."""
+        plan = self._prepared(site, "Vjp") if len(run.residual) == HANDLE_BYTES else None
+        if plan is not None:
+            reply = self._client._run_prepared(
+                "Vjp", self.info.name, plan.lane, plan.payload(cts, run.residual)
+            )
+            if reply is not None:
+                return Result(plan.results(reply)[0])
+            site.plans.pop("Vjp", None)  # gone: this call prepares it again
+        lane = self._prepare(run, site, "Vjp") if len(run.residual) == HANDLE_BYTES else None
 
         def build(call: Call) -> pb.VjpRequest:
             return pb.VjpRequest(
@@ -204,17 +304,51 @@ class RemoteModel(Backend):
                 cotangent_outputs=last.outputs,
                 wrt=last.wrt,
                 reply_area=call.reply_area,
+                prepare=lane is not None,
             )
 
         def decode(reply: pb.VjpResponse, call: Call) -> Result:
+            if lane is not None:
+                specs = [(dtypes.to_numpy(g.dtype), tuple(g.shape)) for g in reply.grads]
+                self._learn(
+                    site,
+                    "Vjp",
+                    reply.prepared,
+                    lambda plan_id: PreparedCall(
+                        lane, plan_id, cts, specs, head=HANDLE_BYTES
+                    ),
+                )
             return Result([call.get(g) for g in reply.grads])
 
-        small = self._client._transport.inline_below
-        if run.out_structs is not None:
-            grads_bytes = sum(shm.align(_struct_nbytes(s)) for s in run.out_structs)
-        else:
-            grads_bytes = _nbytes([*run.params.values(), *run.leaves])
-        return self._exchange("Vjp", _nbytes(cts, small), grads_bytes, build, decode)
+        sizes = site.sizes.get("Vjp") if site is not None else None
+        if sizes is None:
+            small = self._client._transport.inline_below
+            if run.out_structs is not None:
+                grads_bytes = sum(shm.align(_struct_nbytes(s)) for s in run.out_structs)
+            else:
+                grads_bytes = _nbytes([*run.params.values(), *run.leaves])
+            sizes = (_nbytes(cts, small), grads_bytes, None)
+            if site is not None and run.out_structs is not None:
+                site.sizes["Vjp"] = sizes
+        return self._exchange("Vjp", sizes[0], sizes[1], build, decode)
+
+
+#: Full calls of a site that asked to prepare and got no prepared call, after which it
+#: stops asking (the worker will not: its tensors are too large, say).
+_DECLINES = 3
+
+
+class _Site:
+    """What one compiled call site's first call worked out for the others, by RPC: the
+    bytes its request and reply take in the transport's memory, its program message
+    (read-only once made), and its prepared call over the fast lane."""
+
+    __slots__ = ("declined", "plans", "sizes")
+
+    def __init__(self) -> None:
+        self.sizes: dict[str, tuple[int, int, pb.Program | None]] = {}
+        self.plans: dict[str, PreparedCall] = {}
+        self.declined: collections.Counter[str] = collections.Counter()
 
 
 def _struct_nbytes(s: jax.ShapeDtypeStruct) -> int:

@@ -27,6 +27,11 @@ Semantics as over gRPC:
 - Stopping: ``stop_calls`` answers new calls UNAVAILABLE (the client then goes to gRPC,
   which sees the worker stopping too), ``drain`` waits for the calls in flight, and
   ``close`` ends every connection. A session's connections end with the session.
+
+Prepared calls (``_prepared``): a call over the lane may leave its form with the worker
+(``prepare``); its session's later calls of that form come as ``RUN`` frames, which the
+servicer's ``run_prepared`` serves with the same admission, limits, deadlines and
+metrics. A session's prepared calls end with it.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ import grpc
 
 from pytorch2jax_protocol import lane, pb, shm
 from pytorch2jax_server._dataplane import shm as shm_plane
+from pytorch2jax_server._prepared import PreparedCalls
 from pytorch2jax_server._sessions import Session, Sessions
 from pytorch2jax_server._status import status_of
 from pytorch2jax_server.engine import InvalidRequestError
@@ -79,13 +85,18 @@ class _Abort(Exception):
 
 
 class _Context:
-    """What the servicer's handlers use of a ``grpc.ServicerContext``, for a lane call."""
+    """What the servicer's handlers use of a ``grpc.ServicerContext``, for a lane call;
+    and ``prepared``, the session's prepared calls (which a gRPC context lacks: a call
+    over gRPC prepares nothing)."""
 
-    __slots__ = ("_metadata", "_peer", "_callbacks", "_ended", "_lock")
+    __slots__ = ("_metadata", "_peer", "_callbacks", "_ended", "_lock", "prepared")
 
-    def __init__(self, metadata: tuple[tuple[str, str], ...], peer: str) -> None:
+    def __init__(
+        self, metadata: tuple[tuple[str, str], ...], peer: str, prepared: PreparedCalls
+    ) -> None:
         self._metadata = metadata
         self._peer = peer
+        self.prepared = prepared
         self._callbacks: list[Callable[[], object]] = []
         self._ended = False
         self._lock = threading.Lock()
@@ -190,6 +201,8 @@ class Lane:
         self._idle = threading.Condition(self._lock)
         self._capabilities: dict[bytes, tuple[Session, int]] = {}
         self._connections: dict[bytes, set[socket.socket]] = {}  # by session id
+        self._prepared: dict[bytes, PreparedCalls] = {}  # by session id, while it has a lane
+        self._prepared_calls = 0
         self._handshakes = 0
         self._in_flight = 0
         self._calls = 0
@@ -208,6 +221,7 @@ class Lane:
             code: (getattr(pb, f"{name}Request"), getattr(servicer, name))
             for code, name in lane.METHODS.items()
         }
+        self._run_prepared = servicer.run_prepared
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         listener.bind(lane.socket_address(self.address))
         listener.listen(64)
@@ -229,10 +243,12 @@ class Lane:
             self._capabilities[capability] = (session, pid)
         return capability
 
-    def held(self) -> tuple[int, int]:
-        """Open connections, and the calls served over the lane, for stats."""
+    def held(self) -> tuple[int, int, int]:
+        """Open connections, the calls served over the lane, and those of them that ran
+        as prepared calls, for stats."""
         with self._lock:
-            return sum(len(c) for c in self._connections.values()), self._calls
+            connections = sum(len(c) for c in self._connections.values())
+            return connections, self._calls, self._prepared_calls
 
     # -- connections -----------------------------------------------------------------------
 
@@ -261,7 +277,9 @@ class Lane:
             lane.send(conn, lane.REPLY, 0, self._issue(session, pid))
             while True:
                 frame = lane.receive(conn, self._max_body, with_fds=True)
-                if frame.kind == lane.CALL:
+                if frame.kind == lane.RUN:
+                    self._run(conn, session, pid, frame)
+                elif frame.kind == lane.CALL:
                     self._call(conn, session, pid, frame)
                 elif frame.kind == lane.REGISTER:
                     self._register(conn, session, frame)
@@ -323,6 +341,7 @@ class Lane:
                 else:
                     self._connections[session.id] = held
                     held.add(conn)
+                    self._prepared.setdefault(session.id, PreparedCalls())
                     self._handshakes -= 1
         if issued is None:
             raise _Abort(code, f"fast lane refused: {why}")
@@ -349,24 +368,66 @@ class Lane:
         if status is not None:
             lane.send(conn, lane.REPLY, status[0].value[0], status[1].encode())
             return
-        context = _Context(metadata, f"lane:pid={pid}")
-        timeout = frame.timeout
+        self._serve_call(
+            conn,
+            _Context(metadata, f"lane:pid={pid}", self._prepared_of(session)),
+            frame.timeout,
+            lambda context: handler(request, context).SerializeToString(),
+        )
+
+    def _run(self, conn: socket.socket, session: Session, pid: int, frame: lane.Frame) -> None:
+        """A RUN: one of the session's prepared calls (the servicer's ``run_prepared``)."""
+        for fd in frame.fds:
+            os.close(fd)
+        if frame.metadata:
+            raise lane.FrameError("a RUN frame carries no metadata")
+        status = self._refusal(session, ())
+        if status is not None:
+            lane.send(conn, lane.REPLY, status[0].value[0], status[1].encode())
+            return
+        prepared = self._prepared_of(session)
+        payload = frame.payload
+        self._serve_call(
+            conn,
+            _Context((), f"lane:pid={pid}", prepared),
+            frame.timeout,
+            lambda context: self._run_prepared(session, prepared, payload, context),
+            prepared=True,
+        )
+
+    def _prepared_of(self, session: Session) -> PreparedCalls:
+        # A closed session's entry is gone: its last calls prepare into a store of their
+        # own. (Not `get(...) or ...`: an empty store is falsy, it has a length.)
+        found = self._prepared.get(session.id)
+        return found if found is not None else PreparedCalls(max_entries=0)
+
+    def _serve_call(
+        self,
+        conn: socket.socket,
+        context: _Context,
+        timeout: float,
+        work: Callable[[_Context], bytes | bytearray],
+        *,
+        prepared: bool = False,
+    ) -> None:
+        """Runs one admitted call (``_refusal`` counted it in flight) under its deadline
+        and cancellation, and sends its reply or status."""
         deadline = time.monotonic() + timeout if timeout > 0 else math.inf
         fd = conn.fileno()
         watch = self._watch
         assert watch is not None  # started
         watch.watch(fd, deadline, context.end)
         try:
-            reply = handler(request, context)
+            payload = work(context)
+            code = 0
         except _Abort as e:
             code, payload = e.code.value[0], e.details.encode()
-        else:
-            code, payload = 0, reply.SerializeToString()
         finally:
             watch.unwatch(fd)
             with self._lock:
                 self._in_flight -= 1
                 self._calls += 1
+                self._prepared_calls += prepared
                 self._idle.notify_all()
         lane.send(conn, lane.REPLY, code, payload)
 
@@ -423,6 +484,7 @@ class Lane:
             for c in [c for c, (s, _) in self._capabilities.items() if s.id == session_id]:
                 del self._capabilities[c]
             connections = self._connections.pop(session_id, set())
+            self._prepared.pop(session_id, None)
         for conn in connections:
             _shut(conn)
 
@@ -449,6 +511,7 @@ class Lane:
             connections = [c for held in self._connections.values() for c in held]
             self._connections.clear()
             self._capabilities.clear()
+            self._prepared.clear()
         for conn in connections:
             _shut(conn)
         if self._watch is not None:

@@ -32,6 +32,7 @@ from pytorch2jax_protocol import (
     programs,
     values,
 )
+from pytorch2jax_protocol import lane as lane_frames
 from pytorch2jax_server._calls import Calls
 from pytorch2jax_server._dataplane import (
     CallCodec,
@@ -43,7 +44,8 @@ from pytorch2jax_server._dataplane import (
 )
 from pytorch2jax_server._lane import Lane
 from pytorch2jax_server._metrics import Metrics
-from pytorch2jax_server._sessions import Sessions
+from pytorch2jax_server._prepared import ForwardPlan, PreparedCalls, VjpPlan
+from pytorch2jax_server._sessions import Session, Sessions
 from pytorch2jax_server._status import status_of
 from pytorch2jax_server._version import __version__
 from pytorch2jax_server._wire import empty_from_spec, model_info, to_spec
@@ -55,6 +57,7 @@ from pytorch2jax_server.engine import (
     ResidualLostError,
     ServedModel,
     Transform,
+    tensor_leaves,
     vjp,
     vjp_of_kept,
     wire_dtype,
@@ -153,6 +156,12 @@ def _program_of(msg: pb.Program) -> tuple[Transform, ...]:
         return programs.from_wire(msg)
     except programs.ProgramFormatError as e:
         raise InvalidRequestError(str(e)) from None
+
+
+def _prepared_calls(context) -> PreparedCalls | None:
+    """The session's prepared calls, for a call over the fast lane (whose context has
+    them); None over gRPC, where nothing is prepared."""
+    return getattr(context, "prepared", None)
 
 
 def _reply_area(request) -> pb.SharedMemoryRef | None:
@@ -314,6 +323,8 @@ class BridgeServicer(pb_grpc.BridgeServicer):
                 keep = tuple(request.residual_wrt) or model.floating_inputs(
                     decoded.leaves, decoded.params
                 )
+            key = codec.decode(request.rng) if request.HasField("rng") else None
+            train = request.train if request.HasField("train") else None
             outcome = model.run(
                 decoded.args,
                 decoded.kwargs,
@@ -323,13 +334,30 @@ class BridgeServicer(pb_grpc.BridgeServicer):
                 program=program,
                 extras=extras,
                 int32_as_int64=request.int32_as_int64,
-                key=codec.decode(request.rng) if request.HasField("rng") else None,
-                train=request.train if request.HasField("train") else None,
+                key=key,
+                train=train,
                 returned=list(request.returned_buffers),
             )
             outputs = _encode_outputs(model, outcome.outputs, codec.encode)
         finally:
             codec.finish()
+        prepared = 0
+        store = _prepared_calls(context)
+        if request.prepare and store is not None and not program and not request.returned_buffers:
+            plan = ForwardPlan(
+                model,
+                args=decoded.args,
+                kwargs=decoded.kwargs,
+                params=decoded.params,
+                leaves=decoded.leaves,
+                key=key,
+                outputs=tensor_leaves(outcome.outputs),
+                keep=keep,
+                int32_as_int64=request.int32_as_int64,
+                train=train,
+                device=self._registry.device,
+            )
+            prepared = store.add(plan) if plan.small_enough() else 0
         call.check()  # keep no autograd state for a caller that is gone
         handle = b""
         if outcome.residual:
@@ -345,6 +373,7 @@ class BridgeServicer(pb_grpc.BridgeServicer):
             vmap_fallbacks=[
                 pb.VmapFallback(transform=i, reason=why) for i, why in outcome.fallbacks
             ],
+            prepared=prepared,
         )
 
     @_serving
@@ -352,12 +381,17 @@ class BridgeServicer(pb_grpc.BridgeServicer):
         model = self._registry.get(request.model)
         codec = CallCodec(self._sessions, context, self._registry.device, _reply_area(request))
         try:
-            return self._vjp(model, request, codec, call)
+            return self._vjp(model, request, codec, call, _prepared_calls(context))
         finally:
             codec.finish()
 
     def _vjp(
-        self, model: ServedModel, request: pb.VjpRequest, codec: CallCodec, call: Call
+        self,
+        model: ServedModel,
+        request: pb.VjpRequest,
+        codec: CallCodec,
+        call: Call,
+        store: PreparedCalls | None,
     ) -> pb.VjpResponse:
         cotangents = [
             None if ct.dtype == pb.DTYPE_UNSPECIFIED else codec.decode(ct)
@@ -380,7 +414,18 @@ class BridgeServicer(pb_grpc.BridgeServicer):
             found = vjp_of_kept(
                 residual, cotangents, list(request.cotangent_outputs), list(request.wrt)
             )
-            return pb.VjpResponse(grads=[codec.encode(g) for g in found])
+            prepared = 0
+            if request.prepare and store is not None and not request.retain_residual:
+                plan = VjpPlan(
+                    model,
+                    cotangents=cotangents,
+                    grads=found,
+                    cotangent_outputs=request.cotangent_outputs,
+                    wrt=request.wrt,
+                    device=self._registry.device,
+                )
+                prepared = store.add(plan) if plan.small_enough() else 0
+            return pb.VjpResponse(grads=[codec.encode(g) for g in found], prepared=prepared)
         if residual is None:
             if not request.HasField("arguments"):
                 raise ResidualLostError(
@@ -405,6 +450,63 @@ class BridgeServicer(pb_grpc.BridgeServicer):
             ],
         )
 
+    def run_prepared(
+        self, session: Session, store: PreparedCalls, payload: memoryview, context
+    ) -> bytearray:
+        """The reply to a fast lane's RUN of one of ``session``'s prepared calls (``store``):
+        admitted, cancelled, reported and mapped to a status as a handler's call is."""
+        started = time.perf_counter()
+        plan = None
+        if len(payload) >= lane_frames.PLAN.size:
+            plan = store.get(lane_frames.PLAN.unpack_from(payload)[0])
+        if plan is None:
+            self._metrics.record("RunPrepared", "", "NOT_FOUND", time.perf_counter() - started)
+            context.abort(
+                grpc.StatusCode.NOT_FOUND,
+                "this session has no such prepared call (the worker let it go, or it never "
+                "was this session's): send the call in full, to prepare it again",
+            )
+        try:
+            with self._calls.serving(plan.method, context) as call:
+                if isinstance(plan, ForwardPlan):
+                    reply = self._run_forward_plan(session, plan, payload, call)
+                else:
+                    reply = self._run_vjp_plan(plan, payload, call)
+        except Exception as e:  # noqa: BLE001 - mapped at the boundary, as in _reporting
+            code, details = status_of(e)
+        else:
+            self._metrics.record(plan.method, plan.model.name, "OK", time.perf_counter() - started)
+            return reply
+        self._metrics.record(plan.method, plan.model.name, code.name, time.perf_counter() - started)
+        context.abort(code, details)
+        raise AssertionError("abort raises")
+
+    def _run_forward_plan(
+        self, session: Session, plan: ForwardPlan, payload: memoryview, call: Call
+    ) -> bytearray:
+        outcome = plan.site.run(**plan.call(plan.tensors(payload)))
+        reply = plan.reply(tensor_leaves(outcome.outputs))
+        call.check()  # keep no autograd state for a caller that is gone
+        if outcome.residual:
+            handle = self._residuals.put(outcome.residual, owner=session.id)
+            # As in Forward: its session may have closed meanwhile.
+            if session.closed.is_set():
+                self._residuals.release([handle])
+                handle = b""
+            reply[: len(handle)] = handle  # none kept (too large): zeros, which no handle is
+        return reply
+
+    def _run_vjp_plan(self, plan: VjpPlan, payload: memoryview, call: Call) -> bytearray:
+        cotangents = plan.tensors(payload)
+        residual = self._residuals.take(plan.handle(payload), model=plan.model.name)
+        if residual is None:
+            raise ResidualLostError(
+                f"the worker no longer holds the autograd state of this forward of model "
+                f"{plan.model.name!r} (evicted or expired); run the program's Vjp as a Forward"
+            )
+        call.check()
+        return plan.reply(vjp_of_kept(residual, cotangents, plan.cotangent_outputs, plan.wrt))
+
     @_reporting
     def ReleaseResiduals(self, request, context):
         return pb.ReleaseResidualsResponse(released=self._residuals.release(list(request.residuals)))
@@ -412,11 +514,14 @@ class BridgeServicer(pb_grpc.BridgeServicer):
     @_reporting
     def GetWorkerStats(self, request, context):
         sessions, regions, region_bytes = self._sessions.held()
-        lane_connections, lane_calls = self._lane.held() if self._lane is not None else (0, 0)
+        lane_connections, lane_calls, prepared_calls = (
+            self._lane.held() if self._lane is not None else (0, 0, 0)
+        )
         calls = self._calls
         return pb.WorkerStats(
             lane_connections=lane_connections,
             lane_calls=lane_calls,
+            prepared_calls=prepared_calls,
             calls_in_flight=calls.in_flight,
             calls_served=calls.served,
             calls_cancelled=calls.cancelled,

@@ -165,6 +165,18 @@ class FastLane:
             raise _status(frame)
         return _RESPONSES[method].FromString(frame.payload)
 
+    def run(self, payload: bytes | bytearray, timeout: float) -> memoryview | None:
+        """The reply's bytes to a RUN of a prepared call (``payload``: its id and inputs,
+        as ``pytorch2jax_protocol.lane`` lays them out), or None if no connection is free.
+        LaneError if it failed (NOT_FOUND: the session has no such prepared call)."""
+        sock = self._take()
+        if sock is None:
+            return None
+        frame = self._exchange(sock, lane.RUN, 0, payload, timeout=timeout)
+        if frame.code:
+            raise _status(frame)
+        return frame.payload
+
     def register(self, fd: int, size: int) -> int:
         """Registers the memfd ``fd`` of ``size`` bytes under the session; its region id."""
         sock = self._take()

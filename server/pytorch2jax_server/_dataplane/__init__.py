@@ -63,6 +63,7 @@ class CallCodec:
     ) -> None:
         self._sessions = sessions
         self._device = device  # where the models run
+        self._on_cpu = device.type == "cpu"
         self._context = context
         self._session: Session | None = None
         # Tensors kept past the call (a residual: autograd's graph holds its inputs) must
@@ -96,7 +97,7 @@ class CallCodec:
             t = shm.view(self._session_(), msg.shm, msg.dtype, msg.shape)
             if self._keep and device.type == "cpu":
                 t = t.clone()
-        return t if device.type == "cpu" else t.to(device)
+        return t if self._on_cpu else t.to(device)
 
     def encode(self, t: torch.Tensor) -> pb.Tensor:
         placed = self._place(t) if self._area is not None else None

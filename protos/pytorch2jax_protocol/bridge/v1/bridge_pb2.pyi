@@ -332,7 +332,7 @@ class InferShapesResponse(_message.Message):
     def __init__(self, outputs: _Optional[_Union[Value, _Mapping]] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
-    __slots__ = ("model", "arguments", "parameters", "keep_residual", "reply_area", "program", "program_inputs", "residual_wrt", "release_residuals", "int32_as_int64", "rng", "train", "returned_buffers")
+    __slots__ = ("model", "arguments", "parameters", "keep_residual", "reply_area", "program", "program_inputs", "residual_wrt", "release_residuals", "int32_as_int64", "rng", "train", "returned_buffers", "prepare")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     ARGUMENTS_FIELD_NUMBER: _ClassVar[int]
     PARAMETERS_FIELD_NUMBER: _ClassVar[int]
@@ -346,6 +346,7 @@ class ForwardRequest(_message.Message):
     RNG_FIELD_NUMBER: _ClassVar[int]
     TRAIN_FIELD_NUMBER: _ClassVar[int]
     RETURNED_BUFFERS_FIELD_NUMBER: _ClassVar[int]
+    PREPARE_FIELD_NUMBER: _ClassVar[int]
     model: str
     arguments: Arguments
     parameters: _containers.RepeatedCompositeFieldContainer[NamedTensor]
@@ -359,17 +360,20 @@ class ForwardRequest(_message.Message):
     rng: Tensor
     train: bool
     returned_buffers: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, model: _Optional[str] = ..., arguments: _Optional[_Union[Arguments, _Mapping]] = ..., parameters: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., keep_residual: _Optional[bool] = ..., reply_area: _Optional[_Union[SharedMemoryRef, _Mapping]] = ..., program: _Optional[_Union[Program, _Mapping]] = ..., program_inputs: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., residual_wrt: _Optional[_Iterable[int]] = ..., release_residuals: _Optional[_Iterable[bytes]] = ..., int32_as_int64: _Optional[bool] = ..., rng: _Optional[_Union[Tensor, _Mapping]] = ..., train: _Optional[bool] = ..., returned_buffers: _Optional[_Iterable[str]] = ...) -> None: ...
+    prepare: bool
+    def __init__(self, model: _Optional[str] = ..., arguments: _Optional[_Union[Arguments, _Mapping]] = ..., parameters: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., keep_residual: _Optional[bool] = ..., reply_area: _Optional[_Union[SharedMemoryRef, _Mapping]] = ..., program: _Optional[_Union[Program, _Mapping]] = ..., program_inputs: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., residual_wrt: _Optional[_Iterable[int]] = ..., release_residuals: _Optional[_Iterable[bytes]] = ..., int32_as_int64: _Optional[bool] = ..., rng: _Optional[_Union[Tensor, _Mapping]] = ..., train: _Optional[bool] = ..., returned_buffers: _Optional[_Iterable[str]] = ..., prepare: _Optional[bool] = ...) -> None: ...
 
 class ForwardResponse(_message.Message):
-    __slots__ = ("outputs", "residual", "vmap_fallbacks")
+    __slots__ = ("outputs", "residual", "vmap_fallbacks", "prepared")
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     RESIDUAL_FIELD_NUMBER: _ClassVar[int]
     VMAP_FALLBACKS_FIELD_NUMBER: _ClassVar[int]
+    PREPARED_FIELD_NUMBER: _ClassVar[int]
     outputs: Value
     residual: bytes
     vmap_fallbacks: _containers.RepeatedCompositeFieldContainer[VmapFallback]
-    def __init__(self, outputs: _Optional[_Union[Value, _Mapping]] = ..., residual: _Optional[bytes] = ..., vmap_fallbacks: _Optional[_Iterable[_Union[VmapFallback, _Mapping]]] = ...) -> None: ...
+    prepared: int
+    def __init__(self, outputs: _Optional[_Union[Value, _Mapping]] = ..., residual: _Optional[bytes] = ..., vmap_fallbacks: _Optional[_Iterable[_Union[VmapFallback, _Mapping]]] = ..., prepared: _Optional[int] = ...) -> None: ...
 
 class VmapFallback(_message.Message):
     __slots__ = ("transform", "reason")
@@ -380,7 +384,7 @@ class VmapFallback(_message.Message):
     def __init__(self, transform: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class VjpRequest(_message.Message):
-    __slots__ = ("model", "residual", "arguments", "parameters", "cotangents", "retain_residual", "reply_area", "wrt", "cotangent_outputs")
+    __slots__ = ("model", "residual", "arguments", "parameters", "cotangents", "retain_residual", "reply_area", "wrt", "cotangent_outputs", "prepare")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     RESIDUAL_FIELD_NUMBER: _ClassVar[int]
     ARGUMENTS_FIELD_NUMBER: _ClassVar[int]
@@ -390,6 +394,7 @@ class VjpRequest(_message.Message):
     REPLY_AREA_FIELD_NUMBER: _ClassVar[int]
     WRT_FIELD_NUMBER: _ClassVar[int]
     COTANGENT_OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    PREPARE_FIELD_NUMBER: _ClassVar[int]
     model: str
     residual: bytes
     arguments: Arguments
@@ -399,17 +404,20 @@ class VjpRequest(_message.Message):
     reply_area: SharedMemoryRef
     wrt: _containers.RepeatedScalarFieldContainer[int]
     cotangent_outputs: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, model: _Optional[str] = ..., residual: _Optional[bytes] = ..., arguments: _Optional[_Union[Arguments, _Mapping]] = ..., parameters: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., cotangents: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., retain_residual: _Optional[bool] = ..., reply_area: _Optional[_Union[SharedMemoryRef, _Mapping]] = ..., wrt: _Optional[_Iterable[int]] = ..., cotangent_outputs: _Optional[_Iterable[int]] = ...) -> None: ...
+    prepare: bool
+    def __init__(self, model: _Optional[str] = ..., residual: _Optional[bytes] = ..., arguments: _Optional[_Union[Arguments, _Mapping]] = ..., parameters: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., cotangents: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., retain_residual: _Optional[bool] = ..., reply_area: _Optional[_Union[SharedMemoryRef, _Mapping]] = ..., wrt: _Optional[_Iterable[int]] = ..., cotangent_outputs: _Optional[_Iterable[int]] = ..., prepare: _Optional[bool] = ...) -> None: ...
 
 class VjpResponse(_message.Message):
-    __slots__ = ("argument_grads", "parameter_grads", "grads")
+    __slots__ = ("argument_grads", "parameter_grads", "grads", "prepared")
     ARGUMENT_GRADS_FIELD_NUMBER: _ClassVar[int]
     PARAMETER_GRADS_FIELD_NUMBER: _ClassVar[int]
     GRADS_FIELD_NUMBER: _ClassVar[int]
+    PREPARED_FIELD_NUMBER: _ClassVar[int]
     argument_grads: _containers.RepeatedCompositeFieldContainer[Tensor]
     parameter_grads: _containers.RepeatedCompositeFieldContainer[NamedTensor]
     grads: _containers.RepeatedCompositeFieldContainer[Tensor]
-    def __init__(self, argument_grads: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., parameter_grads: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., grads: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ...) -> None: ...
+    prepared: int
+    def __init__(self, argument_grads: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., parameter_grads: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., grads: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., prepared: _Optional[int] = ...) -> None: ...
 
 class ReleaseResidualsRequest(_message.Message):
     __slots__ = ("residuals",)
@@ -428,7 +436,7 @@ class WorkerStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerStats(_message.Message):
-    __slots__ = ("calls_in_flight", "calls_served", "calls_cancelled", "sessions", "regions", "region_bytes", "residuals", "residual_bytes", "resident_bytes", "calls_refused", "lane_connections", "lane_calls")
+    __slots__ = ("calls_in_flight", "calls_served", "calls_cancelled", "sessions", "regions", "region_bytes", "residuals", "residual_bytes", "resident_bytes", "calls_refused", "lane_connections", "lane_calls", "prepared_calls")
     CALLS_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
     CALLS_SERVED_FIELD_NUMBER: _ClassVar[int]
     CALLS_CANCELLED_FIELD_NUMBER: _ClassVar[int]
@@ -441,6 +449,7 @@ class WorkerStats(_message.Message):
     CALLS_REFUSED_FIELD_NUMBER: _ClassVar[int]
     LANE_CONNECTIONS_FIELD_NUMBER: _ClassVar[int]
     LANE_CALLS_FIELD_NUMBER: _ClassVar[int]
+    PREPARED_CALLS_FIELD_NUMBER: _ClassVar[int]
     calls_in_flight: int
     calls_served: int
     calls_cancelled: int
@@ -453,4 +462,5 @@ class WorkerStats(_message.Message):
     calls_refused: int
     lane_connections: int
     lane_calls: int
-    def __init__(self, calls_in_flight: _Optional[int] = ..., calls_served: _Optional[int] = ..., calls_cancelled: _Optional[int] = ..., sessions: _Optional[int] = ..., regions: _Optional[int] = ..., region_bytes: _Optional[int] = ..., residuals: _Optional[int] = ..., residual_bytes: _Optional[int] = ..., resident_bytes: _Optional[int] = ..., calls_refused: _Optional[int] = ..., lane_connections: _Optional[int] = ..., lane_calls: _Optional[int] = ...) -> None: ...
+    prepared_calls: int
+    def __init__(self, calls_in_flight: _Optional[int] = ..., calls_served: _Optional[int] = ..., calls_cancelled: _Optional[int] = ..., sessions: _Optional[int] = ..., regions: _Optional[int] = ..., region_bytes: _Optional[int] = ..., residuals: _Optional[int] = ..., residual_bytes: _Optional[int] = ..., resident_bytes: _Optional[int] = ..., calls_refused: _Optional[int] = ..., lane_connections: _Optional[int] = ..., lane_calls: _Optional[int] = ..., prepared_calls: _Optional[int] = ...) -> None: ...
