@@ -1,7 +1,7 @@
 """Prepared calls over the fast lane: a compiled call site's calls after its first go as
 an id and their tensors' bytes (``RUN`` frames), and give what the full calls give; a
-RUN of an unknown or another session's id, of the wrong size, or whose outputs change
-shape is refused with a status, and the worker stays up."""
+RUN of an unknown or another session's id or of the wrong size is refused with a status,
+one whose outputs change shape ends its prepared call, and the worker stays up."""
 
 from __future__ import annotations
 
@@ -188,16 +188,20 @@ def test_a_run_gives_the_outputs_bytes_and_is_refused_what_does_not_fit(worker):
         other.close()
 
 
-def test_outputs_that_change_shape_under_a_prepared_call_are_refused(worker):
+def test_outputs_that_change_shape_end_the_prepared_call(worker):
     session = RawSession(worker.unix, fast_lane=True)
     try:
         sock, _ = session.lane_connect()
         x = np.array([1.0, -1.0, 2.0], np.float32)
         plan_id = _prepare(session, sock, "masked_select", x)
         assert _run(sock, plan_id, np.array([3.0, -1.0, 2.0], np.float32)).code == 0
+        # Not of the prepared call's shapes: NOT_FOUND (the client sends it in full, where
+        # its own check says what it expected), and the prepared call is gone.
         reply = _run(sock, plan_id, np.array([3.0, 1.0, 2.0], np.float32))
-        assert _STATUS[reply.code] == grpc.StatusCode.INVALID_ARGUMENT
-        assert "without jax.jit" in bytes(reply.payload).decode()
+        assert _STATUS[reply.code] == grpc.StatusCode.NOT_FOUND
+        assert "where the call it was prepared from returned" in bytes(reply.payload).decode()
+        reply = _run(sock, plan_id, np.array([3.0, -1.0, 2.0], np.float32))
+        assert "no such prepared call" in bytes(reply.payload).decode()
         sock.close()
     finally:
         session.close()

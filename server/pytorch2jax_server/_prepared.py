@@ -52,6 +52,11 @@ class _Spec:
         return cls(wire_dtype(t.dtype), t.dtype, tuple(t.shape), t.numel() * t.element_size())
 
 
+class OutputsChangedError(Exception):
+    """A RUN's outputs are not of the prepared call's shapes and dtypes (they depend on the
+    data): the call goes in full instead, where the client says what it expected."""
+
+
 class _Hole:
     """Where the i-th argument leaf goes in a prepared call's argument structure."""
 
@@ -152,10 +157,9 @@ class Prepared:
         ):
             got = ", ".join(f"{t.dtype}{tuple(t.shape)}" for t in outputs)
             want = ", ".join(f"{s.dtype}{s.shape}" for s in self.outputs)
-            raise InvalidRequestError(
+            raise OutputsChangedError(
                 f"model {self.model.name!r} returned {got} where the call it was prepared "
-                f"from returned {want}; outputs whose shapes depend on the data cannot "
-                "be compiled: call it without jax.jit"
+                f"from returned {want}; send the call in full"
             )
         reply = bytearray(self.out_size)
         reply[: len(head)] = head  # shorter (none kept): zeros, which no handle is
@@ -262,6 +266,10 @@ class PreparedCalls:
 
     def get(self, plan_id: int) -> Prepared | None:
         return self._entries.get(plan_id)
+
+    def drop(self, plan_id: int) -> None:
+        with self._lock:
+            self._entries.pop(plan_id, None)
 
     def __len__(self) -> int:
         return len(self._entries)

@@ -44,7 +44,12 @@ from pytorch2jax_server._dataplane import (
 )
 from pytorch2jax_server._lane import Lane
 from pytorch2jax_server._metrics import Metrics
-from pytorch2jax_server._prepared import ForwardPlan, PreparedCalls, VjpPlan
+from pytorch2jax_server._prepared import (
+    ForwardPlan,
+    OutputsChangedError,
+    PreparedCalls,
+    VjpPlan,
+)
 from pytorch2jax_server._sessions import Session, Sessions
 from pytorch2jax_server._status import status_of
 from pytorch2jax_server._version import __version__
@@ -156,6 +161,13 @@ def _program_of(msg: pb.Program) -> tuple[Transform, ...]:
         return programs.from_wire(msg)
     except programs.ProgramFormatError as e:
         raise InvalidRequestError(str(e)) from None
+
+
+def _lost(model: ServedModel, remedy: str) -> ResidualLostError:
+    return ResidualLostError(
+        f"the worker no longer holds the autograd state of this forward of model "
+        f"{model.name!r} (evicted or expired); {remedy}"
+    )
 
 
 def _prepared_calls(context) -> PreparedCalls | None:
@@ -406,10 +418,7 @@ class BridgeServicer(pb_grpc.BridgeServicer):
             if any(c is None for c in cotangents):
                 raise InvalidRequestError("a Vjp naming its cotangent_outputs sends each of them")
             if residual is None:
-                raise ResidualLostError(
-                    f"the worker no longer holds the autograd state of this forward of model "
-                    f"{model.name!r} (evicted or expired); run the program's Vjp as a Forward"
-                )
+                raise _lost(model, "run the program's Vjp as a Forward")
             call.check()
             found = vjp_of_kept(
                 residual, cotangents, list(request.cotangent_outputs), list(request.wrt)
@@ -428,10 +437,7 @@ class BridgeServicer(pb_grpc.BridgeServicer):
             return pb.VjpResponse(grads=[codec.encode(g) for g in found], prepared=prepared)
         if residual is None:
             if not request.HasField("arguments"):
-                raise ResidualLostError(
-                    f"the worker no longer holds the autograd state of this forward of model "
-                    f"{model.name!r} (evicted or expired); send the arguments again to recompute"
-                )
+                raise _lost(model, "send the arguments again to recompute")
             decoded = _Decoded(request.arguments, request.parameters, codec)
             # Used within this call only: views of the client's slots are fine.
             residual = model.run(
@@ -472,6 +478,9 @@ class BridgeServicer(pb_grpc.BridgeServicer):
                     reply = self._run_forward_plan(session, plan, payload, call)
                 else:
                     reply = self._run_vjp_plan(plan, payload, call)
+        except OutputsChangedError as e:
+            store.drop(lane_frames.PLAN.unpack_from(payload)[0])
+            code, details = grpc.StatusCode.NOT_FOUND, str(e)
         except Exception as e:  # noqa: BLE001 - mapped at the boundary, as in _reporting
             code, details = status_of(e)
         else:
@@ -500,10 +509,7 @@ class BridgeServicer(pb_grpc.BridgeServicer):
         cotangents = plan.tensors(payload)
         residual = self._residuals.take(plan.handle(payload), model=plan.model.name)
         if residual is None:
-            raise ResidualLostError(
-                f"the worker no longer holds the autograd state of this forward of model "
-                f"{plan.model.name!r} (evicted or expired); run the program's Vjp as a Forward"
-            )
+            raise _lost(plan.model, "run the program's Vjp as a Forward")
         call.check()
         return plan.reply(vjp_of_kept(residual, cotangents, plan.cotangent_outputs, plan.wrt))
 
