@@ -212,6 +212,8 @@ GPU = _gpu()
 #: Whether the workers tests start offer the fast lane: the suite also runs with it off
 #: everywhere (PYTORCH2JAX_FAST_LANE=off, which the workers read as --fast-lane off).
 FAST_LANE = os.environ.get("PYTORCH2JAX_FAST_LANE", "on").lower() != "off"
+#: gRPC's status codes by number: what a fast-lane REPLY's code means.
+STATUS_CODES = {code.value[0]: code for code in grpc.StatusCode}
 
 #: The transports every worker test runs over: "shm" is shared memory with its calls by
 #: gRPC, "lane" the same over the fast lane (memory passed as descriptors).

@@ -35,7 +35,7 @@ from google.protobuf.message import DecodeError, Message
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from conftest import EXAMPLE_MODELS, FAST_LANE, RawSession, start_worker, varint
+from conftest import EXAMPLE_MODELS, FAST_LANE, STATUS_CODES, RawSession, start_worker, varint
 from pytorch2jax_protocol import (
     DEFAULT_MAX_MESSAGE_BYTES,
     SERVICE_NAME,
@@ -69,7 +69,6 @@ ALLOWED = frozenset(
 #: test_undecodable_request_is_invalid_argument.
 
 _SERVICE = pb.DESCRIPTOR.services_by_name["Bridge"]
-_CODES = {code.value[0]: code for code in Code}
 _UINT64 = (1 << 64) - 1
 _INT64 = st.integers(-(1 << 63), (1 << 63) - 1)
 _REPO = Path(__file__).resolve().parents[1]
@@ -238,7 +237,7 @@ class _Fuzzer:
         """Sends a Forward or Vjp over the lane: its status, reply and details."""
         data = request if isinstance(request, bytes) else request.SerializeToString()
         frame = RawSession.lane_call(self.lane, method, data, metadata, CALL_TIMEOUT_S)
-        code = _CODES[frame.code]
+        code = STATUS_CODES[frame.code]
         if code != Code.OK:
             return code, None, bytes(frame.payload).decode()
         if isinstance(request, bytes):

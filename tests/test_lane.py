@@ -29,6 +29,7 @@ from hypothesis import strategies as st
 import pytorch2jax
 from conftest import (
     FAST_LANE,
+    STATUS_CODES,
     RawSession,
     client_process,
     our_segments,
@@ -45,7 +46,6 @@ MODELS = {
     "mlp": "pytorch2jax_server.examples:mlp()",
     "scale_shift": "pytorch2jax_server.examples:scale_shift",
 }
-_STATUS = {code.value[0]: code for code in grpc.StatusCode}
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +62,7 @@ def _scale_shift(x: np.ndarray) -> bytes:
 
 
 def _status(frame: lane.Frame) -> tuple[grpc.StatusCode, str]:
-    return _STATUS[frame.code], bytes(frame.payload).decode()
+    return STATUS_CODES[frame.code], bytes(frame.payload).decode()
 
 
 def _serves(session: RawSession) -> None:
@@ -195,7 +195,7 @@ def test_a_stolen_capability_is_refused_and_spent(worker):
     try:
         stolen = session.capability
         code, details = _thief(session.info.fast_lane.address, stolen)
-        assert _STATUS[code] == grpc.StatusCode.PERMISSION_DENIED
+        assert STATUS_CODES[code] == grpc.StatusCode.PERMISSION_DENIED
         assert "issued to another process" in details
         # Spent by the attempt: not even the session's own process may use it now.
         sock, answer = session.lane_connect(stolen)
@@ -215,7 +215,7 @@ def test_a_capability_opens_one_connection(worker):
         _serves(session)  # spends it, and keeps the next one
         sock, answer = session.lane_connect(first)
         sock.close()
-        assert _STATUS[answer.code] == grpc.StatusCode.PERMISSION_DENIED
+        assert STATUS_CODES[answer.code] == grpc.StatusCode.PERMISSION_DENIED
         _serves(session)  # the chain goes on
     finally:
         session.close()
@@ -236,7 +236,7 @@ def test_another_user_is_refused(worker):
     session = RawSession(worker.unix, fast_lane=True)
     try:
         code, details = _thief(session.info.fast_lane.address, session.capability, "65534")
-        assert _STATUS[code] == grpc.StatusCode.PERMISSION_DENIED
+        assert STATUS_CODES[code] == grpc.StatusCode.PERMISSION_DENIED
         assert "only the user the worker runs as" in details
         _serves(session)  # refused before its capability was looked at: still good
     finally:
@@ -249,7 +249,7 @@ def test_a_call_naming_another_session_is_aborted(worker):
         sock, answer = ours.lane_connect()
         assert answer.code == 0
         reply = ours.lane_call(sock, "Forward", _scale_shift(np.ones(2, np.float32)), theirs.metadata)
-        assert _STATUS[reply.code] == grpc.StatusCode.ABORTED
+        assert STATUS_CODES[reply.code] == grpc.StatusCode.ABORTED
         assert "belongs to another session" in bytes(reply.payload).decode()
         sock.close()
     finally:

@@ -16,7 +16,14 @@ import pytest
 import torch
 
 import pytorch2jax
-from conftest import FAST_LANE, RawSession, start_worker, tree_allclose, worker_stats
+from conftest import (
+    FAST_LANE,
+    STATUS_CODES,
+    RawSession,
+    start_worker,
+    tree_allclose,
+    worker_stats,
+)
 from pytorch2jax_protocol import lane, pb, tensors
 from pytorch2jax_server import examples
 from pytorch2jax_server._prepared import PreparedCalls
@@ -32,7 +39,6 @@ MODELS = {
     "scale_shift": "pytorch2jax_server.examples:scale_shift",
     "masked_select": "pytorch2jax_server.examples:masked_select",
 }
-_STATUS = {code.value[0]: code for code in grpc.StatusCode}
 
 
 @pytest.fixture(scope="module")
@@ -156,18 +162,18 @@ def test_a_run_gives_the_outputs_bytes_and_is_refused_what_does_not_fit(worker):
 
         # Another size than the prepared call's: refused, and the connection goes on.
         reply = _run(sock, plan_id, np.arange(9, dtype=np.float32), np.float32(0))
-        assert _STATUS[reply.code] == grpc.StatusCode.INVALID_ARGUMENT
+        assert STATUS_CODES[reply.code] == grpc.StatusCode.INVALID_ARGUMENT
         assert "carries" in bytes(reply.payload).decode()
         # No id, or one this session never had.
         for payload in (b"", b"\1", lane.PLAN.pack(plan_id + 1000)):
             reply = _send_run(sock, payload)
-            assert _STATUS[reply.code] == grpc.StatusCode.NOT_FOUND
+            assert STATUS_CODES[reply.code] == grpc.StatusCode.NOT_FOUND
             assert "prepare it again" in bytes(reply.payload).decode()
 
         # Another session's connection cannot run it (ids are per session).
         theirs, answer = other.lane_connect()
         assert answer.code == 0
-        assert _STATUS[_run(theirs, plan_id, x, np.float32(0)).code] == grpc.StatusCode.NOT_FOUND
+        assert STATUS_CODES[_run(theirs, plan_id, x, np.float32(0)).code] == grpc.StatusCode.NOT_FOUND
 
         # Random payloads: a status each, and the worker serves on.
         rng = random.Random(0)
@@ -180,7 +186,7 @@ def test_a_run_gives_the_outputs_bytes_and_is_refused_what_does_not_fit(worker):
 
         # A RUN carries no metadata: that ends the connection, with a status.
         reply = _send_run(sock, lane.PLAN.pack(plan_id), metadata=b"k\0v\0")
-        assert _STATUS[reply.code] == grpc.StatusCode.INVALID_ARGUMENT
+        assert STATUS_CODES[reply.code] == grpc.StatusCode.INVALID_ARGUMENT
         sock.close()
         theirs.close()
     finally:
@@ -198,7 +204,7 @@ def test_outputs_that_change_shape_end_the_prepared_call(worker):
         # Not of the prepared call's shapes: NOT_FOUND (the client sends it in full, where
         # its own check says what it expected), and the prepared call is gone.
         reply = _run(sock, plan_id, np.array([3.0, 1.0, 2.0], np.float32))
-        assert _STATUS[reply.code] == grpc.StatusCode.NOT_FOUND
+        assert STATUS_CODES[reply.code] == grpc.StatusCode.NOT_FOUND
         assert "where the call it was prepared from returned" in bytes(reply.payload).decode()
         reply = _run(sock, plan_id, np.array([3.0, -1.0, 2.0], np.float32))
         assert "no such prepared call" in bytes(reply.payload).decode()

@@ -1,4 +1,5 @@
-"""The client's end of a session's fast lane: Forward and Vjp over a unix socket.
+"""The client's end of a session's fast lane: Forward and Vjp over a unix socket, and
+the RUNs of prepared calls (``run``; ``pytorch2jax._prepared``).
 
 A worker on this host offers the lane in the session's answer (``SessionInfo.fast_lane``;
 see ``pytorch2jax_protocol.lane`` for the framing and ``pytorch2jax_server._lane`` for the
