@@ -149,9 +149,10 @@ class Prepared:
             out.append(t if self._on_cpu else t.to(self.device))
         return out
 
-    def reply(self, outputs: Sequence[torch.Tensor], head: bytes = b"") -> bytearray:
-        """The RUN's reply: ``head``, then the outputs' bytes in the lane's layout, after
-        checking they have the first call's dtypes and shapes."""
+    def reply(self, outputs: Sequence[torch.Tensor]) -> bytearray:
+        """The RUN's reply: ``reply_head`` zero bytes (for the caller to fill), then the
+        outputs' bytes in the lane's layout, after checking they have the first call's
+        dtypes and shapes (OutputsChangedError if not)."""
         if len(outputs) != len(self.outputs) or any(
             t.dtype != s.dtype or tuple(t.shape) != s.shape for t, s in zip(outputs, self.outputs)
         ):
@@ -162,7 +163,6 @@ class Prepared:
                 f"from returned {want}; send the call in full"
             )
         reply = bytearray(self.out_size)
-        reply[: len(head)] = head  # shorter (none kept): zeros, which no handle is
         for t, at, spec in zip(outputs, self.out_offsets, self.outputs):
             reply[at : at + spec.nbytes] = inline.tensor_bytes(t)
         return reply
