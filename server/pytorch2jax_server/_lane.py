@@ -417,6 +417,7 @@ class Lane:
         watch = self._watch
         assert watch is not None  # started
         watch.watch(fd, deadline, context.end)
+        code = -1  # an exception other than a status leaves the connection
         try:
             payload = work(context)
             code = 0
@@ -427,7 +428,7 @@ class Lane:
             with self._lock:
                 self._in_flight -= 1
                 self._calls += 1
-                self._prepared_calls += prepared
+                self._prepared_calls += prepared and code == 0
                 self._idle.notify_all()
         lane.send(conn, lane.REPLY, code, payload)
 
