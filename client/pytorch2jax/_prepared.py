@@ -30,7 +30,7 @@ class PreparedCall:
     """
 
     __slots__ = (
-        "lane", "plan_id", "offsets", "size", "head", "reply_head", "outputs", "out_offsets",
+        "lane", "plan_id", "offsets", "size", "reply_head", "outputs", "out_offsets",
         "out_size", "order",
     )  # fmt: skip
 
@@ -47,7 +47,6 @@ class PreparedCall:
     ) -> None:
         self.lane = lane_
         self.plan_id = plan_id
-        self.head = head
         self.offsets, self.size = lane.layout([a.nbytes for a in inputs], lane.PLAN.size + head)
         self.reply_head = reply_head
         self.outputs = [(np.dtype(d), tuple(s)) for d, s in outputs]

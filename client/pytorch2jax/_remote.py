@@ -172,7 +172,7 @@ class RemoteModel(Backend):
         if plan is None:
             return None
         lane = self._client._transport.lane
-        if plan.lane is not lane or lane is None or not lane.usable:
+        if plan.lane is not lane or not lane.usable:
             site.plans.pop(method, None)  # another session's: prepare it again
             return None
         return plan
@@ -286,7 +286,9 @@ class RemoteModel(Backend):
         self, run: Run, last: Vjp, cts: list[Any], site: _Site | None = None
     ) -> Result:
         """The Vjp of a kept forward: torch's stored graph, no forward re-run."""
-        plan = self._prepared(site, "Vjp") if len(run.residual) == HANDLE_BYTES else None
+        # A prepared Vjp carries the residual's handle at a fixed place: one of that size.
+        by_handle = len(run.residual) == HANDLE_BYTES
+        plan = self._prepared(site, "Vjp") if by_handle else None
         if plan is not None:
             reply = self._client._run_prepared(
                 "Vjp", self.info.name, plan.lane, plan.payload(cts, run.residual)
@@ -294,7 +296,7 @@ class RemoteModel(Backend):
             if reply is not None:
                 return Result(plan.results(reply)[0])
             site.plans.pop("Vjp", None)  # gone: this call prepares it again
-        lane = self._prepare(run, site, "Vjp") if len(run.residual) == HANDLE_BYTES else None
+        lane = self._prepare(run, site, "Vjp") if by_handle else None
 
         def build(call: Call) -> pb.VjpRequest:
             return pb.VjpRequest(

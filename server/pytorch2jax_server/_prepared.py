@@ -118,7 +118,6 @@ class Prepared:
         self.offsets, self.size = lane.layout(
             [s.nbytes for s in self.inputs], lane.PLAN.size + head
         )
-        self.reply_head = reply_head
         self.out_offsets, self.out_size = lane.layout(
             [s.nbytes for s in self.outputs], reply_head
         )

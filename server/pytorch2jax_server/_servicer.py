@@ -462,9 +462,10 @@ class BridgeServicer(pb_grpc.BridgeServicer):
         """The reply to a fast lane's RUN of one of ``session``'s prepared calls (``store``):
         admitted, cancelled, reported and mapped to a status as a handler's call is."""
         started = time.perf_counter()
-        plan = None
+        plan_id = 0  # no id: 0 is none's, as on the wire
         if len(payload) >= lane_frames.PLAN.size:
-            plan = store.get(lane_frames.PLAN.unpack_from(payload)[0])
+            (plan_id,) = lane_frames.PLAN.unpack_from(payload)
+        plan = store.get(plan_id)
         if plan is None:
             self._metrics.record("RunPrepared", "", "NOT_FOUND", time.perf_counter() - started)
             context.abort(
@@ -479,7 +480,7 @@ class BridgeServicer(pb_grpc.BridgeServicer):
                 else:
                     reply = self._run_vjp_plan(plan, payload, call)
         except OutputsChangedError as e:
-            store.drop(lane_frames.PLAN.unpack_from(payload)[0])
+            store.drop(plan_id)
             code, details = grpc.StatusCode.NOT_FOUND, str(e)
         except Exception as e:  # noqa: BLE001 - mapped at the boundary, as in _reporting
             code, details = status_of(e)
