@@ -16,7 +16,7 @@ import torch
 from flax import nnx
 
 import pytorch2jax
-from conftest import tree_allclose
+from conftest import GPU, tree_allclose
 from pytorch2jax import convert_pytnn_to_flax, convert_pytnn_to_jax, convert_pytnn_to_nnx, py_to_jax_wrapper
 from pytorch2jax_server import examples
 
@@ -220,3 +220,62 @@ def test_import_does_not_import_torch_until_called():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+# -- on a GPU (tests marked gpu; scripts/gpu-check.sh runs them on a GPU machine) ----------
+
+needs_gpu = pytest.mark.skipif(not GPU, reason="needs an NVIDIA GPU, CUDA torch and a GPU JAX")
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_on_the_gpu_calls_take_jax_arrays_without_copies_and_stay_there():
+    seen = []
+
+    @py_to_jax_wrapper(out_shapes=lambda x: x)
+    def double(x):
+        seen.append((x.device.type, x.data_ptr()))
+        return x * 2
+
+    x = jnp.arange(64 * 64, dtype=jnp.float32).reshape(64, 64)
+    assert x.devices().pop().platform == "gpu"
+    jitted = jax.jit(double)
+    for _ in range(2):  # the first call per signature runs on a copy
+        out = jitted(x)
+    assert seen[-1] == ("cuda", x.unsafe_buffer_pointer())
+    assert out.devices().pop().platform == "gpu"
+    tree_allclose(out, 2 * np.asarray(x))
+    out = double(x)
+    assert seen[-1] == ("cuda", x.unsafe_buffer_pointer())  # eagerly too
+    assert out.devices().pop().platform == "gpu"
+    # Under jit nothing reaches the host: JAX would refuse a transfer it makes, and
+    # torch's copies are device to device (its tensors are CUDA tensors, above).
+    with jax.transfer_guard("disallow"):
+        jitted(x).block_until_ready()
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_a_module_on_the_gpu_runs_there_and_matches_torch(jit):
+    model = examples.mlp().cuda()
+    apply_fn, params = convert_pytnn_to_jax(model)
+    assert next(model.parameters()).is_cuda  # not moved
+    x = jax.random.normal(jax.random.PRNGKey(0), (8, 4), jnp.float32)
+
+    def loss(p, x):
+        return (apply_fn(p, x) ** 2).sum()
+
+    value_and_grad = jax.value_and_grad(loss, argnums=(0, 1))
+    if jit:
+        value_and_grad = jax.jit(value_and_grad)
+    value, (p_grads, x_grad) = value_and_grad(params, x)
+    assert x_grad.devices().pop().platform == "gpu"
+
+    tx = torch.as_tensor(np.asarray(x), device="cuda").requires_grad_(True)
+    torch_loss = (model(tx) ** 2).sum()
+    torch_loss.backward()
+    tree_allclose(value, torch_loss.detach().cpu().numpy(), rtol=1e-4)
+    tree_allclose(x_grad, tx.grad.cpu().numpy(), rtol=1e-4, atol=1e-5)
+    for name, p in model.named_parameters():
+        tree_allclose(p_grads[name], p.grad.cpu().numpy(), rtol=1e-4, atol=1e-5)

@@ -8,7 +8,7 @@ gradients with respect to parameters and to floating inputs.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +19,7 @@ import torch
 from torch.func import functional_call
 
 import pytorch2jax
-from conftest import tree_allclose
+from conftest import GPU, TRANSPORTS, tree_allclose
 from pytorch2jax_server import examples
 
 BATCH = 3
@@ -119,16 +119,27 @@ def _split(args: tuple):
     return tuple(args[i] for i in idx), rebuild
 
 
-@pytest.fixture(
-    params=[(b, n) for b in ("inline", "shm", "inprocess") for n in sorted(CASES)], ids="-".join
-)
+#: Every transport of the shared worker (CUDA IPC on a GPU machine, its worker serving on
+#: the GPU), and in process: the module on the CPU, and on a GPU machine also on the GPU.
+BACKENDS = (*TRANSPORTS, "inprocess") + (("inprocess-gpu",) if GPU else ())
+
+
+@pytest.fixture(params=[(b, n) for b in BACKENDS for n in sorted(CASES)], ids="-".join)
 def case(request):
     backend, name = request.param
     case = CASES[name]
-    if backend != "inprocess":
-        apply_fn, params = request.getfixturevalue("clients")[backend].convert_pytnn_to_jax(name)
-    else:
+    if backend == "inprocess":
         apply_fn, params = pytorch2jax.convert_pytnn_to_jax(case.factory())
+    elif backend == "inprocess-gpu":
+        module = case.factory().cuda()
+        apply_fn, params = pytorch2jax.convert_pytnn_to_jax(module)
+        assert next(module.parameters()).is_cuda  # it runs where it is, and stays there
+    else:
+        apply_fn, params = request.getfixturevalue("clients")[backend].convert_pytnn_to_jax(name)
+    if GPU and backend != "inprocess":
+        # torch on the GPU against the reference on the CPU: cuDNN convolves in TF32 by
+        # default, and reductions add in other orders.
+        case = replace(case, rtol=max(case.rtol, 2e-3), atol=max(case.atol, 2e-3))
     args = case.make_args(np.random.default_rng(0))
     return case, apply_fn, params, args
 

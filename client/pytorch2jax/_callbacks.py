@@ -88,12 +88,14 @@ class _Reported:
         return False
 
 
-_REPORTED = _Reported()  # it keeps no state: one serves every call, on any thread
+#: Wraps a backend's call inside a callback (every ``stage``'s); it keeps no state: one
+#: serves every call, on any thread.
+REPORTED = _Reported()
 
 
 def _into_buffers(host: Host, ctx: Any, out: Sequence[Any], *inputs: Any) -> None:
     # np.asarray of a CPU Buffer is a zero-copy view; the only copy is into XLA's output.
-    with _REPORTED:
+    with REPORTED:
         results = host(*map(np.asarray, inputs))
     for buf, value in zip(out, results):
         copy_into(np.asarray(buf), np.asarray(value))
@@ -102,6 +104,6 @@ def _into_buffers(host: Host, ctx: Any, out: Sequence[Any], *inputs: Any) -> Non
 def _as_results(
     host: Host, results: Sequence[jax.ShapeDtypeStruct], *inputs: Any
 ) -> list[np.ndarray]:
-    with _REPORTED:
+    with REPORTED:
         outputs = host(*inputs)
     return [np.asarray(v, dtype=s.dtype) for v, s in zip(outputs, results)]

@@ -46,6 +46,7 @@ import numpy as np
 
 from pytorch2jax._ad import OutShapes, TorchFunction, module_apply_fn
 from pytorch2jax._backend import Backend, Result, Run, Transform, Vmap
+from pytorch2jax._callbacks import HOST_IO, ArrayIO
 from pytorch2jax._exceptions import InvalidArgumentError, ResidualLostError, from_status
 from pytorch2jax_protocol import HANDLE_BYTES, dtypes
 
@@ -164,7 +165,18 @@ class LocalModel(Backend):
     def __init__(self, obj: Any, name: str) -> None:
         from pytorch2jax_server.engine import ResidualCache, ServedModel, vjp_of_kept
 
-        self._model = ServedModel(name, obj)
+        from pytorch2jax._torch_device import TorchDeviceIO, serving_device
+
+        # A module runs where it is (ServedModel would move it to its device), a function
+        # where JAX's arrays are; on a GPU, without copies (``_torch_device``).
+        device = serving_device(obj)
+        self._model = ServedModel(name, obj, "cpu" if device is None else device)
+        self._io: ArrayIO = HOST_IO
+        self._to_torch: Callable[[Any], Any] = _np_to_torch
+        self._from_torch: Callable[[Any], Any] = _torch_to_np
+        if device is not None:
+            gpu = TorchDeviceIO(device, _np_dtype)
+            self._io, self._to_torch, self._from_torch = gpu, gpu.to_torch, gpu.from_torch
         self.buffers = {
             n: jax.ShapeDtypeStruct(tuple(b.shape), _np_dtype(b.dtype))
             for n, b in self._model.buffers.items()
@@ -182,6 +194,10 @@ class LocalModel(Backend):
         self._sites: dict[Any, _Site] = {}
         self._lock = threading.Lock()
 
+    @property
+    def io(self) -> ArrayIO:
+        return self._io
+
     def infer(self, params, args, kwargs, *, int32_as_int64=False, train=None):
         torch = _torch()
         with _Unwrap():
@@ -193,8 +209,10 @@ class LocalModel(Backend):
             )
 
             def build():
+                device = self._model.device
                 return _map_tree(
-                    (args, kwargs), lambda s: torch.empty(s.shape, dtype=_torch_dtype(s.dtype))
+                    (args, kwargs),
+                    lambda s: torch.empty(s.shape, dtype=_torch_dtype(s.dtype), device=device),
                 )
 
             outputs = self._model.infer(build, int32_as_int64=int32_as_int64, train=train)
@@ -241,23 +259,23 @@ class LocalModel(Backend):
             last, cotangents = kept
             found = self._residuals.take(run.residual)
             if found is not None:
-                cts = [_np_to_torch(c) for c in cotangents]
+                cts = [self._to_torch(c) for c in cotangents]
                 try:
                     with _UNWRAP:
                         grads = self._vjp_of_kept(found, cts, last.outputs, last.wrt)
-                    return Result([_torch_to_np(g) for g in grads])
+                    return Result([self._from_torch(g) for g in grads])
                 except ResidualLostError:
                     pass  # it kept no state for an input asked about: recompute
         elif run.residual:
             self._residuals.release([run.residual])  # a call that cannot use it
         outcome = self._execute(run, site)
         handle = self._residuals.put(outcome.residual) if outcome.residual else b""
-        outputs = _map_tree(outcome.outputs, _torch_to_np)
+        outputs = _map_tree(outcome.outputs, self._from_torch)
         return Result(outputs, handle, tuple(outcome.fallbacks))
 
     def _execute(self, run: Run, site: _Site):
         params = run.params
-        shared = [_np_to_torch(x) for x in (*params.values(), *run.leaves, *run.extras)]
+        shared = [self._to_torch(x) for x in (*params.values(), *run.leaves, *run.extras)]
         first = site.writes is None
         if first or run.keep is not None:
             # A kept autograd graph outlives this call, but XLA's buffers are lent only
@@ -288,7 +306,7 @@ class LocalModel(Backend):
                 extras=used[n_base:],
                 int32_as_int64=run.int32_as_int64,
                 # Only read (it seeds torch's generators): no copy.
-                key=None if run.key is None else _np_to_torch(run.key),
+                key=None if run.key is None else self._to_torch(run.key),
                 train=run.train,
                 returned=run.returned,
             )

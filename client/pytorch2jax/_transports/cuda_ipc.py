@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pytorch2jax._callbacks import HOST_IO, ArrayIO, buffer_callback
+from pytorch2jax._callbacks import HOST_IO, REPORTED, ArrayIO, buffer_callback
 from pytorch2jax._exceptions import UnsupportedError, WorkerInternalError
 from pytorch2jax._transports.arenas import Arena, ArenaTransport, Lease, locate
 from pytorch2jax._transports.base import SETUP_TIMEOUT_S, Call
@@ -160,7 +160,8 @@ def _into_device_buffers(host: Any, ctx: Any, out: Any, *inputs: Any) -> None:
     # The transport's copies go on XLA's stream (ctx.stream), after the producers of the
     # inputs; the sync at the end lets the reply block go before XLA reads ``out``.
     with on_stream(ctx.stream):
-        results = host(*inputs)
+        with REPORTED:
+            results = host(*inputs)
         for buf, value in zip(out, results):
             copy_to(buf, value)
         cuda.synchronize(ctx.stream)
