@@ -13,11 +13,12 @@
 #       install.log, gpu-tests.log, models.log, bench.log, more-tests.log, figures.json
 #       (the benchmark's rows) and summary.json (each step's exit status and time)
 #
-# --dry-run tries it all where there is no GPU (this repository's .venv: PYTHON=.venv/bin/python):
-# the GPU tests then skip, the models suite runs over the CPU transports, and the GPU rows run
-# on the CPU (shared memory for CUDA IPC). One run keeps within GPU_CHECK_BUDGET_S (default
-# 420 s): each step gets what is left of it, the optional last one only if time remains, so a
-# fix and a second run fit in the machine's 15 minutes.
+# --dry-run tries it all where there is no GPU (with this repository's .venv:
+# PYTHON=.venv/bin/python): the GPU tests then skip, the models suite runs over the CPU's
+# transports, and the GPU rows run on the CPU (shared memory for CUDA IPC). One run keeps
+# within GPU_CHECK_BUDGET_S (default 420 s): each step gets what is left of it, so that a fix
+# and a second run fit in a GPU machine's 15 minutes. GPU_CHECK_STEPS (e.g. "install
+# models") runs only the steps it names; tests/test_gpu_check.py runs a short dry run so.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -52,6 +53,9 @@ run() {
     step() {  # step NAME LOG CAP command...: runs it for at most CAP s (and what is left)
         local name="$1" log="$2" cap="$3" t0=$SECONDS limit rc
         shift 3
+        if [ -n "${GPU_CHECK_STEPS:-}" ] && [[ " $GPU_CHECK_STEPS " != *" $name "* ]]; then
+            return  # not chosen
+        fi
         limit=$(left)
         [ "$cap" -lt "$limit" ] && limit=$cap
         if [ "$limit" -le 10 ]; then

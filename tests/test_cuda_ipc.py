@@ -119,7 +119,7 @@ def test_values_and_gradients_match_torch_on_the_gpu(gpu_worker, jit):
     with pytorch2jax.connect(gpu_worker.unix, transport="cuda_ipc") as client:
         assert client.transport == "cuda_ipc"
         apply_fn, params = client.convert_pytnn_to_jax("mlp")
-        x = jax.random.normal(jax.random.PRNGKey(0), (8, 4), jnp.float32)
+        x = jax.random.normal(jax.random.PRNGKey(0), (4, 8), jnp.float32)
         assert x.devices().pop().platform == "gpu"
 
         def loss(p, x):

@@ -261,7 +261,7 @@ def test_a_module_on_the_gpu_runs_there_and_matches_torch(jit):
     model = examples.mlp().cuda()
     apply_fn, params = convert_pytnn_to_jax(model)
     assert next(model.parameters()).is_cuda  # not moved
-    x = jax.random.normal(jax.random.PRNGKey(0), (8, 4), jnp.float32)
+    x = jax.random.normal(jax.random.PRNGKey(0), (4, 8), jnp.float32)
 
     def loss(p, x):
         return (apply_fn(p, x) ** 2).sum()
@@ -279,3 +279,27 @@ def test_a_module_on_the_gpu_runs_there_and_matches_torch(jit):
     tree_allclose(x_grad, tx.grad.cpu().numpy(), rtol=1e-4, atol=1e-5)
     for name, p in model.named_parameters():
         tree_allclose(p_grads[name], p.grad.cpu().numpy(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_the_device_path_with_jax_on_the_host_matches_the_host_path(monkeypatch, jit):
+    # A module on a GPU with JAX's arrays on the CPU takes TorchDeviceIO's host fallback;
+    # here the CPU stands in for the GPU, so that CI runs that code (dtypes, bfloat16
+    # outputs, handles, gradients) too.
+    from pytorch2jax import _torch_device
+
+    x = jax.random.normal(jax.random.PRNGKey(0), (5, 8), jnp.float32)
+    host_fn, params = convert_pytnn_to_jax(examples.mlp())
+    monkeypatch.setattr(_torch_device, "serving_device", lambda obj: torch.device("cpu"))
+    device_fn, _ = convert_pytnn_to_jax(examples.mlp())
+    halved = py_to_jax_wrapper(lambda t: (t / 2).to(torch.bfloat16))
+
+    def loss(fn):
+        def f(p, x):
+            return (fn(p, x) ** 2).sum() + halved(x).astype(jnp.float32).sum()
+
+        value_and_grad = jax.value_and_grad(f, argnums=(0, 1))
+        return jax.jit(value_and_grad) if jit else value_and_grad
+
+    assert halved(x).dtype == jnp.bfloat16
+    tree_allclose(loss(device_fn)(params, x), loss(host_fn)(params, x), rtol=1e-6)

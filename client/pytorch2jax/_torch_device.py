@@ -101,7 +101,7 @@ class TorchDeviceIO(ArrayIO):
             if host.dtype.name == "bfloat16":
                 return torch.from_numpy(host.view(np.uint16)).to(self.device).view(torch.bfloat16)
             return torch.from_numpy(host).to(self.device)
-        t = torch.from_dlpack(x)
+        t = _as_torch(x, self.device)
         return t if t.device == self.device else t.to(self.device)
 
     def from_torch(self, t: Any) -> DeviceTensor:
@@ -132,7 +132,7 @@ class TorchDeviceIO(ArrayIO):
     def to_bytes(self, value: Any) -> bytes:
         if isinstance(value, (np.ndarray, jax.Array)):
             return bytes(np.asarray(value))
-        return _torch().from_dlpack(value).cpu().numpy().tobytes()  # a small handle
+        return _as_torch(value, self.device).cpu().numpy().tobytes()  # a small handle
 
     def stage(
         self, host: Any, results: Sequence[jax.ShapeDtypeStruct], inputs: Sequence[Any]
@@ -144,6 +144,32 @@ class TorchDeviceIO(ArrayIO):
         return buffer_callback(callback, list(results), vmap_method="sequential")(*inputs)
 
 
+#: Types whose DLPack export torch could not take (an older XLA buffer that refuses the
+#: stream torch passes, say): those go by the CUDA array interface instead.
+_NO_DLPACK: set[type] = set()
+
+
+def _as_torch(x: Any, device: Any) -> Any:
+    """A torch tensor over ``x``'s memory (a JAX array, an XLA buffer): by DLPack, which
+    also orders torch's current stream after ``x``'s producer; else by the CUDA array
+    interface (inside a callback torch already runs on XLA's stream)."""
+    torch = _torch()
+    kind = type(x)
+    if kind not in _NO_DLPACK:
+        try:
+            return torch.from_dlpack(x)
+        except (TypeError, RuntimeError, BufferError):
+            if not hasattr(x, "__cuda_array_interface__"):
+                raise
+            _NO_DLPACK.add(kind)
+    if str(x.dtype) == "bfloat16":  # the CUDA array interface has no bfloat16
+        raise TypeError(
+            "torch cannot take this bfloat16 GPU buffer by DLPack; upgrade jax and torch, "
+            "or run the module on the CPU"
+        )
+    return torch.as_tensor(x, device=device)
+
+
 def _into_device_buffers(host: Any, io: TorchDeviceIO, ctx: Any, out: Any, *inputs: Any) -> None:
     torch = _torch()
     # torch's kernels and copies go on XLA's stream: after the inputs' producers, before
@@ -152,7 +178,7 @@ def _into_device_buffers(host: Any, io: TorchDeviceIO, ctx: Any, out: Any, *inpu
         with REPORTED:
             results = host(*inputs)
         for buf, value in zip(out, results):
-            target = torch.from_dlpack(buf)
+            target = _as_torch(buf, io.device)
             if isinstance(value, DeviceTensor):
                 target.copy_(value.tensor.reshape(target.shape))
             else:  # a handle (numpy) or a host value: copied in
