@@ -541,6 +541,11 @@ def gpu_rows(
     def timed(fn: Callable[[], object]) -> Callable[[], None]:
         return lambda: (fn(), sync())
 
+    def add(row: Row) -> None:
+        # Printed as measured too: a run cut short on the GPU machine still says something.
+        rows.append(row)
+        print(f"{row.name}: {row.seconds * 1e3:.3f} ms", flush=True)
+
     tmp = tempfile.mkdtemp(prefix="p2j-bench-gpu-")
     cmd = [sys.executable, "-m", "pytorch2jax_server", "--device", device, "--torch-threads",
            str(THREADS), "--listen", f"unix://{tmp}/w.sock"]  # fmt: skip
@@ -558,9 +563,9 @@ def gpu_rows(
             arguments=values.encode_arguments((np.asarray(x),), {}, tensors.to_wire),
             parameters=[pb.NamedTensor(name=n, tensor=tensors.to_wire(np.asarray(v))) for n, v in params.items()],
         ).SerializeToString()  # fmt: skip
-        rows.append(Row(echo_row, _echo(echo[0], request, calls)))
+        add(Row(echo_row, _echo(echo[0], request, calls)))
         fwd = jax.jit(apply_fn)
-        rows.append(
+        add(
             Row(
                 f"{head} small: jit forward, {transport}",
                 _median(lambda: fwd(params, x).block_until_ready(), calls),
@@ -570,10 +575,10 @@ def gpu_rows(
         lin, tx = linear10().to(device), torch.ones(10, 10, device=device)
         torch_row = f"{head} small: torch Linear in process"
         with torch.no_grad():
-            rows.append(Row(torch_row, _median(timed(lambda: lin(tx)), calls)))
+            add(Row(torch_row, _median(timed(lambda: lin(tx)), calls)))
         local_fn, local_params = pytorch2jax.convert_pytnn_to_jax(linear10().to(device))
         local = jax.jit(local_fn)
-        rows.append(
+        add(
             Row(
                 f"{head} small: jit forward, in process",
                 _median(lambda: local(local_params, x).block_until_ready(), calls),
@@ -581,7 +586,7 @@ def gpu_rows(
             )
         )
         vag = jax.jit(jax.value_and_grad(lambda p, x: local_fn(p, x).sum(), argnums=(0, 1)))
-        rows.append(
+        add(
             Row(
                 f"{head} small: jit forward+VJP, in process",
                 _median(lambda: jax.block_until_ready(vag(local_params, x)), calls),
@@ -602,16 +607,16 @@ def gpu_rows(
             for k in (2, 4):  # in + out; and in + out + cotangent + gradient
                 copies[k] = f"{tag} device-to-device copy, {k} x {size} MB"
                 copy = lambda k=k: [d.copy_(s) for d, s in zip(dst[:k], src[:k])]  # noqa: E731
-                rows.append(Row(copies[k], _median(timed(copy), reps), nbytes=k * nbytes))
+                add(Row(copies[k], _median(timed(copy), reps), nbytes=k * nbytes))
             torch_fwd = f"{tag} torch 2*x in process"
             with torch.no_grad():
-                rows.append(Row(torch_fwd, _median(timed(lambda: src[0] * 2), reps), nbytes=2 * nbytes))
+                add(Row(torch_fwd, _median(timed(lambda: src[0] * 2), reps), nbytes=2 * nbytes))
             del src, dst
             xs = jnp.ones(n, jnp.float32)
             # Issue 18: 256 MB in + out through CUDA IPC at half the copy's bandwidth or more.
             target = (copies[2], 0.5, "bw>=") if size == 256 else None
             fwd = jax.jit(double)
-            rows.append(
+            add(
                 Row(
                     f"{tag} jit forward, {transport}",
                     _median(lambda: fwd(xs).block_until_ready(), reps, warmup=1),
@@ -621,7 +626,7 @@ def gpu_rows(
                 )
             )
             fwd_vjp = jax.jit(lambda x: jax.vjp(double, x)[1](x))
-            rows.append(
+            add(
                 Row(
                     f"{tag} jit forward+VJP, {transport}",
                     _median(lambda: jax.block_until_ready(fwd_vjp(xs)), reps, warmup=1),
@@ -629,7 +634,7 @@ def gpu_rows(
                     nbytes=4 * nbytes,
                 )
             )
-            rows.append(
+            add(
                 Row(
                     f"{tag} jit forward, in process",
                     _median(lambda: local_double(xs).block_until_ready(), reps, warmup=1),
@@ -654,7 +659,7 @@ def gpu_rows(
             opt.step()
 
         floor = f"{head} train: PyTorch step"
-        rows.append(Row(floor, _median(timed(torch_step), steps)))
+        add(Row(floor, _median(timed(torch_step), steps)))
         x, y = jnp.asarray(xb), jnp.asarray(yb)
         served = client.convert_pytnn_to_jax("wide_mlp")
         in_process = pytorch2jax.convert_pytnn_to_jax(wide_mlp().to(device))
@@ -675,7 +680,7 @@ def gpu_rows(
 
             # Issue 18: through the worker on the GPU within 1.3x of PyTorch on the GPU.
             target = (floor, 1.3, "<=") if where == transport else None
-            rows.append(Row(f"{head} train: JAX+optax step, {where}", _median(jax_step, steps), floor, target=target))
+            add(Row(f"{head} train: JAX+optax step, {where}", _median(jax_step, steps), floor, target=target))
     finally:
         client.close()
         worker.terminate()
