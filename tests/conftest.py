@@ -333,3 +333,31 @@ def tree_allclose(actual, expected, *, rtol: float = 1e-5, atol: float = 1e-6) -
         np.testing.assert_allclose(
             a.astype(np.float64), e.astype(np.float64), rtol=rtol, atol=atol
         )
+
+
+def jax_matches_torch_loss(apply_fn, params, x, model, *, jit: bool) -> None:
+    """``apply_fn`` (a module's function form, on ``params`` and the array ``x``) gives the
+    value and gradients of ``sum(out ** 2)`` that ``model`` gives in torch, on the device
+    ``model`` is on; the gradients stay on ``x``'s device."""
+    import torch
+
+    def loss(p, x):
+        return (apply_fn(p, x) ** 2).sum()
+
+    value_and_grad = jax.value_and_grad(loss, argnums=(0, 1))
+    if jit:
+        value_and_grad = jax.jit(value_and_grad)
+    value, (p_grads, x_grad) = value_and_grad(params, x)
+    assert x_grad.devices() == x.devices()
+
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(torch.as_tensor(np.asarray(params[name])))
+    tx = torch.as_tensor(np.asarray(x), device=device).requires_grad_(True)
+    torch_loss = (model(tx) ** 2).sum()
+    torch_loss.backward()
+    tree_allclose(value, torch_loss.detach().cpu().numpy(), rtol=1e-4)
+    tree_allclose(x_grad, tx.grad.cpu().numpy(), rtol=1e-4, atol=1e-5)
+    for name, p in model.named_parameters():
+        tree_allclose(p_grads[name], p.grad.cpu().numpy(), rtol=1e-4, atol=1e-5)

@@ -14,12 +14,11 @@ import sys
 import grpc
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 import torch
 
 import pytorch2jax
-from conftest import GPU, RawSession, start_worker
+from conftest import GPU, RawSession, jax_matches_torch_loss, start_worker
 from pytorch2jax_protocol import cuda, pb, shm
 
 MODELS = {"scale_shift": "pytorch2jax_server.examples:scale_shift"}
@@ -121,29 +120,8 @@ def test_values_and_gradients_match_torch_on_the_gpu(gpu_worker, jit):
         apply_fn, params = client.convert_pytnn_to_jax("mlp")
         x = jax.random.normal(jax.random.PRNGKey(0), (4, 8), jnp.float32)
         assert x.devices().pop().platform == "gpu"
-
-        def loss(p, x):
-            return (apply_fn(p, x) ** 2).sum()
-
-        value_and_grad = jax.value_and_grad(loss, argnums=(0, 1))
-        if jit:
-            value_and_grad = jax.jit(value_and_grad)
-        value, (p_grads, x_grad) = value_and_grad(params, x)
+        jax_matches_torch_loss(apply_fn, params, x, mlp().cuda(), jit=jit)
         assert client.transport_info()["arenas"] >= 1
-
-    model = mlp().cuda()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(torch.as_tensor(np.asarray(params[name])))
-    tx = torch.as_tensor(np.asarray(x), device="cuda").requires_grad_(True)
-    torch_loss = (model(tx) ** 2).sum()
-    torch_loss.backward()
-    np.testing.assert_allclose(float(value), float(torch_loss), rtol=1e-4)
-    np.testing.assert_allclose(np.asarray(x_grad), tx.grad.cpu().numpy(), rtol=1e-4, atol=1e-5)
-    for name, p in model.named_parameters():
-        np.testing.assert_allclose(
-            np.asarray(p_grads[name]), p.grad.cpu().numpy(), rtol=1e-4, atol=1e-5, err_msg=name
-        )
 
 
 @pytest.mark.gpu

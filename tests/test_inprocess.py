@@ -16,7 +16,7 @@ import torch
 from flax import nnx
 
 import pytorch2jax
-from conftest import GPU, tree_allclose
+from conftest import GPU, jax_matches_torch_loss, tree_allclose
 from pytorch2jax import convert_pytnn_to_flax, convert_pytnn_to_jax, convert_pytnn_to_nnx, py_to_jax_wrapper
 from pytorch2jax_server import examples
 
@@ -262,23 +262,7 @@ def test_a_module_on_the_gpu_runs_there_and_matches_torch(jit):
     apply_fn, params = convert_pytnn_to_jax(model)
     assert next(model.parameters()).is_cuda  # not moved
     x = jax.random.normal(jax.random.PRNGKey(0), (4, 8), jnp.float32)
-
-    def loss(p, x):
-        return (apply_fn(p, x) ** 2).sum()
-
-    value_and_grad = jax.value_and_grad(loss, argnums=(0, 1))
-    if jit:
-        value_and_grad = jax.jit(value_and_grad)
-    value, (p_grads, x_grad) = value_and_grad(params, x)
-    assert x_grad.devices().pop().platform == "gpu"
-
-    tx = torch.as_tensor(np.asarray(x), device="cuda").requires_grad_(True)
-    torch_loss = (model(tx) ** 2).sum()
-    torch_loss.backward()
-    tree_allclose(value, torch_loss.detach().cpu().numpy(), rtol=1e-4)
-    tree_allclose(x_grad, tx.grad.cpu().numpy(), rtol=1e-4, atol=1e-5)
-    for name, p in model.named_parameters():
-        tree_allclose(p_grads[name], p.grad.cpu().numpy(), rtol=1e-4, atol=1e-5)
+    jax_matches_torch_loss(apply_fn, params, x, model, jit=jit)
 
 
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
