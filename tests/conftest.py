@@ -208,6 +208,9 @@ def _gpu() -> bool:
 #: A GPU machine with CUDA torch, JAX and cuda-python: the shared worker then serves on the
 #: GPU, and every worker test also runs over CUDA IPC.
 GPU = _gpu()
+if GPU:
+    # References are float32 maths: no TF32 in JAX's own matrix products on the GPU.
+    jax.config.update("jax_default_matmul_precision", "highest")
 
 #: Whether the workers tests start offer the fast lane: the suite also runs with it off
 #: everywhere (PYTORCH2JAX_FAST_LANE=off, which the workers read as --fast-lane off).

@@ -3,6 +3,7 @@ immutable JAX arrays, modules with buffers, and training through linen and NNX."
 
 from __future__ import annotations
 
+import os
 import pathlib
 import subprocess
 import sys
@@ -25,9 +26,14 @@ ORIGINAL = sorted((pathlib.Path(__file__).parent / "original_readme").glob("exam
 
 @pytest.mark.parametrize("program", ORIGINAL, ids=lambda p: p.stem)
 def test_original_readme_examples_run_unchanged(program):
+    # Example 1 multiplies its input by torch.rand((10,10)), a CPU tensor: where JAX runs on
+    # a GPU its input is a CUDA tensor (as with pytorch2jax 0.1.0), so the examples run as
+    # the CPU programs they are.
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"} if GPU else None
     result = subprocess.run(
-        [sys.executable, "-W", "error", str(program)], capture_output=True, text=True, timeout=300
-    )
+        [sys.executable, "-W", "error", str(program)],
+        capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
     assert result.returncode == 0, result.stderr
 
 
@@ -274,7 +280,7 @@ def test_the_device_path_with_jax_on_the_host_matches_the_host_path(monkeypatch,
 
     x = jax.random.normal(jax.random.PRNGKey(0), (5, 8), jnp.float32)
     host_fn, params = convert_pytnn_to_jax(examples.mlp())
-    monkeypatch.setattr(_torch_device, "serving_device", lambda obj: torch.device("cpu"))
+    monkeypatch.setattr(_torch_device, "serving_device", lambda obj, device: torch.device("cpu"))
     device_fn, _ = convert_pytnn_to_jax(examples.mlp())
     halved = py_to_jax_wrapper(lambda t: (t / 2).to(torch.bfloat16))
 
@@ -287,3 +293,13 @@ def test_the_device_path_with_jax_on_the_host_matches_the_host_path(monkeypatch,
 
     assert halved(x).dtype == jnp.bfloat16
     tree_allclose(loss(device_fn)(params, x), loss(host_fn)(params, x), rtol=1e-6)
+
+
+def test_a_device_that_torch_does_not_have_is_refused_with_what_to_write():
+    with pytest.raises(pytorch2jax.InvalidArgumentError, match="no torch device: use 'cpu'"):
+        py_to_jax_wrapper(lambda x: x, device="tpu7")
+    if not torch.cuda.is_available():
+        with pytest.raises(pytorch2jax.InvalidArgumentError, match="use device='cpu'"):
+            py_to_jax_wrapper(lambda x: x, device="cuda")
+    on_host = py_to_jax_wrapper(lambda x: x * 2, device="cpu")
+    tree_allclose(jax.jit(on_host)(jnp.ones(3)), np.full(3, 2.0))

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import TRANSPORTS, start_worker, tree_allclose
+from conftest import GPU, TRANSPORTS, start_worker, tree_allclose
 from jax.test_util import check_grads
 
 import pytorch2jax
@@ -32,7 +32,9 @@ MODELS = {"dropout_mlp": "pytorch2jax_server.examples:dropout_mlp()"}
 def _dropout_mlp(bridge, clients):
     """``(apply_fn, params)``, apply_fn calling it in training mode."""
     if bridge == "in_process":
-        apply_fn, params = convert_pytnn_to_jax(examples.dropout_mlp())
+        # On a GPU machine the shared worker draws from CUDA's generator: so does this.
+        module = examples.dropout_mlp()
+        apply_fn, params = convert_pytnn_to_jax(module.cuda() if GPU else module)
     else:
         apply_fn, params = clients[bridge].convert_pytnn_to_jax("dropout_mlp")
     return functools.partial(apply_fn, train=True), params
@@ -92,7 +94,8 @@ def test_a_lost_residual_recomputes_with_the_forwards_mask(clients):
     apply_fn, params = _dropout_mlp("inline", clients)
     key = jax.random.key(5)
     kept = jax.grad(_loss(apply_fn))(params, X, key)
-    with start_worker("--residual-cache-entries", "0", models=MODELS) as w:
+    on_gpu = ["--device", "cuda"] if GPU else []  # draws as the shared worker does
+    with start_worker("--residual-cache-entries", "0", *on_gpu, models=MODELS) as w:
         with pytorch2jax.connect(w.unix) as forgetful:
             apply_lost, _ = forgetful.convert_pytnn_to_jax("dropout_mlp")
             apply_lost = functools.partial(apply_lost, train=True)
@@ -184,7 +187,7 @@ def test_under_vmap_each_example_draws_its_own(bridge, clients):
 def test_a_function_that_draws_takes_a_key():
     @py_to_jax_wrapper
     def noisy(x):
-        return x * torch.rand(x.shape)
+        return x * torch.rand(x.shape, device=x.device)
 
     x = jnp.ones(64)
     key = jax.random.key(9)

@@ -162,14 +162,14 @@ class _Site:
 class LocalModel(Backend):
     """Runs a torch module or function in this process."""
 
-    def __init__(self, obj: Any, name: str) -> None:
+    def __init__(self, obj: Any, name: str, *, device: Any = None) -> None:
         from pytorch2jax_server.engine import ResidualCache, ServedModel, vjp_of_kept
 
         from pytorch2jax._torch_device import TorchDeviceIO, serving_device
 
         # A module runs where it is (ServedModel would move it to its device), a function
         # where JAX's arrays are; on a GPU, without copies (``_torch_device``).
-        device = serving_device(obj)
+        device = serving_device(obj, device)
         self._model = ServedModel(name, obj, "cpu" if device is None else device)
         self._io: ArrayIO = HOST_IO
         self._to_torch: Callable[[Any], Any] = _np_to_torch
@@ -361,6 +361,7 @@ def py_to_jax_wrapper(
     out_shapes: OutShapes = None,
     vmap_method: str = "auto",
     int32_as_int64: bool = True,
+    device: str | None = None,
 ):
     """Wraps a torch function as a differentiable JAX function.
 
@@ -377,6 +378,11 @@ def py_to_jax_wrapper(
     own, ``rng=``: a JAX PRNG key that seeds torch's generators for that call, for a
     function that draws random numbers.
 
+    Where JAX runs on a GPU (and torch has CUDA), the function runs there too, on JAX's
+    arrays without copies: its tensors are CUDA tensors, and tensors it makes itself
+    belong on their device (``torch.rand(x.shape, device=x.device)``). ``device="cpu"``
+    runs it on the host instead (on copies of the arrays); ``device="cuda:1"`` names a GPU.
+
     Example::
 
         @py_to_jax_wrapper
@@ -388,10 +394,14 @@ def py_to_jax_wrapper(
     _need_torch("py_to_jax_wrapper")
     if fn is None:
         return lambda f: py_to_jax_wrapper(
-            f, out_shapes=out_shapes, vmap_method=vmap_method, int32_as_int64=int32_as_int64
+            f,
+            out_shapes=out_shapes,
+            vmap_method=vmap_method,
+            int32_as_int64=int32_as_int64,
+            device=device,
         )
     call = TorchFunction(
-        LocalModel(fn, _module_name(fn)),
+        LocalModel(fn, _module_name(fn), device=device),
         out_shapes=out_shapes,
         vmap_method=vmap_method,
         int32_as_int64=int32_as_int64,
@@ -419,6 +429,9 @@ def convert_pytnn_to_jax(
     changes to the torch module do not reach them), by ``named_parameters()`` name.
     ``apply_fn(params, *args, **kwargs)`` runs the module functionally with them; buffers
     (e.g. BatchNorm statistics) come from the module unless given in ``params`` too.
+
+    A module on a CUDA device runs there, and stays there: JAX's GPU arrays reach it
+    without copies. A module on the CPU runs there, on host copies of GPU arrays.
 
     ``apply_fn`` takes three keywords of its own (README, "State and randomness"):
     ``rng=key`` (a JAX PRNG key: torch's random numbers, dropout's say, for that call),

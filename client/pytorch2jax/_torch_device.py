@@ -13,6 +13,10 @@ CUDA device, and for a function when JAX's default backend is a GPU and torch ha
   the arrays' producers), and torch's outputs become JAX arrays by DLPack: over torch's
   memory where the backend owns it, else copied on the device.
 
+A function then gets CUDA tensors, and must make its own on their device
+(``torch.rand(x.shape, device=x.device)``), as in plain torch;
+``py_to_jax_wrapper(fn, device="cpu")`` keeps it on the host instead.
+
 A module on the CPU keeps the host path (``_callbacks.HOST_IO``) whatever JAX's arrays
 are on: torch then runs where the module is, on host copies of GPU arrays.
 
@@ -32,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pytorch2jax._callbacks import REPORTED, ArrayIO, buffer_callback
+from pytorch2jax._exceptions import InvalidArgumentError
 
 
 @functools.cache
@@ -69,11 +74,24 @@ class DeviceTensor:
         return self.tensor.__dlpack_device__()
 
 
-def serving_device(obj: Any) -> Any:
+def serving_device(obj: Any, device: Any = None) -> Any:
     """The CUDA device a torch module or function runs on in process, or None (the host
-    path): a module's own device (its first tensor's); for a function, or a module with
-    no tensors, JAX's default GPU when JAX's default backend is a GPU and torch has CUDA."""
+    path): ``device`` where given ("cpu": the host path); else a module's own device (its
+    first tensor's); for a function, or a module with no tensors, JAX's default GPU when
+    JAX's default backend is a GPU and torch has CUDA."""
     torch = _torch()
+    if device is not None:
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError):
+            raise InvalidArgumentError(
+                f"device={device!r} is no torch device: use 'cpu', 'cuda' or 'cuda:N'"
+            ) from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise InvalidArgumentError(
+                f"device={str(device)!r}, but this torch has no CUDA device; use device='cpu'"
+            )
+        return device if device.type == "cuda" else None
     if isinstance(obj, torch.nn.Module):
         for t in itertools.chain(obj.parameters(), obj.buffers()):
             return t.device if t.device.type == "cuda" else None
@@ -101,7 +119,7 @@ class TorchDeviceIO(ArrayIO):
             if host.dtype.name == "bfloat16":
                 return torch.from_numpy(host.view(np.uint16)).to(self.device).view(torch.bfloat16)
             return torch.from_numpy(host).to(self.device)
-        t = _as_torch(x, self.device)
+        t = _torch().from_dlpack(x)
         return t if t.device == self.device else t.to(self.device)
 
     def from_torch(self, t: Any) -> DeviceTensor:
@@ -132,7 +150,7 @@ class TorchDeviceIO(ArrayIO):
     def to_bytes(self, value: Any) -> bytes:
         if isinstance(value, (np.ndarray, jax.Array)):
             return bytes(np.asarray(value))
-        return _as_torch(value, self.device).cpu().numpy().tobytes()  # a small handle
+        return _torch().from_dlpack(value).cpu().numpy().tobytes()  # a small handle
 
     def stage(
         self, host: Any, results: Sequence[jax.ShapeDtypeStruct], inputs: Sequence[Any]
@@ -144,32 +162,6 @@ class TorchDeviceIO(ArrayIO):
         return buffer_callback(callback, list(results), vmap_method="sequential")(*inputs)
 
 
-#: Types whose DLPack export torch could not take (an older XLA buffer that refuses the
-#: stream torch passes, say): those go by the CUDA array interface instead.
-_NO_DLPACK: set[type] = set()
-
-
-def _as_torch(x: Any, device: Any) -> Any:
-    """A torch tensor over ``x``'s memory (a JAX array, an XLA buffer): by DLPack, which
-    also orders torch's current stream after ``x``'s producer; else by the CUDA array
-    interface (inside a callback torch already runs on XLA's stream)."""
-    torch = _torch()
-    kind = type(x)
-    if kind not in _NO_DLPACK:
-        try:
-            return torch.from_dlpack(x)
-        except (TypeError, RuntimeError, BufferError):
-            if not hasattr(x, "__cuda_array_interface__"):
-                raise
-            _NO_DLPACK.add(kind)
-    if str(x.dtype) == "bfloat16":  # the CUDA array interface has no bfloat16
-        raise TypeError(
-            "torch cannot take this bfloat16 GPU buffer by DLPack; upgrade jax and torch, "
-            "or run the module on the CPU"
-        )
-    return torch.as_tensor(x, device=device)
-
-
 def _into_device_buffers(host: Any, io: TorchDeviceIO, ctx: Any, out: Any, *inputs: Any) -> None:
     torch = _torch()
     # torch's kernels and copies go on XLA's stream: after the inputs' producers, before
@@ -178,8 +170,8 @@ def _into_device_buffers(host: Any, io: TorchDeviceIO, ctx: Any, out: Any, *inpu
         with REPORTED:
             results = host(*inputs)
         for buf, value in zip(out, results):
-            target = _as_torch(buf, io.device)
+            target = torch.from_dlpack(buf)
             if isinstance(value, DeviceTensor):
                 target.copy_(value.tensor.reshape(target.shape))
-            else:  # a handle (numpy) or a host value: copied in
-                target.copy_(torch.from_numpy(np.ascontiguousarray(value)).reshape(target.shape))
+            else:  # a handle: read-only numpy, which torch takes only as a (writable) copy
+                target.copy_(torch.from_numpy(np.array(value, order="C")).reshape(target.shape))

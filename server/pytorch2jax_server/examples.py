@@ -259,7 +259,7 @@ def scale_shift(x: torch.Tensor, shift: torch.Tensor, *, scale: float = 2.0) -> 
 
 def noisy_scale(x: torch.Tensor) -> torch.Tensor:
     """The original README's function: uniform noise times ``x``."""
-    return torch.rand(x.shape) * x
+    return torch.rand(x.shape, device=x.device) * x
 
 
 def long_error(x: torch.Tensor, *, length: int = 12 * 1024) -> torch.Tensor:
@@ -334,6 +334,6 @@ def flagged(x: torch.Tensor, flag) -> torch.Tensor:
 def unbatchable(x: torch.Tensor) -> torch.Tensor:
     """``2 * x`` through an in-place write into a tensor made inside: torch.func.vmap
     cannot batch it (a batched value cannot be written into an unbatched one)."""
-    out = torch.zeros(x.shape, dtype=x.dtype)
+    out = torch.zeros(x.shape, dtype=x.dtype, device=x.device)
     out += x
     return out * 2
