@@ -119,7 +119,7 @@ class TorchDeviceIO(ArrayIO):
             if host.dtype.name == "bfloat16":
                 return torch.from_numpy(host.view(np.uint16)).to(self.device).view(torch.bfloat16)
             return torch.from_numpy(host).to(self.device)
-        t = _torch().from_dlpack(x)
+        t = torch.from_dlpack(x)
         return t if t.device == self.device else t.to(self.device)
 
     def from_torch(self, t: Any) -> DeviceTensor:
