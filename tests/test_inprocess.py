@@ -276,11 +276,11 @@ def test_the_device_path_with_jax_on_the_host_matches_the_host_path(monkeypatch,
     # A module on a GPU with JAX's arrays on the CPU takes TorchDeviceIO's host fallback;
     # here the CPU stands in for the GPU, so that CI runs that code (dtypes, bfloat16
     # outputs, handles, gradients) too.
-    from pytorch2jax import _torch_device
+    from pytorch2jax import _inprocess
 
     x = jax.random.normal(jax.random.PRNGKey(0), (5, 8), jnp.float32)
     host_fn, params = convert_pytnn_to_jax(examples.mlp())
-    monkeypatch.setattr(_torch_device, "serving_device", lambda obj, device: torch.device("cpu"))
+    monkeypatch.setattr(_inprocess, "serving_device", lambda obj, device: torch.device("cpu"))
     device_fn, _ = convert_pytnn_to_jax(examples.mlp())
     halved = py_to_jax_wrapper(lambda t: (t / 2).to(torch.bfloat16))
 

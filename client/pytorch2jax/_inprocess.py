@@ -48,6 +48,7 @@ from pytorch2jax._ad import OutShapes, TorchFunction, module_apply_fn
 from pytorch2jax._backend import Backend, Result, Run, Transform, Vmap
 from pytorch2jax._callbacks import HOST_IO, ArrayIO
 from pytorch2jax._exceptions import InvalidArgumentError, ResidualLostError, from_status
+from pytorch2jax._torch_device import TorchDeviceIO, serving_device
 from pytorch2jax_protocol import HANDLE_BYTES, dtypes
 
 
@@ -164,8 +165,6 @@ class LocalModel(Backend):
 
     def __init__(self, obj: Any, name: str, *, device: Any = None) -> None:
         from pytorch2jax_server.engine import ResidualCache, ServedModel, vjp_of_kept
-
-        from pytorch2jax._torch_device import TorchDeviceIO, serving_device
 
         # A module runs where it is (ServedModel would move it to its device), a function
         # where JAX's arrays are; on a GPU, without copies (``_torch_device``).
