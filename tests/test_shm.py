@@ -298,12 +298,12 @@ def test_a_reset_during_a_call_never_mixes_sessions(shm_worker):
     """Another thread resets the session (as after a worker restart) between a call taking
     its slots and sending them: the call must not name the new session with the old
     session's references (region ids repeat across sessions: wrong numbers, silently)."""
-    client = pytorch2jax.connect(shm_worker.unix, transport="shm")
-    client._transport.inline_below = 0
+    transport = pytorch2jax.ShmTransport(inline_below=0, fast_lane="off")
+    client = pytorch2jax.connect(shm_worker.unix, transport=transport)
     f = client.py_to_jax_wrapper("scale_shift")
     x = jnp.arange(1.0, 1025.0)
     np.testing.assert_array_equal(np.asarray(f(x, jnp.float32(0))), 2 * np.asarray(x))
-    transport, resets = client._transport, []
+    resets = []
     take_slots = transport.call
 
     def take_slots_then_reset(request_bytes, reply_bytes):

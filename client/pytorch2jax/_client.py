@@ -30,7 +30,7 @@ from pytorch2jax._exceptions import (
 from pytorch2jax._models import ModelInfo
 from pytorch2jax._pool import Pool, is_pool, pool_target
 from pytorch2jax._pool import channel_options as pool_channel_options
-from pytorch2jax._remote import RemoteModel
+from pytorch2jax._remote import Link, RemoteModel
 from pytorch2jax._transports import InlineTransport, Transport, open_transport
 from pytorch2jax._transports.lane import FastLane
 from pytorch2jax_protocol import DEFAULT_MAX_MESSAGE_BYTES, channel_options, dtypes, pb, pb_grpc
@@ -117,16 +117,7 @@ def connect(
     try:
         client.wait_ready(timeout)
         client.list_models()  # wrong credentials fail here, not at the first call
-        if client._pool is None:
-            client._transport = open_transport(
-                transport, client._channel, client.target, max_message_bytes=max_message_bytes
-            )
-        elif isinstance(transport, Transport) or transport not in ("auto", "inline"):
-            raise InvalidArgumentError(
-                f"transport={transport!r} needs a single worker: a shared-memory or CUDA IPC "
-                "session belongs to one worker process, and a pool sends tensors inline; "
-                "connect to one worker (e.g. a sidecar on this host) for zero-copy"
-            )
+        client._open_transport(transport, max_message_bytes)
     except BaseException:
         client.close()
         raise
@@ -337,6 +328,20 @@ class Client:
             )
         return False
 
+    def _open_transport(self, transport: str | Transport, max_message_bytes: int) -> None:
+        """Opens the data plane ``connect()`` asks for, before any model is made: models
+        keep the transport they were made with (``_link``). A pool sends tensors inline."""
+        if self._pool is None:
+            self._transport = open_transport(
+                transport, self._channel, self.target, max_message_bytes=max_message_bytes
+            )
+        elif isinstance(transport, Transport) or transport not in ("auto", "inline"):
+            raise InvalidArgumentError(
+                f"transport={transport!r} needs a single worker: a shared-memory or CUDA IPC "
+                "session belongs to one worker process, and a pool sends tensors inline; "
+                "connect to one worker (e.g. a sidecar on this host) for zero-copy"
+            )
+
     @property
     def transport(self) -> str:
         """How calls and tensor bytes travel to this worker: ``"lane"``, ``"shm"``,
@@ -511,7 +516,7 @@ class Client:
                 f"use py_to_jax_wrapper({name!r})"
             )
         fn = TorchFunction(
-            RemoteModel(self, info),
+            RemoteModel(self._link(), info),
             out_shapes=out_shapes,
             vmap_method=vmap_method,
             int32_as_int64=int32_as_int64,
@@ -599,7 +604,7 @@ class Client:
         """
         info = self.describe(name)
         fn = TorchFunction(
-            RemoteModel(self, info),
+            RemoteModel(self._link(), info),
             out_shapes=out_shapes,
             vmap_method=vmap_method,
             int32_as_int64=int32_as_int64,
@@ -613,6 +618,16 @@ class Client:
         return wrapped
 
     # -- the one place calls go out and errors come back --------------------------------
+
+    def _link(self) -> Link:
+        """What a served model's backend uses of this client."""
+        return Link(
+            target=self.target,
+            transport=self._transport,
+            unary=self._unary,
+            run_prepared=self._run_prepared,
+            release_residuals=self._release_residuals,
+        )
 
     def _unary(self, method: str, request: Any, metadata: Any = ()) -> Any:
         started = time.perf_counter()

@@ -1,4 +1,5 @@
-"""The Backend that runs a model on a worker, over the Bridge RPCs."""
+"""The Backend that runs a model on a worker, over the Bridge RPCs: ``RemoteModel``, and
+``Link``, what it uses of the client that made it."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import collections
 import dataclasses
 import functools
 import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import jax
@@ -23,8 +25,27 @@ from pytorch2jax_protocol import HANDLE_BYTES, dtypes, pb, programs, shm, tensor
 _UNENCODABLE = (dtypes.UnsupportedDTypeError, tensors.WireFormatError, values.TreeFormatError)
 
 if TYPE_CHECKING:
-    from pytorch2jax._client import Client
+    from pytorch2jax._transports import Transport
     from pytorch2jax._transports.lane import FastLane
+
+
+@dataclasses.dataclass(frozen=True)
+class Link:
+    """What a RemoteModel uses of the client that made it (``Client`` hands each model
+    one): where the worker is, the client's transport, and the client's one place where
+    calls go out and errors come back."""
+
+    #: The worker's address, for messages.
+    target: str
+    #: How tensor bytes travel (it keeps its session across the worker's restarts).
+    transport: Transport
+    #: ``unary(method, request, metadata=())``: the reply, or pytorch2jax's exception.
+    unary: Callable[..., Any]
+    #: ``run_prepared(method, model, lane, payload)``: a RUN's reply bytes, or None when
+    #: the call must go in full.
+    run_prepared: Callable[..., memoryview | None]
+    #: ``release_residuals(handles)``: frees residuals without waiting.
+    release_residuals: Callable[[list[bytes]], None]
 
 
 def _spec_to_struct(msg: pb.TensorSpec) -> jax.ShapeDtypeStruct:
@@ -79,16 +100,16 @@ class RemoteModel(Backend):
     # immutable protobuf message (inline).
     owns_outputs = True
 
-    def __init__(self, client: Client, info: ModelInfo) -> None:
-        self._client = client
+    def __init__(self, link: Link, info: ModelInfo) -> None:
+        self._link = link
         self.info = info
-        self.description = f"model {info.name!r} at {client.target}"
+        self.description = f"model {info.name!r} at {link.target}"
         self.buffers = info.buffers
         self._reply_bytes = _FIRST_REPLY_BYTES
 
     @property
     def io(self) -> ArrayIO:
-        return self._client._transport.io
+        return self._link.transport.io
 
     def _check_parameters(self, params: dict[str, jax.ShapeDtypeStruct]) -> None:
         own = self.info.parameters
@@ -115,14 +136,14 @@ class RemoteModel(Backend):
             int32_as_int64=int32_as_int64,
             train=train,
         )
-        reply = self._client._unary("InferShapes", request)
+        reply = self._link.unary("InferShapes", request)
         return values.decode(reply.outputs, tensors.from_wire, _spec_to_struct)
 
     def _exchange(self, method: str, request_bytes: int, reply_bytes: int, build, decode):
         """One RPC whose tensors travel by the client's transport: ``build(call)`` makes the
         request, ``decode(reply, call)`` reads the reply. A worker that lost the transport's
         session (it restarted) gets a new session and the call once more."""
-        transport = self._client._transport
+        transport = self._link.transport
         for attempt in (0, 1):
             with transport.call(request_bytes, reply_bytes) as call:
                 try:
@@ -131,7 +152,7 @@ class RemoteModel(Backend):
                     raise InvalidArgumentError(str(e)) from None
                 call.ready()
                 try:
-                    reply = self._client._unary(method, request, metadata=call.metadata)
+                    reply = self._link.unary(method, request, metadata=call.metadata)
                 except SessionLostError:
                     if attempt:
                         raise
@@ -158,7 +179,7 @@ class RemoteModel(Backend):
             return None
         if method == "Forward" and run.program:
             return None
-        lane = self._client._transport.lane
+        lane = self._link.transport.lane
         if lane is None or not lane.usable:
             return None
         arrays = (*run.params.values(), *run.leaves, run.key, *run.extras)
@@ -171,7 +192,7 @@ class RemoteModel(Backend):
         plan = site.plans.get(method) if site is not None else None
         if plan is None:
             return None
-        lane = self._client._transport.lane
+        lane = self._link.transport.lane
         if plan.lane is not lane or not lane.usable:
             site.plans.pop(method, None)  # another session's: prepare it again
             return None
@@ -194,13 +215,13 @@ class RemoteModel(Backend):
         return self._forward(run, site)
 
     def release(self, residuals):
-        self._client._release_residuals(residuals)
+        self._link.release_residuals(residuals)
 
     def _forward(self, run: Run, site: _Site | None = None) -> Result:
         inputs = [*run.params.values(), *run.leaves, *([] if run.key is None else [run.key])]
         plan = self._prepared(site, "Forward")
         if plan is not None:
-            reply = self._client._run_prepared(
+            reply = self._link.run_prepared(
                 "Forward", self.info.name, plan.lane, plan.payload(inputs)
             )
             if reply is not None:
@@ -213,7 +234,7 @@ class RemoteModel(Backend):
         sizes = site.sizes.get("Forward") if site is not None else None
         if sizes is None:
             program = programs.to_wire(run.program) if run.program else None
-            small = self._client._transport.inline_below
+            small = self._link.transport.inline_below
             request_bytes = _nbytes((run.params, run.leaves, run.key, run.extras), small)
             if run.out_structs is not None:
                 reply_bytes = sum(shm.align(_struct_nbytes(s)) for s in run.out_structs)
@@ -290,7 +311,7 @@ class RemoteModel(Backend):
         by_handle = len(run.residual) == HANDLE_BYTES
         plan = self._prepared(site, "Vjp") if by_handle else None
         if plan is not None:
-            reply = self._client._run_prepared(
+            reply = self._link.run_prepared(
                 "Vjp", self.info.name, plan.lane, plan.payload(cts, run.residual)
             )
             if reply is not None:
@@ -324,7 +345,7 @@ class RemoteModel(Backend):
 
         sizes = site.sizes.get("Vjp") if site is not None else None
         if sizes is None:
-            small = self._client._transport.inline_below
+            small = self._link.transport.inline_below
             if run.out_structs is not None:
                 grads_bytes = sum(shm.align(_struct_nbytes(s)) for s in run.out_structs)
             else:
