@@ -124,6 +124,17 @@ def _echo(address: str, payload: bytes, calls: int) -> float:
         return _median(lambda: call(payload, timeout=600), calls)
 
 
+def _forward_request(model: str, params: dict, x: jax.Array) -> bytes:
+    """The bytes of an inline Forward request for ``model(x)``: what a bare echo sends."""
+    return pb.ForwardRequest(
+        model=model,
+        arguments=values.encode_arguments((np.asarray(x),), {}, tensors.to_wire),
+        parameters=[
+            pb.NamedTensor(name=n, tensor=tensors.to_wire(np.asarray(v))) for n, v in params.items()
+        ],
+    ).SerializeToString()
+
+
 def small_calls(rows: list[Row], worker: list[str], echo: list[str], calls: int) -> None:
     import torch
 
@@ -138,14 +149,7 @@ def small_calls(rows: list[Row], worker: list[str], echo: list[str], calls: int)
             apply_fn, params = client.convert_pytnn_to_jax("linear10")
             floor = f"small: bare gRPC echo, {label.split(', ')[1]}"
             if not any(r.name == floor for r in rows):
-                request = pb.ForwardRequest(
-                    model="linear10",
-                    arguments=values.encode_arguments((np.asarray(x),), {}, tensors.to_wire),
-                    parameters=[
-                        pb.NamedTensor(name=n, tensor=tensors.to_wire(np.asarray(v)))
-                        for n, v in params.items()
-                    ],
-                ).SerializeToString()
+                request = _forward_request("linear10", params, x)
                 rows.append(Row(floor, _echo(e_addr, request, calls)))
                 echo_bytes = len(request)
             fwd = jax.jit(apply_fn)
@@ -374,27 +378,59 @@ def large_tensors(
             c.close()
 
 
-def training_step(rows: list[Row], worker: list[str], steps: int) -> None:
+def _train_batch() -> tuple[np.ndarray, np.ndarray]:
+    """The training step's batch: 256 examples of 1024 in and 1024 out."""
+    rng = np.random.default_rng(0)
+    return (
+        rng.standard_normal((256, 1024), np.float32),
+        rng.standard_normal((256, 1024), np.float32),
+    )
+
+
+def _torch_train_step(model, xb: np.ndarray, yb: np.ndarray) -> Callable[[], None]:
+    """One PyTorch + Adam step of ``model`` on (xb, yb), on the model's device."""
     import torch
 
-    rng = np.random.default_rng(0)
-    xb = rng.standard_normal((256, 1024), np.float32)
-    yb = rng.standard_normal((256, 1024), np.float32)
-
-    from pytorch2jax_server.examples import wide_mlp
-
-    model = wide_mlp()
+    device = next(model.parameters()).device
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-    tx_, ty_ = torch.from_numpy(xb), torch.from_numpy(yb)
+    tx, ty = torch.from_numpy(xb).to(device), torch.from_numpy(yb).to(device)
 
-    def torch_step():
+    def step() -> None:
         opt.zero_grad(set_to_none=True)
-        loss = ((model(tx_) - ty_) ** 2).mean()
+        loss = ((model(tx) - ty) ** 2).mean()
         loss.backward()
         opt.step()
 
+    return step
+
+
+def _jax_train_step(apply_fn, params, x: jax.Array, y: jax.Array) -> Callable[[], None]:
+    """One jitted JAX + optax Adam step of ``apply_fn`` on (x, y), waited for; each call
+    trains on from the last."""
+    optimizer = optax.adam(1e-4)
+
+    @jax.jit
+    def step(params, state, x, y):
+        loss, grads = jax.value_and_grad(lambda p: jnp.mean((apply_fn(p, x) - y) ** 2))(params)
+        updates, state = optimizer.update(grads, state, params)
+        return optax.apply_updates(params, updates), state, loss
+
+    carry = [params, optimizer.init(params)]
+
+    def once() -> None:
+        carry[0], carry[1], loss = step(carry[0], carry[1], x, y)
+        loss.block_until_ready()
+
+    return once
+
+
+def training_step(rows: list[Row], worker: list[str], steps: int) -> None:
+    from pytorch2jax_server.examples import wide_mlp
+
+    xb, yb = _train_batch()
+
     floor = "train: PyTorch step in process"
-    rows.append(Row(floor, _median(torch_step, steps)))
+    rows.append(Row(floor, _median(_torch_train_step(wide_mlp(), xb, yb), steps)))
     x, y = jnp.asarray(xb), jnp.asarray(yb)
     for transport in ("inline", "shm", "lane", "in process"):
         if transport == "in process":
@@ -404,23 +440,7 @@ def training_step(rows: list[Row], worker: list[str], steps: int) -> None:
             client = pytorch2jax.connect(worker[0], transport=transport)
             apply_fn, params = client.convert_pytnn_to_jax("wide_mlp")
         with client:
-            optimizer = optax.adam(1e-4)
-            state = optimizer.init(params)
-
-            @jax.jit
-            def step(params, state, x, y):
-                loss, grads = jax.value_and_grad(
-                    lambda p: jnp.mean((apply_fn(p, x) - y) ** 2)
-                )(params)
-                updates, state = optimizer.update(grads, state, params)
-                return optax.apply_updates(params, updates), state, loss
-
-            carry = [params, state]
-
-            def jax_step():
-                carry[0], carry[1], loss = step(carry[0], carry[1], x, y)
-                loss.block_until_ready()
-
+            jax_step = _jax_train_step(apply_fn, params, x, y)
             # Issue 17's targets: through the worker within 1.3x of PyTorch, in process 1.15x.
             want = {"lane": 1.3, "in process": 1.15}.get(transport)
             target = (floor, want, "<=") if want else None
@@ -558,12 +578,7 @@ def gpu_rows(
         x = jnp.ones((10, 10), jnp.float32)
         apply_fn, params = client.convert_pytnn_to_jax("linear10")
         echo_row = f"{head} small: bare gRPC echo, unix socket"
-        request = pb.ForwardRequest(
-            model="linear10",
-            arguments=values.encode_arguments((np.asarray(x),), {}, tensors.to_wire),
-            parameters=[pb.NamedTensor(name=n, tensor=tensors.to_wire(np.asarray(v))) for n, v in params.items()],
-        ).SerializeToString()  # fmt: skip
-        add(Row(echo_row, _echo(echo[0], request, calls)))
+        add(Row(echo_row, _echo(echo[0], _forward_request("linear10", params, x), calls)))
         fwd = jax.jit(apply_fn)
         add(
             Row(
@@ -645,39 +660,14 @@ def gpu_rows(
             del xs
 
         # The training step, through the worker and in process, against PyTorch's.
-        rng = np.random.default_rng(0)
-        xb = rng.standard_normal((256, 1024), np.float32)
-        yb = rng.standard_normal((256, 1024), np.float32)
-        model = wide_mlp().to(device)
-        opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-        tx_, ty_ = torch.from_numpy(xb).to(device), torch.from_numpy(yb).to(device)
-
-        def torch_step() -> None:
-            opt.zero_grad(set_to_none=True)
-            loss = ((model(tx_) - ty_) ** 2).mean()
-            loss.backward()
-            opt.step()
-
+        xb, yb = _train_batch()
         floor = f"{head} train: PyTorch step"
-        add(Row(floor, _median(timed(torch_step), steps)))
+        add(Row(floor, _median(timed(_torch_train_step(wide_mlp().to(device), xb, yb)), steps)))
         x, y = jnp.asarray(xb), jnp.asarray(yb)
         served = client.convert_pytnn_to_jax("wide_mlp")
         in_process = pytorch2jax.convert_pytnn_to_jax(wide_mlp().to(device))
         for where, (fn, params) in ((transport, served), ("in process", in_process)):
-            optimizer = optax.adam(1e-4)
-
-            @jax.jit
-            def step(params, state, x, y, fn=fn, optimizer=optimizer):
-                loss, grads = jax.value_and_grad(lambda p: jnp.mean((fn(p, x) - y) ** 2))(params)
-                updates, state = optimizer.update(grads, state, params)
-                return optax.apply_updates(params, updates), state, loss
-
-            carry = [params, optimizer.init(params)]
-
-            def jax_step(step=step, carry=carry) -> None:
-                carry[0], carry[1], loss = step(carry[0], carry[1], x, y)
-                loss.block_until_ready()
-
+            jax_step = _jax_train_step(fn, params, x, y)
             # Issue 18: through the worker on the GPU within 1.3x of PyTorch on the GPU.
             target = (floor, 1.3, "<=") if where == transport else None
             add(Row(f"{head} train: JAX+optax step, {where}", _median(jax_step, steps), floor, target=target))
@@ -752,7 +742,7 @@ def print_table(rows: list[Row]) -> None:
         target = ""
         if r.target:
             got, met = _against_target(r, by_name)
-            against, want, op = r.target
+            _, want, op = r.target
             if op == "bw>=":
                 target = f"{got:5.2f} of its GB/s, want >= {want} {'met' if met else 'MISSED'}"
             else:

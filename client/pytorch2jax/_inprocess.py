@@ -30,33 +30,24 @@ time.
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import itertools
 import threading
-import warnings
 from collections.abc import Callable
 from typing import Any
 
 import grpc
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 
 from pytorch2jax._ad import OutShapes, TorchFunction, module_apply_fn
 from pytorch2jax._backend import Backend, Result, Run, Transform, Vmap
-from pytorch2jax._callbacks import HOST_IO, ArrayIO
+from pytorch2jax._callbacks import ArrayIO
 from pytorch2jax._exceptions import InvalidArgumentError, ResidualLostError, from_status
+from pytorch2jax._torch_arrays import TORCH_HOST_IO, TorchHostIO, torch_module, torch_to_np
 from pytorch2jax._torch_device import TorchDeviceIO, serving_device
 from pytorch2jax_protocol import HANDLE_BYTES, dtypes
-
-
-@functools.cache  # on every tensor's path: a cached call is cheaper than an import
-def _torch():
-    import torch  # deferred: `import pytorch2jax` must not import torch
-
-    return torch
 
 
 def _need_torch(api: str) -> None:
@@ -69,41 +60,6 @@ def _need_torch(api: str) -> None:
             "model from a worker (pytorch2jax-server) and use pytorch2jax.connect()",
             name="torch",
         )
-
-
-# -- numpy <-> torch, zero-copy -----------------------------------------------------------
-
-
-_BF16 = np.dtype(ml_dtypes.bfloat16)
-
-
-def _np_to_torch(a: np.ndarray):
-    torch = _torch()
-    if a.flags.writeable and a.dtype != _BF16:  # XLA's buffers inside a callback
-        return torch.from_numpy(a)
-    bf16 = a.dtype == _BF16
-    if bf16:  # torch does not know numpy's bfloat16: go through its bits
-        a = a.view(np.uint16)
-    if a.flags.writeable:
-        t = torch.from_numpy(a)
-    else:
-        with warnings.catch_warnings():
-            # A JAX array's numpy view is read-only; writes are guarded by the
-            # version-counter check (module docstring), not by numpy's flag.
-            warnings.simplefilter("ignore", UserWarning)
-            t = torch.from_numpy(a)
-    return t.view(torch.bfloat16) if bf16 else t
-
-
-def _torch_to_np(t) -> np.ndarray:
-    if t.requires_grad:
-        t = t.detach()
-    if t.is_conj():
-        t = t.resolve_conj()
-    torch = _torch()
-    if t.dtype == torch.bfloat16:
-        return t.view(torch.int16).cpu().numpy().view(ml_dtypes.bfloat16)
-    return (t if t.is_cpu else t.cpu()).numpy()
 
 
 def _map_tree(tree: Any, leaf: Callable[[Any], Any]) -> Any:
@@ -170,12 +126,9 @@ class LocalModel(Backend):
         # where JAX's arrays are; on a GPU, without copies (``_torch_device``).
         device = serving_device(obj, device)
         self._model = ServedModel(name, obj, "cpu" if device is None else device)
-        self._io: ArrayIO = HOST_IO
-        self._to_torch: Callable[[Any], Any] = _np_to_torch
-        self._from_torch: Callable[[Any], Any] = _torch_to_np
-        if device is not None:
-            gpu = TorchDeviceIO(device, _np_dtype)
-            self._io, self._to_torch, self._from_torch = gpu, gpu.to_torch, gpu.from_torch
+        self._io: TorchHostIO | TorchDeviceIO = (
+            TORCH_HOST_IO if device is None else TorchDeviceIO(device, _np_dtype)
+        )
         self.buffers = {
             n: jax.ShapeDtypeStruct(tuple(b.shape), _np_dtype(b.dtype))
             for n, b in self._model.buffers.items()
@@ -198,7 +151,7 @@ class LocalModel(Backend):
         return self._io
 
     def infer(self, params, args, kwargs, *, int32_as_int64=False, train=None):
-        torch = _torch()
+        torch = torch_module()
         with _Unwrap():
             self._model.check_parameters(
                 {
@@ -258,23 +211,23 @@ class LocalModel(Backend):
             last, cotangents = kept
             found = self._residuals.take(run.residual)
             if found is not None:
-                cts = [self._to_torch(c) for c in cotangents]
+                cts = [self._io.to_torch(c) for c in cotangents]
                 try:
                     with _UNWRAP:
                         grads = self._vjp_of_kept(found, cts, last.outputs, last.wrt)
-                    return Result([self._from_torch(g) for g in grads])
+                    return Result([self._io.from_torch(g) for g in grads])
                 except ResidualLostError:
                     pass  # it kept no state for an input asked about: recompute
         elif run.residual:
             self._residuals.release([run.residual])  # a call that cannot use it
         outcome = self._execute(run, site)
         handle = self._residuals.put(outcome.residual) if outcome.residual else b""
-        outputs = _map_tree(outcome.outputs, self._from_torch)
+        outputs = _map_tree(outcome.outputs, self._io.from_torch)
         return Result(outputs, handle, tuple(outcome.fallbacks))
 
     def _execute(self, run: Run, site: _Site):
         params = run.params
-        shared = [self._to_torch(x) for x in (*params.values(), *run.leaves, *run.extras)]
+        shared = [self._io.to_torch(x) for x in (*params.values(), *run.leaves, *run.extras)]
         first = site.writes is None
         if first or run.keep is not None:
             # A kept autograd graph outlives this call, but XLA's buffers are lent only
@@ -305,7 +258,7 @@ class LocalModel(Backend):
                 extras=used[n_base:],
                 int32_as_int64=run.int32_as_int64,
                 # Only read (it seeds torch's generators): no copy.
-                key=None if run.key is None else self._to_torch(run.key),
+                key=None if run.key is None else self._io.to_torch(run.key),
                 train=run.train,
                 returned=run.returned,
             )
@@ -444,7 +397,7 @@ def convert_pytnn_to_jax(
         grads = jax.grad(lambda p, x: apply_fn(p, x).sum())(params, jnp.ones(10))
     """
     _need_torch("convert_pytnn_to_jax")
-    torch = _torch()
+    torch = torch_module()
     if not isinstance(module, torch.nn.Module):
         raise InvalidArgumentError(
             f"convert_pytnn_to_jax takes a torch.nn.Module; got {type(module).__name__} "
@@ -458,7 +411,7 @@ def convert_pytnn_to_jax(
     )
 
     apply_fn = module_apply_fn(call, type(module).__name__)
-    params = {n: jnp.asarray(_torch_to_np(p)) for n, p in module.named_parameters()}
+    params = {n: jnp.asarray(torch_to_np(p)) for n, p in module.named_parameters()}
     return apply_fn, params
 
 
@@ -521,5 +474,5 @@ def convert_pytnn_to_nnx(
 def _floating_buffers(module: Any) -> dict[str, jax.Array]:
     """The module's floating buffers (BatchNorm statistics) as JAX arrays: its state."""
     return {
-        n: jnp.asarray(_torch_to_np(b)) for n, b in module.named_buffers() if b.is_floating_point()
+        n: jnp.asarray(torch_to_np(b)) for n, b in module.named_buffers() if b.is_floating_point()
     }

@@ -20,8 +20,8 @@ A function then gets CUDA tensors, and must make its own on their device
 A module on the CPU keeps the host path (``_callbacks.HOST_IO``) whatever JAX's arrays
 are on: torch then runs where the module is, on host copies of GPU arrays.
 
-torch is imported by the caller (``_inprocess``) before anything here runs; this module
-imports it lazily too, so that ``import pytorch2jax`` never does.
+torch is imported when first needed (``_torch_arrays.torch_module``), never by
+``import pytorch2jax``.
 """
 
 from __future__ import annotations
@@ -37,13 +37,7 @@ import numpy as np
 
 from pytorch2jax._callbacks import REPORTED, ArrayIO, buffer_callback
 from pytorch2jax._exceptions import InvalidArgumentError
-
-
-@functools.cache
-def _torch():
-    import torch
-
-    return torch
+from pytorch2jax._torch_arrays import np_to_torch, plain, torch_module, torch_to_np
 
 
 class DeviceTensor:
@@ -59,12 +53,7 @@ class DeviceTensor:
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
         """A host copy (where JAX's arrays are on the host)."""
-        torch = _torch()
-        t = self.tensor.detach().cpu()
-        if t.dtype == torch.bfloat16:  # numpy has no bfloat16 of torch's: go by its bits
-            host = t.view(torch.int16).numpy().view(self.dtype)
-        else:
-            host = t.numpy()
+        host = torch_to_np(self.tensor)
         return host if dtype is None else host.astype(dtype)
 
     def __dlpack__(self, *args: Any, **kwargs: Any) -> Any:
@@ -79,7 +68,7 @@ def serving_device(obj: Any, device: Any = None) -> Any:
     path): ``device`` where given ("cpu": the host path); else a module's own device (its
     first tensor's); for a function, or a module with no tensors, JAX's default GPU when
     JAX's default backend is a GPU and torch has CUDA."""
-    torch = _torch()
+    torch = torch_module()
     if device is not None:
         try:
             device = torch.device(device)
@@ -113,20 +102,13 @@ class TorchDeviceIO(ArrayIO):
     def to_torch(self, x: Any) -> Any:
         """A JAX array, an XLA buffer or a numpy array as a torch tensor on the device:
         the same memory where it is there already."""
-        torch = _torch()
         if isinstance(x, np.ndarray):  # JAX's arrays on the host (a module on the GPU)
-            host = np.array(x)  # writable, and ours: the device copy is made from it
-            if host.dtype.name == "bfloat16":
-                return torch.from_numpy(host.view(np.uint16)).to(self.device).view(torch.bfloat16)
-            return torch.from_numpy(host).to(self.device)
-        t = torch.from_dlpack(x)
+            return np_to_torch(x).to(self.device)  # a copy, on the device
+        t = torch_module().from_dlpack(x)
         return t if t.device == self.device else t.to(self.device)
 
     def from_torch(self, t: Any) -> DeviceTensor:
-        if t.requires_grad:
-            t = t.detach()
-        if t.is_conj():
-            t = t.resolve_conj()
+        t = plain(t)
         if t.device != self.device:  # a module that returns a CPU tensor
             t = t.to(self.device)
         return DeviceTensor(t, self._np_dtype(t.dtype))
@@ -150,7 +132,7 @@ class TorchDeviceIO(ArrayIO):
     def to_bytes(self, value: Any) -> bytes:
         if isinstance(value, (np.ndarray, jax.Array)):
             return bytes(np.asarray(value))
-        return _torch().from_dlpack(value).cpu().numpy().tobytes()  # a small handle
+        return torch_module().from_dlpack(value).cpu().numpy().tobytes()  # a small handle
 
     def stage(
         self, host: Any, results: Sequence[jax.ShapeDtypeStruct], inputs: Sequence[Any]
@@ -163,7 +145,7 @@ class TorchDeviceIO(ArrayIO):
 
 
 def _into_device_buffers(host: Any, io: TorchDeviceIO, ctx: Any, out: Any, *inputs: Any) -> None:
-    torch = _torch()
+    torch = torch_module()
     # torch's kernels and copies go on XLA's stream: after the inputs' producers, before
     # the outputs' readers. Memory torch allocates on it is reused only on it.
     with torch.cuda.stream(torch.cuda.ExternalStream(ctx.stream, device=io.device)):
@@ -173,5 +155,5 @@ def _into_device_buffers(host: Any, io: TorchDeviceIO, ctx: Any, out: Any, *inpu
             target = torch.from_dlpack(buf)
             if isinstance(value, DeviceTensor):
                 target.copy_(value.tensor.reshape(target.shape))
-            else:  # a handle: read-only numpy, which torch takes only as a (writable) copy
-                target.copy_(torch.from_numpy(np.array(value, order="C")).reshape(target.shape))
+            else:  # a handle (read-only numpy): copied in from the host
+                target.copy_(np_to_torch(np.asarray(value)).reshape(target.shape))
